@@ -1,0 +1,56 @@
+# bluserver — `make` (or `make help`) lists the targets.
+#
+# Every target bootstraps its own virtualenv from the requirements files, so a fresh
+# clone needs nothing but Python.  PY picks the interpreter; each gets its own venv:
+#   make test PY=python3.9      (with pyenv: make test PY=$$(pyenv prefix 3.9)/bin/python)
+
+PY ?= python3
+VENV ?= $(if $(filter python3,$(PY)),.venv,.venv-$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'))
+BIN := $(VENV)/bin
+PORT ?= 1982
+WORKERS ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help run test coverage bench load lint dist clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.runtime: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.runtime ## start the server on PORT (1982) with WORKERS (2) workers per request
+	$(BIN)/python bluserver.py -p $(PORT) -n $(WORKERS) -v
+
+test: $(VENV)/.dev ## run the test suite
+	$(BIN)/python -m pytest
+
+coverage: $(VENV)/.dev ## run the tests measuring every process (server, handlers, workers)
+	rm -f .coverage .coverage.*
+	$(BIN)/python -m coverage run -m pytest
+	$(BIN)/python -m coverage combine --quiet
+	$(BIN)/python -m coverage report
+
+bench: $(VENV)/.runtime ## measure evaluation and end-to-end speed and memory (bench.py)
+	$(BIN)/python bench.py
+
+load: $(VENV)/.runtime ## 50 concurrent clients x 2,000 lines, every reply verified (load.py)
+	$(BIN)/python load.py
+
+lint: $(VENV)/.dev ## ruff check, ruff format --check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+dist: $(VENV)/.runtime ## build dist/bluserver.pyz: the server and pyparsing in one file
+	$(BIN)/python make_zipapp.py
+
+clean: ## remove virtualenvs, caches, coverage data and dist/
+	rm -rf .venv .venv-* dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis htmlcov .coverage .coverage.* output.txt
+	find . -name __pycache__ -prune -exec rm -rf {} +
