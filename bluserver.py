@@ -48,7 +48,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import worker
-from client import HEADER, ClosedEarly, count_lines, recv_exactly, send_frame
+from client import HEADER, ClosedEarly, count_lines, port_number, recv_exactly, send_frame
 
 DEFAULT_PORT = 1982
 DEFAULT_WORKERS = 2
@@ -393,22 +393,16 @@ def positive(kind: type) -> Any:
     return parse
 
 
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0-65535 (0: any free port), not {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bluserver.py",
         description=(
-            "Evaluate batches of arithmetic expressions sent over TCP. Each connection sends "
-            "one request: an 8-byte big-endian length, then that many bytes of UTF-8 text, one "
-            "expression per line. The reply has the same framing and exactly one line per input "
-            "line: the value, an empty line for a blank line, or 'error: <reason>'. Each "
-            "connection gets its own process, which splits the lines across worker processes."
+            "Evaluate batches of arithmetic expressions sent over TCP.\n\n"
+            "Each connection sends one request: an 8-byte big-endian length, then that many\n"
+            "bytes of UTF-8 text, one expression per line. The reply has the same framing and\n"
+            "exactly one line per input line: the value, an empty line for a blank line, or\n"
+            "'error: <reason>'. Each connection gets its own process, which splits the lines\n"
+            "across worker processes."
         ),
         epilog=(
             "examples:\n"

@@ -75,6 +75,14 @@ def count_lines(data: bytes | bytearray) -> int:
 # --- The command line. -------------------------------------------------------------------
 
 
+def port_number(text: str) -> int:
+    """argparse type for a TCP port; 0 lets the server pick any free port."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, not {text}")
+    return value
+
+
 def read_input(path: str) -> bytes:
     """The request payload: a file (decompressed by its extension) or stdin for '-'."""
     if path == "-":
@@ -128,15 +136,15 @@ def request(payload: bytes, address: str, port: int, timeout_s: float, progress:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="client.py",
-        description="Send a file of arithmetic expressions, one per line, to a bluserver and "
-        "write one result line per input line: the value, an empty line for a blank line, "
-        "or 'error: <reason>'.",
+        description="Send a file of arithmetic expressions, one per line, to a bluserver and write\n"
+        "one result line per input line: the value, an empty line for a blank line, or\n"
+        "'error: <reason>'.",
         epilog="examples:\n"
         "  python client.py                                  # operations.txt -> output.txt\n"
         "  python client.py big.txt.gz - -p 2000 | head      # compressed input, to stdout\n"
         "  printf '1 + 2\\n3 / 0\\n' | python client.py - - --format equation\n"
-        "exit status: 0 on success, 1 if the server cannot be reached, closes early, or "
-        "answers with a different number of lines, 2 on bad arguments",
+        "\nexit status: 0 on success; 1 if the input cannot be read, the server cannot be\n"
+        "reached, closes early or answers with a different number of lines; 2 on bad arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -148,7 +156,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "output", nargs="?", default="output.txt", help="where to write results; '-' is stdout (default: %(default)s)"
     )
     parser.add_argument("-a", "--address", default="localhost", help="server address (default: %(default)s)")
-    parser.add_argument("-p", "--port", type=int, default=1982, help="server port (default: %(default)s)")
+    parser.add_argument("-p", "--port", type=port_number, default=1982, help="server port (default: %(default)s)")
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
         help="give up when the server is silent this long, e.g. --timeout 5 (default: %(default)s)",
@@ -165,41 +173,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         payload = read_input(args.input)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        return fail(f"cannot read {args.input}: {getattr(error, 'strerror', None) or error}")
+    server = f"{args.address}:{args.port}"
+    try:
         progress = sys.stderr.isatty() and len(payload) >= PROGRESS_MIN_BYTES
         reply = request(payload, args.address, args.port, args.timeout, progress)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        where = f"{args.address}:{args.port}"
-        print(f"client: {describe_failure(error, args.input, where)}", file=sys.stderr)
-        return 1
+    except OSError as error:
+        return fail(describe_connection_failure(error, server))
     expected, received = count_lines(payload), count_lines(reply)
     if received != expected:
-        print(f"client: the reply has {received} lines for {expected} input lines", file=sys.stderr)
-        return 1
+        return fail(f"{server} answered {received} lines for {expected} input lines")
     output = format_output(payload, bytes(reply), args.format)
-    if args.output == "-":
-        sys.stdout.buffer.write(output)
-    else:
-        with open(args.output, "wb") as stream:
-            stream.write(output)
-    errors = reply.count(b"error: ")
+    try:
+        write_output(args.output, output)
+    except OSError as error:
+        return fail(f"cannot write {args.output}: {error.strerror or error}")
     seconds = time.monotonic() - started
-    print(f"client: {expected} lines, {errors} error lines, {seconds:.2f} s", file=sys.stderr)
+    print(f"client: {expected} lines, {reply.count(b'error: ')} error lines, {seconds:.2f} s", file=sys.stderr)
     return 0
 
 
-def describe_failure(error: BaseException, input_path: str, server: str) -> str:
-    """One line saying what went wrong and where, for the person who ran the client."""
+def write_output(path: str, output: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(output)
+        sys.stdout.buffer.flush()
+        return
+    with open(path, "wb") as stream:
+        stream.write(output)
+
+
+def fail(message: str) -> int:
+    print(f"client: {message}", file=sys.stderr)
+    return 1
+
+
+def describe_connection_failure(error: OSError, server: str) -> str:
+    """One line saying what went wrong with the server, for the person who ran the client."""
     if isinstance(error, ClosedEarly):
         return f"{server} closed the connection early ({error})"
     if isinstance(error, socket.timeout):
         return f"{server} sent nothing for too long (see --timeout)"
     if isinstance(error, ConnectionRefusedError):
         return f"cannot connect to {server}: connection refused (is the server running? try: make run)"
-    if isinstance(error, (ConnectionError, socket.gaierror)):
-        return f"connection to {server} failed: {error}"
-    if isinstance(error, OSError) and error.filename:
-        return f"cannot read {error.filename}: {error.strerror}"
-    return f"cannot read {input_path}: {error}"
+    return f"connection to {server} failed: {error.strerror or error}"
 
 
 if __name__ == "__main__":
