@@ -40,6 +40,7 @@ import os
 import signal
 import socket
 import socketserver
+import stat
 import sys
 import time
 import uuid
@@ -106,9 +107,7 @@ def configure_logging(verbosity: int, log_format: str, syslog_address: str | Non
     """Log to stdout (WARNING, -v INFO, -vv DEBUG), and to syslog when asked."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if syslog_address:
-        host, _, port = syslog_address.rpartition(":")
-        address = (host, int(port)) if port.isdigit() else syslog_address
-        handlers.append(logging.handlers.SysLogHandler(address=address))
+        handlers.append(syslog_handler(syslog_address))
     formatter = JsonFormatter() if log_format == "json" else KeyValueFormatter()
     for handler in handlers:
         handler.setFormatter(formatter)
@@ -117,6 +116,17 @@ def configure_logging(verbosity: int, log_format: str, syslog_address: str | Non
 
 
 log = EventLog(logger, None)  # the server's own events, outside any request
+
+
+def syslog_handler(address: str) -> logging.Handler:
+    """A handler for HOST:PORT (UDP) or a unix socket path; OSError if the path is no socket."""
+    host, _, port = address.rpartition(":")
+    if port.isdigit():
+        return logging.handlers.SysLogHandler(address=(host, int(port)))
+    # SysLogHandler would accept a missing socket and then fail on every record.
+    if not stat.S_ISSOCK(os.stat(address).st_mode):
+        raise OSError(errno.ENOTSOCK, "not a unix socket", address)
+    return logging.handlers.SysLogHandler(address=address)
 
 
 # --- Evaluating one request in worker processes. --------------------------------------
@@ -154,9 +164,7 @@ class SliceJob:
         self.attempts += 1
         self.blocks = []
         self.conn, worker_conn = multiprocessing.Pipe()
-        self.process = multiprocessing.Process(
-            target=worker.run, args=(worker_conn, self.log.request_id), name=self.name
-        )
+        self.process = multiprocessing.Process(target=worker.run, args=(worker_conn,), name=self.name)
         self.process.start()
         worker_conn.close()  # so that the worker's death shows here as end of file
         self.deadline = time.monotonic() + timeout_s
@@ -222,6 +230,7 @@ def evaluate_in_workers(
                     if job.receive():
                         del running[job.conn]
                         job.stop()
+                        log.info("Worker finished", worker=job.name, worker_pid=job.process.pid, blocks=len(job.blocks))
                 except (EOFError, OSError):
                     retry_or_give_up(job, "died")
             now = time.monotonic()
@@ -277,6 +286,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         except (socket.timeout, ConnectionError) as error:
             self.log.warning("Client failed while receiving", reason=str(error) or "timed out")
             return
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log_rejected_lines(payload, results)
         self.log.info(
             "Request served",
             lines=sum(block.count(b"\n") for block in results),
@@ -286,6 +297,18 @@ class RequestHandler(socketserver.BaseRequestHandler):
             workers=len(slices),
             seconds=round(time.monotonic() - started, 6),
         )
+
+    def log_rejected_lines(self, payload: bytearray, results: list[bytes]) -> None:
+        """One DEBUG event per error line, with a bounded excerpt of the line (-vv only).
+
+        Logged here rather than in the workers, so that it works under every start method.
+        """
+        lines = worker.line_blocks(payload, block_bytes=0)
+        for block in results:
+            for result, line in zip(block.splitlines(), lines):
+                if result.startswith(b"error: "):
+                    excerpt = repr(line.decode("utf-8", "backslashreplace"))[:80]
+                    self.log.debug("Line rejected", line=excerpt, reason=result[len(b"error: ") :].decode())
 
     def receive_request(self) -> bytearray:
         """The request's bytes; raises RequestTooLarge before reading an oversized body."""
@@ -395,7 +418,6 @@ def positive(kind: type) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bluserver.py",
         description=(
             "Evaluate batches of arithmetic expressions sent over TCP.\n\n"
             "Each connection sends one request: an 8-byte big-endian length, then that many\n"

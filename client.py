@@ -135,7 +135,6 @@ def request(payload: bytes, address: str, port: int, timeout_s: float, progress:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="client.py",
         description="Send a file of arithmetic expressions, one per line, to a bluserver and write\n"
         "one result line per input line: the value, an empty line for a blank line, or\n"
         "'error: <reason>'.",

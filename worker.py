@@ -14,7 +14,6 @@ success, so a worker that crashes can never pass off part of a slice as all of i
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
@@ -22,48 +21,41 @@ from grammar import NOT_UTF8, evaluate_line
 
 BLOCK_BYTES = 256 * 1024  # input per result block: large enough to amortise, small in memory
 
-log = logging.getLogger("bluserver.worker")
 
-
-def run(conn: Connection, request_id: str) -> None:
+def run(conn: Connection) -> None:
     """Worker process entry point: evaluate the slice received on conn, send the results."""
     # CRLF becomes LF once for the whole slice (no copy if there is none), so that no
     # later split can separate a '\r' from its '\n'.
     slice_bytes = conn.recv_bytes().replace(b"\r\n", b"\n")
     for block in line_blocks(slice_bytes):
-        conn.send_bytes(evaluate_block(block, request_id))
+        conn.send_bytes(evaluate_block(block))
     conn.send_bytes(b"")
     conn.close()
 
 
-def line_blocks(data: bytes) -> Iterator[bytes]:
-    """Split data into runs of about BLOCK_BYTES of whole lines, without the '\\n' ending each run.
+def line_blocks(data: bytes | bytearray, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """Split data into runs of about block_bytes of whole lines, without the '\\n' ending each run.
 
     Every line of data lands in exactly one run; a final newline ends the last line
-    rather than starting an empty one.
+    rather than starting an empty one.  With block_bytes=0 each run is one line.
     """
     start, size = 0, len(data)
     while start < size:
-        end = data.find(b"\n", min(start + BLOCK_BYTES, size - 1))
+        end = data.find(b"\n", min(start + block_bytes, size - 1))
         if end < 0:
             end = size
-        yield data[start:end]
+        yield bytes(data[start:end])
         start = end + 1
 
 
-def evaluate_block(block: bytes, request_id: str) -> bytes:
+def evaluate_block(block: bytes) -> bytes:
     """One result line per line of block ('\\n'-separated), as UTF-8 bytes."""
-    lines: list[str] | list[bytes]
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError:  # rare: only then pay for decoding line by line
-        lines = block.split(b"\n")
-        results = [_evaluate_undecoded(line) for line in lines]
+        results = [_evaluate_undecoded(line) for line in block.split(b"\n")]
     else:
-        lines = text.split("\n")
-        results = [evaluate_line(line) for line in lines]
-    if log.isEnabledFor(logging.DEBUG):
-        _log_rejected(lines, results, request_id)
+        results = [evaluate_line(line) for line in text.split("\n")]
     results.append("")  # so that join ends the last result line with '\n' too
     return "\n".join(results).encode("utf-8")
 
@@ -73,10 +65,3 @@ def _evaluate_undecoded(line: bytes) -> str:
         return evaluate_line(line.decode("utf-8"))
     except UnicodeDecodeError:
         return NOT_UTF8
-
-
-def _log_rejected(lines: list[str] | list[bytes], results: list[str], request_id: str) -> None:
-    for line, result in zip(lines, results):
-        if result.startswith("error: "):
-            fields = {"line": repr(line)[:80], "reason": result[len("error: ") :]}
-            log.debug("Line rejected", extra={"uuid": request_id, "fields": fields})
