@@ -18,8 +18,11 @@ top-down; each rule below is one pyparsing element of the same name::
 Spaces and tabs may stand between tokens.  ``**`` is right-associative and binds
 tighter than a unary sign on its left (``-2 ** 2`` is -4), exactly as in Python.
 
-Parse actions turn each matched rule into its value with plain Python operators, so
-results are Python's to the last bit.  Most lines are in the original project's flat
+Parsing and evaluating are two steps.  Parse actions turn each matched rule into a
+node: a number, a ``Signed`` operand or a ``Chain`` of operands and operators.
+``evaluate`` then walks the nodes in Python's own order (left operand first) with
+Python's own operators, so results — and, when a line has several faults, which one
+is reported — are Python's to the last bit.  Most lines are in the original project's flat
 form (integers joined by ``+ - * /``); ``evaluate_flat`` evaluates that subset without
 pyparsing, ~40x faster, and test_grammar.py proves both give identical output.
 """
@@ -30,6 +33,7 @@ import math
 import operator
 import re
 import sys
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import pyparsing as pp
@@ -60,12 +64,20 @@ def _checked(value: Number | complex) -> Number:
     return value
 
 
+def _too_many_digits(base: int, exponent: int) -> bool:
+    """Whether base ** exponent would have over MAX_INT_DIGITS digits, without computing it."""
+    if abs(base) <= 1 or exponent <= 0:
+        return False
+    if exponent > 4 * MAX_INT_DIGITS:  # |base| >= 2: over 0.3 * exponent digits
+        return True
+    # About exponent * log10(|base|) digits; the margin of one digit leaves the exact
+    # boundary to the check on the computed result.
+    return exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
+
+
 def _power(base: Number, exponent: Number) -> Number:
     """base ** exponent, refusing before computing an integer that would be too large."""
-    # The result has about exponent * log10(|base|) digits; the margin of one digit
-    # leaves the exact boundary to the check on the computed value.
-    integers = isinstance(base, int) and isinstance(exponent, int)
-    if integers and abs(base) > 1 and exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1:
+    if isinstance(base, int) and isinstance(exponent, int) and _too_many_digits(base, exponent):
         raise EvaluationError(f"number too large (over {MAX_INT_DIGITS} digits)")
     result: Number = base**exponent
     return result
@@ -82,7 +94,42 @@ BINARY_OPERATORS: dict[str, Callable[[Number, Number], Number]] = {
 }
 
 
-# --- Parse actions: each turns the tokens of one rule into its value. ---------------
+# --- The nodes that parse actions build, and their evaluation. -----------------------
+
+
+@dataclass(frozen=True)
+class Signed:
+    """factor ::= ('+' | '-') factor"""
+
+    sign: str
+    operand: Node
+
+
+@dataclass(frozen=True)
+class Chain:
+    """operand (operator operand)*, applied left to right: an expr, a term or a power."""
+
+    first: Node
+    rest: list[tuple[str, Node]]
+
+
+Node = Union[int, float, Signed, Chain]
+
+
+def evaluate(node: Node) -> Number:
+    """The value of a parsed line; raises EvaluationError, ZeroDivisionError or OverflowError."""
+    if isinstance(node, Chain):
+        value = evaluate(node.first)
+        for operator_symbol, operand in node.rest:
+            value = _checked(BINARY_OPERATORS[operator_symbol](value, evaluate(operand)))
+        return value
+    if isinstance(node, Signed):
+        value = evaluate(node.operand)
+        return -value if node.sign == "-" else +value
+    return node
+
+
+# --- Parse actions: each turns the tokens of one rule into its node. ----------------
 
 
 def _number_value(tokens: pp.ParseResults) -> Number:
@@ -94,18 +141,18 @@ def _number_value(tokens: pp.ParseResults) -> Number:
     return int(literal)
 
 
-def _signed_value(tokens: pp.ParseResults) -> Number:
-    sign, value = tokens
-    signed: Number = -value if sign == "-" else +value
-    return signed
+def _signed(tokens: pp.ParseResults) -> Signed:
+    sign, operand = tokens
+    return Signed(sign, operand)
 
 
-def _fold_left(tokens: pp.ParseResults) -> Number:
-    """Value of ``operand (operator operand)*``, applied left to right."""
-    value: Number = tokens[0]
-    for index in range(1, len(tokens), 2):
-        value = _checked(BINARY_OPERATORS[tokens[index]](value, tokens[index + 1]))
-    return value
+def _chain(tokens: pp.ParseResults) -> Node:
+    """A Chain for ``operand (operator operand)*``; a lone operand stands for itself."""
+    if len(tokens) == 1:
+        only: Node = tokens[0]
+        return only
+    pairs = [(tokens[index], tokens[index + 1]) for index in range(1, len(tokens), 2)]
+    return Chain(tokens[0], pairs)
 
 
 def _missing_closing_parenthesis(line: str, loc: int, element: object, error: Exception) -> None:
@@ -123,26 +170,27 @@ closing_parenthesis = pp.Suppress(")").set_fail_action(_missing_closing_parenthe
 # '-' (not '+') between elements means: once the left part matched, the right part
 # must follow; a failure there is reported where it happened, with no backtracking.
 atom = number | pp.Suppress("(") - expr - closing_parenthesis
-power = (atom + pp.Opt(pp.Literal("**") - factor)).set_parse_action(_fold_left)
-factor <<= (pp.one_of("+ -") - factor).set_parse_action(_signed_value) | power
-term = (factor + (pp.one_of("* // / %") - factor)[...]).set_parse_action(_fold_left)
-expr <<= (term + (pp.one_of("+ -") - term)[...]).set_parse_action(_fold_left)
+power = (atom + pp.Opt(pp.Literal("**") - factor)).set_parse_action(_chain)
+factor <<= (pp.one_of("+ -") - factor).set_parse_action(_signed) | power
+term = (factor + (pp.one_of("* // / %") - factor)[...]).set_parse_action(_chain)
+expr <<= (term + (pp.one_of("+ -") - term)[...]).set_parse_action(_chain)
+expr.parse_with_tabs()  # report columns in the line as sent, not with tabs expanded
 
 sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
 def evaluate_expression(line: str) -> Number:
     """Parse and evaluate one line of the full language; raise EvaluationError if invalid."""
-    size = len(line.encode("utf-8"))
+    size = len(line.encode("utf-8", "surrogatepass"))
     if size > MAX_LINE_BYTES:
         raise EvaluationError(f"line too long ({size} bytes, limit {MAX_LINE_BYTES})")
     try:
-        value: Number = expr.parse_string(line, parse_all=True)[0]
+        tree: Node = expr.parse_string(line, parse_all=True)[0]
     except pp.ParseBaseException as error:
         raise EvaluationError(_describe_syntax_error(line, error.loc)) from None
     except RecursionError:
         raise EvaluationError("too deeply nested") from None
-    return value
+    return evaluate(tree)
 
 
 def _describe_syntax_error(line: str, loc: int) -> str:
