@@ -49,7 +49,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import worker
-from client import HEADER, ClosedEarly, count_lines, port_number, recv_exactly, send_frame
+from client import HEADER, count_lines, port_number, recv_exactly, send_frame
 
 DEFAULT_PORT = 1982
 DEFAULT_WORKERS = 2
@@ -245,6 +245,11 @@ def evaluate_in_workers(
 # --- The handler process: one per connection. ----------------------------------------
 
 
+# What a client can do to its own connection: go silent, or close or reset it
+# (ClosedEarly, from client.py, is a ConnectionError).
+CLIENT_FAILURES = (socket.timeout, ConnectionError)
+
+
 class RequestTooLarge(Exception):
     """A request declared more bytes than --max-bytes allows."""
 
@@ -273,17 +278,17 @@ class RequestHandler(socketserver.BaseRequestHandler):
         try:
             payload = self.receive_request()
         except RequestTooLarge as error:
-            self.reply_and_linger(f"error: {error}\n".encode())
             self.log.warning("Request refused", reason=str(error))
+            self.reply_and_linger(f"error: {error}\n".encode())
             return
-        except (ClosedEarly, socket.timeout, ConnectionError) as error:
+        except CLIENT_FAILURES as error:
             self.log.warning("Client failed while sending", reason=str(error) or "timed out")
             return
         slices = slice_bounds(payload, self.server.workers)
         results = evaluate_in_workers(payload, slices, self.server.worker_timeout_s, self.log)
         try:
             send_frame(self.request, results)
-        except (socket.timeout, ConnectionError) as error:
+        except CLIENT_FAILURES as error:
             self.log.warning("Client failed while receiving", reason=str(error) or "timed out")
             return
         if self.log.isEnabledFor(logging.DEBUG):
@@ -324,15 +329,15 @@ class RequestHandler(socketserver.BaseRequestHandler):
         Closing a socket with unread data makes the kernel send a reset, which can
         destroy the reply before the client reads it (nginx calls this lingering close).
         """
-        send_frame(self.request, [reply])
-        self.request.shutdown(socket.SHUT_WR)
-        self.request.settimeout(LINGER_S)
         deadline = time.monotonic() + LINGER_S
         try:
+            send_frame(self.request, [reply])
+            self.request.shutdown(socket.SHUT_WR)
+            self.request.settimeout(LINGER_S)
             while time.monotonic() < deadline and self.request.recv(1024 * 1024):
                 pass
-        except (socket.timeout, ConnectionError):
-            pass
+        except CLIENT_FAILURES:
+            pass  # the client is gone or silent: nothing left to do for it
 
 
 # --- The server process. ------------------------------------------------------------
