@@ -32,6 +32,7 @@ from typing import Any
 
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
 RECV_BYTES = 1024 * 1024  # upper bound on one recv() call
+SEND_BYTES = 1024 * 1024  # upper bound on one send() call
 PROGRESS_MIN_BYTES = 1024 * 1024  # smaller inputs finish before a progress line helps
 DEFAULT_TIMEOUT_S = 300.0
 DECOMPRESSORS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -61,10 +62,15 @@ def recv_frame(sock: socket.socket) -> bytearray:
 
 
 def send_frame(sock: socket.socket, blocks: Sequence[bytes]) -> None:
-    """Send the concatenation of blocks as one length-prefixed message."""
-    sock.sendall(HEADER.pack(sum(len(block) for block in blocks)))
-    for block in blocks:
-        sock.sendall(block)
+    """Send the concatenation of blocks as one length-prefixed message.
+
+    Not sendall(): its timeout bounds the whole message, which would cut off a slow but
+    steady reader of a large one.  Here the socket's timeout bounds each wait for room.
+    """
+    for block in (HEADER.pack(sum(len(block) for block in blocks)), *blocks):
+        unsent = memoryview(block)
+        while unsent:
+            unsent = unsent[sock.send(unsent[:SEND_BYTES]) :]
 
 
 def count_lines(data: bytes | bytearray) -> int:

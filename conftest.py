@@ -77,7 +77,8 @@ class ServerProcess:
         match = re.search(r"serving on [^ ]+:(\d+)", banner)
         if not match:
             self.process.kill()
-            raise AssertionError(f"server did not start: {banner!r} {self.process.stderr.read()!r}")
+            _, errors = self.process.communicate()
+            raise AssertionError(f"server did not start: {banner!r} {errors!r}")
         self.port = int(match.group(1))
 
     def connect(self) -> socket.socket:
