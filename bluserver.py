@@ -293,6 +293,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
             return
         if self.log.isEnabledFor(logging.DEBUG):
             self.log_rejected_lines(payload, results)
+        if not self.log.isEnabledFor(logging.INFO):
+            return  # counting lines over a large reply costs time: only when it is logged
         self.log.info(
             "Request served",
             lines=sum(block.count(b"\n") for block in results),
@@ -312,7 +314,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         for block in results:
             for result, line in zip(block.splitlines(), lines):
                 if result.startswith(b"error: "):
-                    excerpt = repr(line.decode("utf-8", "backslashreplace"))[:80]
+                    text = line.decode("utf-8", "backslashreplace")
+                    excerpt = repr(text[:-1] if text.endswith("\r") else text)[:80]
                     self.log.debug("Line rejected", line=excerpt, reason=result[len(b"error: ") :].decode())
 
     def receive_request(self) -> bytearray:
@@ -369,19 +372,26 @@ class BluServer(socketserver.ForkingTCPServer):
         self.client_timeout_s = client_timeout_s
         self.worker_timeout_s = worker_timeout_s
         self.max_bytes = max_bytes
+        self.shutdown_signal: str | None = None  # set by the first SIGINT or SIGTERM
         super().__init__(address, RequestHandler)
+
+    def service_actions(self) -> None:
+        """Between requests (every REAP_INTERVAL_S): reap handlers; leave serve_forever once signalled."""
+        super().service_actions()
+        if self.shutdown_signal:
+            raise ShutdownRequested(self.shutdown_signal)
 
 
 class ShutdownRequested(Exception):
-    """Raised in the server process by the first SIGINT or SIGTERM."""
-
-
-def request_shutdown(signum: int, frame: object) -> None:
-    raise ShutdownRequested(signal.Signals(signum).name)
+    """Ends serve_forever after the first SIGINT or SIGTERM."""
 
 
 def serve_until_signalled(server: BluServer) -> None:
     """Serve until SIGINT or SIGTERM, then let requests in flight finish; a second signal kills them."""
+
+    def request_shutdown(signum: int, frame: object) -> None:
+        # Only note it: an exception raised here could land mid-fork or mid-accept.
+        server.shutdown_signal = signal.Signals(signum).name
 
     def stop_now(signum: int, frame: object) -> None:
         for pid in list(server.active_children or ()):
@@ -392,6 +402,9 @@ def serve_until_signalled(server: BluServer) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_shutdown)
+    host, port = server.socket.getsockname()[:2]
+    print(f"bluserver: serving on {host}:{port} with up to {server.workers} workers per request", flush=True)
+    log.info("Server started", address=host, port=port, workers=server.workers, max_clients=server.max_children)
     try:
         server.serve_forever(poll_interval=REAP_INTERVAL_S)
     except ShutdownRequested as signalled:
@@ -513,9 +526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"bluserver: {describe_bind_error(error, args.address, args.port)}", file=sys.stderr)
         return 1
-    host, port = server.socket.getsockname()[:2]
-    print(f"bluserver: serving on {host}:{port} with up to {args.workers} workers per request", flush=True)
-    log.info("Server started", address=host, port=port, workers=args.workers, max_clients=args.max_clients)
     serve_until_signalled(server)
     return 0
 

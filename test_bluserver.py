@@ -1,0 +1,629 @@
+"""End-to-end tests of bluserver: real servers on ephemeral 127.0.0.1 ports, real clients.
+
+Each test states one behaviour of the specification.  Servers are started with the
+``start_server`` fixture (conftest.py), which also proves that no server, handler or
+worker process outlives the test.  The client is run as a subprocess, as a user runs it.
+
+Expected replies come from outside the server: hard-coded values, values built from
+the shape of the input (``n + n * 3`` is ``4 * n``), or ``grammar.evaluate_line``
+applied line by line after framing the payload here, independently of the server's
+slicing and block splitting.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bluserver
+import client
+from client import HEADER, recv_frame, send_frame
+from conftest import ServerProcess, session_processes, wait_until
+from grammar import evaluate_line
+
+StartServer = Callable[..., ServerProcess]
+
+ROOT = Path(__file__).resolve().parent
+SUBPROCESS_TIMEOUT_S = 30.0
+BURST_CONNECTIONS = 300
+BURST_ATTEMPTS = 3  # the signal lands in the accept-and-fork path 6 to 8 times in 10 (measured)
+DRAIN_TIMEOUT_S = 10.0  # ample for a server to finish BURST_CONNECTIONS empty requests and exit
+NOT_UTF8 = "error: not valid UTF-8"
+
+# The original project's examples and the results it gave.
+ORIGINAL_EXAMPLES = [
+    ("38 - 83 - 52 + 30 - 24 - 89 / 66 + 18 / 7 * 77", "105.65151515151518"),
+    ("57 + 87 - 24 * 27 / 8 + 53 - 87 * 6 * 60 - 30", "-31234.0"),
+    ("1 + 1     - 0-1 * 1 + 2 - 2    *    6 *  60-30", "-747"),
+]
+
+MIXED_PAYLOAD = b"1 + 2\n1/0\ni\n2 * 3\n"
+MIXED_REPLY = b"3\nerror: division by zero\nerror: unexpected 'i' at column 1\n6\n"
+
+
+# --- Helpers. -----------------------------------------------------------------------
+
+
+def split_lines(payload: bytes) -> list[bytes]:
+    """The payload's lines as the protocol defines them: '\\n'-separated, final newline optional."""
+    if not payload:
+        return []
+    lines = payload.split(b"\n")
+    if payload.endswith(b"\n"):
+        lines.pop()
+    return lines
+
+
+def expected_reply(payload: bytes) -> bytes:
+    """The reply the specification requires, framed here and evaluated line by line."""
+    results = []
+    for line in split_lines(payload):
+        try:
+            text = line.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            results.append(NOT_UTF8)
+        else:
+            results.append(evaluate_line(text))
+    return "".join(result + "\n" for result in results).encode("utf-8")
+
+
+LINE_MAKERS: list[Callable[[random.Random], bytes]] = [
+    lambda rng: f"{rng.randint(0, 99)} + {rng.randint(0, 99)} * {rng.randint(1, 99)} / {rng.randint(1, 9)}".encode(),
+    lambda rng: f"{rng.randint(0, 9)}-{rng.randint(0, 9)}  *   {rng.randint(0, 9)}".encode(),
+    lambda rng: f"({rng.randint(0, 9)} - {rng.randint(0, 9)}) ** 2 % 7 // 2".encode(),
+    lambda rng: f"{rng.randint(0, 9)} / 0".encode(),
+    lambda rng: b"2 +* 3",
+    lambda rng: b"",
+    lambda rng: b" \t ",
+    lambda rng: "١ + 2".encode(),  # valid UTF-8, but not ASCII digits
+    lambda rng: b"7 * \xff\xfe",  # not UTF-8
+]
+
+
+def varied_payload(line_count: int, seed: int) -> bytes:
+    """line_count lines of every kind the protocol knows, with LF and CRLF endings."""
+    rng = random.Random(seed)
+    lines = [rng.choice(LINE_MAKERS)(rng) + rng.choice([b"\n", b"\r\n"]) for _ in range(line_count)]
+    if lines and rng.random() < 0.5:
+        lines[-1] = lines[-1].rstrip(b"\r\n")  # the final newline is optional
+    return b"".join(lines)
+
+
+def run_python(*args: str, cwd: Path = ROOT, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    """Run `python *args` to completion; stdout and stderr decoded, newlines untouched."""
+    command = [sys.executable, *args]
+    result = subprocess.run(
+        command, cwd=cwd, input=stdin, capture_output=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
+    )
+    return subprocess.CompletedProcess(command, result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+def run_client(*args: str, cwd: Path = ROOT, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    return run_python(str(ROOT / "client.py"), *args, cwd=cwd, stdin=stdin)
+
+
+def run_client_against_fake_server(reply: bytes, input_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run the client against a server that reads the request, sends `reply` verbatim and closes."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(SUBPROCESS_TIMEOUT_S)
+        port = listener.getsockname()[1]
+        args = [sys.executable, str(ROOT / "client.py"), str(input_path), "-", "-a", "127.0.0.1", "-p", str(port)]
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                recv_frame(connection)
+                connection.sendall(reply)
+            stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+def assert_fails_in_one_line(result: subprocess.CompletedProcess[str], pattern: str) -> None:
+    """The client exited 1, wrote nothing to stdout and one line matching pattern to stderr."""
+    assert result.returncode == 1
+    [message] = result.stderr.splitlines()  # so no traceback either
+    assert re.fullmatch(f"client: {pattern}", message), message
+    assert result.stdout == ""
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that is reserved (bound) but refuses connections (not listening)."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        yield placeholder.getsockname()[1]
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        probe = socket.create_connection(("127.0.0.1", port), timeout=SUBPROCESS_TIMEOUT_S)
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: closed while in the listen backlog
+        return False
+    probe.close()
+    return True
+
+
+def connect_in_a_burst(server: ServerProcess, signum: signal.Signals) -> None:
+    """Open BURST_CONNECTIONS connections as fast as possible, signalling the server part-way.
+
+    The connections queue up faster than the server forks handlers for them, so the
+    signal most likely arrives while the server is accepting or forking.  Each sends an
+    empty request, whose handler exits at once without logging.
+    """
+    for number in range(BURST_CONNECTIONS):
+        if number == BURST_CONNECTIONS // 3:
+            server.process.send_signal(signum)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=SUBPROCESS_TIMEOUT_S) as sock:
+                sock.sendall(HEADER.pack(0))
+        except ConnectionError:  # the server has stopped accepting
+            return
+
+
+def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int | None:
+    """The process's exit status, or None if it is still running after timeout_s."""
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+LOG_LINE = re.compile(r"\[(?P<logger>[^\]]+)\] (?P<time>.+?): (?P<level>[A-Z]+) (?P<pairs>.*)")
+LOG_PAIR = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\([^)]*\)|[^ ]+)""")
+
+
+def parse_log(output: str) -> list[dict[str, Any]]:
+    """The key=value events in a server's stdout, values as Python objects."""
+    events = []
+    for line in output.splitlines():
+        match = LOG_LINE.fullmatch(line)
+        assert match, f"not a key=value log line: {line!r}"
+        events.append({key: ast.literal_eval(value) for key, value in LOG_PAIR.findall(match["pairs"])})
+    return events
+
+
+def request_events(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The events of each request, by request id (the server's own events have none)."""
+    by_request: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        if event["uuid"] is not None:
+            by_request.setdefault(event["uuid"], []).append(event)
+    return by_request
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def start_method(request: pytest.FixtureRequest) -> str:
+    """The multiprocessing start method the server runs its workers with."""
+    method: str = request.param
+    return method
+
+
+# --- slice_bounds, in unit form. ------------------------------------------------------
+
+
+payloads = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.sampled_from([b"\n", b"\r\n", b"1", b" + ", b"22", b"\xff"]), max_size=100).map(b"".join),
+)
+
+
+@given(payload=payloads, count=st.integers(min_value=1, max_value=20))
+def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(payload: bytes, count: int) -> None:
+    bounds = bluserver.slice_bounds(payload, count)
+
+    edges = [0, *(end for _, end in bounds)]
+    assert bounds == list(zip(edges, edges[1:]))  # contiguous, from the first byte
+    assert edges[-1] == len(payload)  # to the last
+    assert all(start < end for start, end in bounds)
+    assert all(payload[end - 1 : end] == b"\n" for end in edges[1:-1])
+    assert len(bounds) <= min(count, len(split_lines(payload)))
+
+
+@pytest.mark.parametrize(
+    ("payload", "count", "expected"),
+    [
+        (b"", 3, []),
+        (b"1 + 1", 4, [(0, 5)]),
+        (b"1\n", 4, [(0, 2)]),
+        (b"1\n2\n3\n4\n", 1, [(0, 8)]),
+    ],
+    ids=["empty_gets_none", "line_without_newline", "one_line_gets_one", "one_worker_gets_all"],
+)
+def test_slice_bounds_examples(payload: bytes, count: int, expected: list[tuple[int, int]]) -> None:
+    assert bluserver.slice_bounds(payload, count) == expected
+
+
+# --- The wire protocol, under both start methods. ---------------------------------------
+
+
+PROTOCOL_CASES = [
+    ("mixed_good_and_bad_lines_keep_alignment", MIXED_PAYLOAD, MIXED_REPLY),
+    ("empty_request_gets_empty_reply", b"", b""),
+    ("one_line_without_trailing_newline", b"6 * 7", b"42\n"),
+    ("crlf_is_dropped", b"1 + 1\r\n2 * 2\r\n3", b"2\n4\n3\n"),
+    ("blank_and_whitespace_lines_get_empty_results", b"\n  \n1\n\t\n\n", b"\n\n1\n\n\n"),
+    ("only_newlines", b"\n\n\n", b"\n\n\n"),
+    (
+        "non_utf8_lines_get_errors_others_unaffected",
+        b"1 + 1\n\xff\xfe\n2 * 3\n4 \xc3\n\xed\xa0\x80\n\xc3\xa9\n",
+        b"2\nerror: not valid UTF-8\n6\nerror: not valid UTF-8\nerror: not valid UTF-8\n"
+        b"error: unexpected '\xc3\xa9' at column 1\n",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reply"), [case[1:] for case in PROTOCOL_CASES], ids=[c[0] for c in PROTOCOL_CASES]
+)
+def test_reply_has_one_result_line_per_input_line_in_order(
+    start_server: StartServer, start_method: str, payload: bytes, reply: bytes
+) -> None:
+    server = start_server(start_method=start_method)
+
+    assert server.request(payload) == reply
+
+
+@pytest.mark.parametrize("half_close", [True, False], ids=["half_closed", "left_open"])
+def test_reply_arrives_whether_or_not_the_client_half_closes(
+    start_server: StartServer, start_method: str, half_close: bool
+) -> None:
+    server = start_server(start_method=start_method)
+
+    with server.connect() as sock:
+        send_frame(sock, [MIXED_PAYLOAD])
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        reply = recv_frame(sock)
+
+    assert reply == MIXED_REPLY
+
+
+def test_original_examples_give_the_original_results(start_server: StartServer, start_method: str) -> None:
+    server = start_server(start_method=start_method)
+    payload = "".join(expression + "\n" for expression, _ in ORIGINAL_EXAMPLES).encode()
+
+    reply = server.request(payload)
+
+    assert reply.decode().splitlines() == [result for _, result in ORIGINAL_EXAMPLES]
+
+
+def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServer, start_method: str) -> None:
+    server = start_server("-n", "2", start_method=start_method)
+    payloads = [varied_payload(20, seed) for seed in (1, 2, 3)]
+    sockets = [server.connect() for _ in payloads]
+    try:
+        for sock, payload in zip(sockets, payloads):  # all three requests in flight at once
+            sock.sendall(HEADER.pack(len(payload)) + payload[:5])
+        wait_until(
+            lambda: len(session_processes(server.process.pid)) >= 1 + len(sockets),
+            10,
+            "a handler process per connection",
+        )
+        for sock, payload in zip(sockets, payloads):
+            sock.sendall(payload[5:])
+        replies = [bytes(recv_frame(sock)) for sock in reversed(sockets)][::-1]  # no reply waits for another
+    finally:
+        for sock in sockets:
+            sock.close()
+
+    assert replies == [expected_reply(payload) for payload in payloads]
+
+
+# --- Slicing across workers, and size. ---------------------------------------------------
+
+
+@pytest.mark.parametrize("line_count", [1, 2, 3, 1000])
+def test_reply_is_the_same_for_1_2_and_4_workers(start_server: StartServer, line_count: int) -> None:
+    payload = varied_payload(line_count, seed=line_count)
+    servers = [start_server("-n", workers) for workers in ("1", "2", "4")]
+
+    replies = [server.request(payload) for server in servers]
+
+    assert replies == [expected_reply(payload)] * 3
+    assert len(split_lines(replies[0])) == line_count
+
+
+@pytest.mark.slow
+def test_multi_megabyte_request_of_200k_lines_round_trips(start_server: StartServer) -> None:
+    line_count = 200_000
+    lines, results = [], []
+    for number in range(line_count):
+        if number % 1000 == 999:
+            lines.append(f"{number} / 0\r\n".encode())
+            results.append("error: division by zero")
+        elif number % 777 == 0:
+            lines.append(b"\xff " + str(number).encode() + b"\n")
+            results.append(NOT_UTF8)
+        else:
+            ending = b"\r\n" if number % 2 else b"\n"
+            lines.append(f"{number} + {number} * 3".encode() + ending)
+            results.append(str(4 * number))
+    payload = b"".join(lines)  # 3.9 MB
+    server = start_server("-n", "2")
+
+    reply = server.request(payload)
+
+    assert reply == "".join(result + "\n" for result in results).encode()
+
+
+# --- Logs. ----------------------------------------------------------------------------
+
+
+def test_verbose_log_lines_carry_uuid_pname_pid_and_event(start_server: StartServer) -> None:
+    server = start_server("-v")
+    server.request(MIXED_PAYLOAD)
+    server.stop()
+
+    events = parse_log(server.output())
+
+    assert events
+    assert all({"uuid", "pname", "pid", "event"} <= event.keys() for event in events)
+    assert {event["pname"] for event in events} == {"server", "handler"}
+
+
+def test_request_served_event_sums_up_the_request(start_server: StartServer) -> None:
+    server = start_server("-v", "-n", "2")
+    server.request(MIXED_PAYLOAD)
+    server.stop()
+
+    [served] = [event for event in parse_log(server.output()) if event["event"] == "Request served"]
+
+    assert {key: served[key] for key in ("lines", "error_lines", "bytes_in", "bytes_out", "workers")} == {
+        "lines": 4,
+        "error_lines": 2,
+        "bytes_in": len(MIXED_PAYLOAD),
+        "bytes_out": len(MIXED_REPLY),
+        "workers": 2,
+    }
+    assert isinstance(served["seconds"], float)
+    assert served["seconds"] >= 0
+
+
+def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(start_server: StartServer) -> None:
+    server = start_server("-v", "-n", "4")
+    payloads = [b"", b"1\n", b"22\n22\n", b"333\n333\n333\n", b"4444\n" * 6]  # lengths tell them apart
+    for payload in payloads:
+        server.request(payload)
+    server.stop()
+
+    by_request = request_events(parse_log(server.output()))
+    served = {
+        event["bytes_in"]: (event["workers"], sum(other["event"] == "Worker started" for other in events))
+        for events in by_request.values()
+        for event in events
+        if event["event"] == "Request served"
+    }
+
+    assert sorted(served.items()) == [(0, (0, 0)), (2, (1, 1)), (6, (2, 2)), (12, (3, 3)), (30, (4, 4))]
+
+
+def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: StartServer, start_method: str) -> None:
+    server = start_server("-vv", "-n", "2", start_method=start_method)
+    server.request(b"1 + 1\nbad one\n2 * 2\n1/0\n")  # one bad line in each worker's half
+    server.stop()
+
+    events = parse_log(server.output())
+
+    server_pid = server.process.pid
+    assert all(event["uuid"] is None for event in events if event["pid"] == server_pid)
+    [request_id] = {event["uuid"] for event in events if event["pid"] != server_pid}
+    uuid.UUID(request_id)
+    handler_pids = {event["pid"] for event in events if event["event"] == "Request served"}
+    worker_pids = {event["worker_pid"] for event in events if event["event"] == "Worker started"}
+    assert len(worker_pids) == 2
+    assert worker_pids.isdisjoint(handler_pids | {server_pid})
+    assert {event["pid"] for event in events} <= {server_pid} | handler_pids | worker_pids
+    assert {(event["line"], event["reason"]) for event in events if event["event"] == "Line rejected"} == {
+        ("'bad one'", "unexpected 'b' at column 1"),
+        ("'1/0'", "division by zero"),
+    }
+
+
+def test_rejected_line_is_logged_as_a_repr_excerpt_cut_at_80_chars(start_server: StartServer) -> None:
+    server = start_server("-vv", "-n", "1")
+    bad_line = "y" * 40 + "x" * 300
+    server.request(f"1\n{bad_line}\n2\n".encode())
+    server.stop()
+
+    output = server.output()
+    [rejected] = [event for event in parse_log(output) if event["event"] == "Line rejected"]
+
+    assert rejected["line"] == repr(bad_line)[:80]
+    assert "x" * 80 not in output
+
+
+def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: StartServer) -> None:
+    server = start_server("-vv", "-n", "1")
+    server.request(b"1\r\nbad one\r\n2\r\n")
+    server.stop()
+
+    [rejected] = [event for event in parse_log(server.output()) if event["event"] == "Line rejected"]
+
+    assert rejected["line"] == "'bad one'"
+
+
+@pytest.mark.parametrize("verbosity", [[], ["-v"]], ids=["quiet", "-v"])
+def test_rejected_lines_are_logged_only_with_vv(start_server: StartServer, verbosity: list[str]) -> None:
+    server = start_server(*verbosity)
+    server.request(MIXED_PAYLOAD)
+    server.stop()
+
+    events = parse_log(server.output())
+
+    assert not [event for event in events if event["event"] == "Line rejected"]
+    assert bool([event for event in events if event["event"] == "Request served"]) == bool(verbosity)
+
+
+# --- Server command line and signals. -----------------------------------------------------
+
+
+def test_server_defaults_are_localhost_1982_2_workers_quiet() -> None:
+    args = bluserver.parse_args([])
+
+    assert (args.address, args.port, args.workers, args.verbose) == ("localhost", 1982, 2, 0)
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["-p", "0", "-n", "0"], "argument -n/--number-processes"),
+        (["-p", "0", "-n", "two"], "argument -n/--number-processes"),
+        (["-p", "0", "-n", "-3"], "argument -n/--number-processes"),
+        (["-p", "70000"], "argument -p/--port"),
+        (["-p", "-1"], "argument -p/--port"),
+        (["-p", "http"], "argument -p/--port"),
+    ],
+    ids=["n_zero", "n_two", "n_negative", "p_70000", "p_negative", "p_name"],
+)
+def test_bad_server_arguments_exit_2_with_usage(args: list[str], complaint: str) -> None:
+    result = run_python("bluserver.py", "-a", "127.0.0.1", *args)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: bluserver.py")
+    assert result.stderr.splitlines()[-1].startswith(f"bluserver.py: error: {complaint}: ")
+    assert args[-1] in result.stderr.splitlines()[-1]
+
+
+def test_port_in_use_exits_1_with_one_line_and_no_traceback() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as occupant:
+        port = occupant.getsockname()[1]
+        result = run_python("bluserver.py", "-a", "127.0.0.1", "-p", str(port))
+
+    assert result.returncode == 1
+    [message] = result.stderr.splitlines()
+    assert message.startswith("bluserver: ")
+    assert f"port {port} is already in use" in message
+    assert "serving on" not in result.stdout
+
+
+def test_server_announces_its_address_on_stdout_when_it_starts() -> None:
+    command = [sys.executable, "bluserver.py", "-a", "127.0.0.1", "-p", "0"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+    finally:
+        process.terminate()
+        process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+
+    assert re.match(r"bluserver: serving on 127\.0\.0\.1:[1-9][0-9]* ", banner)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_the_server_with_exit_0(start_server: StartServer, signum: signal.Signals) -> None:
+    server = start_server()
+    assert server.request(b"1 + 1\n") == b"2\n"
+
+    server.process.send_signal(signum)
+
+    assert server.process.wait(SUBPROCESS_TIMEOUT_S) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_request_in_flight_at_a_signal_is_answered_before_exit_0(
+    start_server: StartServer, signum: signal.Signals
+) -> None:
+    server = start_server()
+    with server.connect() as sock:
+        sock.sendall(HEADER.pack(len(MIXED_PAYLOAD)) + MIXED_PAYLOAD[:4])
+        wait_until(lambda: len(session_processes(server.process.pid)) >= 2, 10, "the handler process")
+
+        server.process.send_signal(signum)
+        wait_until(lambda: not accepts_connections(server.port), 10, "the server to stop accepting")
+        sock.sendall(MIXED_PAYLOAD[4:])
+        reply = recv_frame(sock)
+
+    assert reply == MIXED_REPLY
+    assert server.process.wait(SUBPROCESS_TIMEOUT_S) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_a_burst_of_connections_still_stops_the_server(
+    start_server: StartServer, signum: signal.Signals
+) -> None:
+    for _ in range(BURST_ATTEMPTS):
+        server = start_server()
+
+        connect_in_a_burst(server, signum)
+
+        assert exit_status_within(server.process, DRAIN_TIMEOUT_S) == 0, "the server lost the signal"
+
+
+# --- The client. -------------------------------------------------------------------------
+
+
+def test_client_defaults_are_operations_txt_output_txt_localhost_1982() -> None:
+    args = client.parse_args([])
+
+    assert (args.input, args.output, args.address, args.port) == ("operations.txt", "output.txt", "localhost", 1982)
+
+
+def test_client_reads_stdin_writes_stdout_and_sums_up_on_stderr(server: ServerProcess) -> None:
+    result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(server.port), stdin=MIXED_PAYLOAD)
+
+    assert result.returncode == 0
+    assert result.stdout == MIXED_REPLY.decode()
+    assert re.fullmatch(r"client: 4 lines, 2 error lines, \d+\.\d\d s\n", result.stderr)
+
+
+def test_client_round_trips_operations_txt_to_output_txt_by_default(server: ServerProcess, tmp_path: Path) -> None:
+    payload = (ROOT / "operations.txt").read_bytes()
+    (tmp_path / "operations.txt").write_bytes(payload)
+
+    result = run_client("-a", "127.0.0.1", "-p", str(server.port), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    output = (tmp_path / "output.txt").read_bytes()
+    assert len(split_lines(output)) == len(split_lines(payload))
+    assert output == expected_reply(payload)
+
+
+def test_client_fails_in_one_line_when_the_server_cannot_be_reached() -> None:
+    with refused_port() as port:
+        result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(port), stdin=b"1\n")
+
+    assert_fails_in_one_line(result, rf"cannot connect to 127\.0\.0\.1:{port}: connection refused.*")
+
+
+def test_client_fails_in_one_line_when_the_input_file_is_missing(tmp_path: Path) -> None:
+    with refused_port() as port:
+        result = run_client(str(tmp_path / "missing.txt"), "-", "-a", "127.0.0.1", "-p", str(port))
+
+    assert_fails_in_one_line(result, f"cannot read {re.escape(str(tmp_path / 'missing.txt'))}: No such file.*")
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"", r"127\.0\.0\.1:\d+ closed the connection early .*\b0 of 8 bytes.*"),
+        (HEADER.pack(100) + b"2\n", r"127\.0\.0\.1:\d+ closed the connection early .*\b2 of 100 bytes.*"),
+        (HEADER.pack(2) + b"2\n", r".*\b1 lines for 2 input lines"),
+        (HEADER.pack(6) + b"2\n6\n9\n", r".*\b3 lines for 2 input lines"),
+    ],
+    ids=["closes_before_reply", "closes_mid_reply", "too_few_lines", "too_many_lines"],
+)
+def test_client_fails_in_one_line_on_a_broken_reply(reply: bytes, message: str, tmp_path: Path) -> None:
+    input_path = tmp_path / "input.txt"
+    input_path.write_bytes(b"1 + 1\n2 * 3\n")
+
+    result = run_client_against_fake_server(reply, input_path)
+
+    assert_fails_in_one_line(result, message)
