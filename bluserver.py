@@ -44,7 +44,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -163,6 +163,7 @@ class SliceJob:
         """Start a worker on this slice and send it the slice; raise OSError if it dies at once."""
         self.attempts += 1
         self.blocks = []
+        self.finished = False
         self.conn, worker_conn = multiprocessing.Pipe()
         self.process = multiprocessing.Process(target=worker.run, args=(worker_conn,), name=self.name)
         self.process.start()
@@ -180,12 +181,13 @@ class SliceJob:
         if block:
             self.blocks.append(block)
             return False
+        self.finished = True
         return True
 
     def stop(self) -> None:
-        """Make sure the worker is gone: kill it if it still runs, then reap it."""
+        """Make sure the worker is gone: kill it if it has not finished its slice, then reap it."""
         self.conn.close()
-        if self.process.is_alive():
+        if not self.finished and self.process.is_alive():
             self.process.kill()
         self.process.join()
 
@@ -195,10 +197,15 @@ class SliceJob:
         self.blocks = [WORKER_FAILED * lines]
 
 
+@contextlib.contextmanager
 def evaluate_in_workers(
     payload: bytes | bytearray, slices: list[tuple[int, int]], worker_timeout_s: float, log: EventLog
-) -> list[bytes]:
-    """Evaluate each slice of payload in its own worker; return the result blocks in order."""
+) -> Iterator[list[bytes]]:
+    """Evaluate each slice of payload in its own worker; yield the result blocks in order.
+
+    Every worker is joined when the with-block ends: after the reply has gone out, so
+    that reaping them costs the client nothing.
+    """
     jobs = [SliceJob(payload, bounds, f"worker-{number}", log) for number, bounds in enumerate(slices, 1)]
     running: dict[Connection, SliceJob] = {}
 
@@ -229,17 +236,16 @@ def evaluate_in_workers(
                 try:
                     if job.receive():
                         del running[job.conn]
-                        job.stop()
                         log.info("Worker finished", worker=job.name, worker_pid=job.process.pid, blocks=len(job.blocks))
                 except (EOFError, OSError):
                     retry_or_give_up(job, "died")
             now = time.monotonic()
             for job in [job for job in running.values() if job.deadline <= now]:
                 retry_or_give_up(job, "timed out")
+        yield [block for job in jobs for block in job.blocks]
     finally:
-        for job in running.values():
+        for job in jobs:
             job.stop()
-    return [block for job in jobs for block in job.blocks]
 
 
 # --- The handler process: one per connection. ----------------------------------------
@@ -285,12 +291,12 @@ class RequestHandler(socketserver.BaseRequestHandler):
             self.log.warning("Client failed while sending", reason=str(error) or "timed out")
             return
         slices = slice_bounds(payload, self.server.workers)
-        results = evaluate_in_workers(payload, slices, self.server.worker_timeout_s, self.log)
-        try:
-            send_frame(self.request, results)
-        except CLIENT_FAILURES as error:
-            self.log.warning("Client failed while receiving", reason=str(error) or "timed out")
-            return
+        with evaluate_in_workers(payload, slices, self.server.worker_timeout_s, self.log) as results:
+            try:
+                send_frame(self.request, results)
+            except CLIENT_FAILURES as error:
+                self.log.warning("Client failed while receiving", reason=str(error) or "timed out")
+                return
         if self.log.isEnabledFor(logging.DEBUG):
             self.log_rejected_lines(payload, results)
         if not self.log.isEnabledFor(logging.INFO):
