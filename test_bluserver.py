@@ -12,7 +12,7 @@ slicing and block splitting.
 
 from __future__ import annotations
 
-import ast
+import json
 import random
 import re
 import signal
@@ -188,15 +188,27 @@ def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int 
 
 LOG_LINE = re.compile(r"\[(?P<logger>[^\]]+)\] (?P<time>.+?): (?P<level>[A-Z]+) (?P<pairs>.*)")
 LOG_PAIR = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\([^)]*\)|[^ ]+)""")
+JSON_LOG = ("--log-format", "json")  # start_server(*JSON_LOG, ...) for logs that parse_log reads
+JSON_HEAD = {"time", "level", "logger", "uuid", "pname", "pid", "event"}
 
 
-def parse_log(output: str) -> list[dict[str, Any]]:
-    """The key=value events in a server's stdout, values as Python objects."""
+def parse_kv_log(output: str) -> list[dict[str, str]]:
+    """The events of the default key=value format, each value as its text (a Python repr)."""
     events = []
     for line in output.splitlines():
         match = LOG_LINE.fullmatch(line)
         assert match, f"not a key=value log line: {line!r}"
-        events.append({key: ast.literal_eval(value) for key, value in LOG_PAIR.findall(match["pairs"])})
+        events.append(dict(LOG_PAIR.findall(match["pairs"])))
+    return events
+
+
+def parse_log(output: str) -> list[dict[str, Any]]:
+    """The events of a server started with --log-format json: one JSON object per line."""
+    events = []
+    for line in output.splitlines():
+        event = json.loads(line)
+        assert isinstance(event, dict) and event.keys() >= JSON_HEAD, f"not a JSON log event: {line!r}"
+        events.append(event)
     return events
 
 
@@ -368,19 +380,20 @@ def test_multi_megabyte_request_of_200k_lines_round_trips(start_server: StartSer
 
 
 def test_verbose_log_lines_carry_uuid_pname_pid_and_event(start_server: StartServer) -> None:
-    server = start_server("-v")
+    server = start_server("-v")  # the default key=value format
     server.request(MIXED_PAYLOAD)
     server.stop()
 
-    events = parse_log(server.output())
+    events = parse_kv_log(server.output())
 
     assert events
     assert all({"uuid", "pname", "pid", "event"} <= event.keys() for event in events)
-    assert {event["pname"] for event in events} == {"server", "handler"}
+    assert {event["pname"] for event in events} == {"'server'", "'handler'"}  # values are reprs
+    assert all(event["pid"].isdigit() for event in events)
 
 
 def test_request_served_event_sums_up_the_request(start_server: StartServer) -> None:
-    server = start_server("-v", "-n", "2")
+    server = start_server("-v", "-n", "2", *JSON_LOG)
     server.request(MIXED_PAYLOAD)
     server.stop()
 
@@ -398,7 +411,7 @@ def test_request_served_event_sums_up_the_request(start_server: StartServer) -> 
 
 
 def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(start_server: StartServer) -> None:
-    server = start_server("-v", "-n", "4")
+    server = start_server("-v", "-n", "4", *JSON_LOG)
     payloads = [b"", b"1\n", b"22\n22\n", b"333\n333\n333\n", b"4444\n" * 6]  # lengths tell them apart
     for payload in payloads:
         server.request(payload)
@@ -416,7 +429,7 @@ def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(start_serv
 
 
 def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: StartServer, start_method: str) -> None:
-    server = start_server("-vv", "-n", "2", start_method=start_method)
+    server = start_server("-vv", "-n", "2", *JSON_LOG, start_method=start_method)
     server.request(b"1 + 1\nbad one\n2 * 2\n1/0\n")  # one bad line in each worker's half
     server.stop()
 
@@ -438,7 +451,7 @@ def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: Star
 
 
 def test_rejected_line_is_logged_as_a_repr_excerpt_cut_at_80_chars(start_server: StartServer) -> None:
-    server = start_server("-vv", "-n", "1")
+    server = start_server("-vv", "-n", "1", *JSON_LOG)
     bad_line = "y" * 40 + "x" * 300
     server.request(f"1\n{bad_line}\n2\n".encode())
     server.stop()
@@ -451,7 +464,7 @@ def test_rejected_line_is_logged_as_a_repr_excerpt_cut_at_80_chars(start_server:
 
 
 def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: StartServer) -> None:
-    server = start_server("-vv", "-n", "1")
+    server = start_server("-vv", "-n", "1", *JSON_LOG)
     server.request(b"1\r\nbad one\r\n2\r\n")
     server.stop()
 
@@ -462,7 +475,7 @@ def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: Sta
 
 @pytest.mark.parametrize("verbosity", [[], ["-v"]], ids=["quiet", "-v"])
 def test_rejected_lines_are_logged_only_with_vv(start_server: StartServer, verbosity: list[str]) -> None:
-    server = start_server(*verbosity)
+    server = start_server(*verbosity, *JSON_LOG)
     server.request(MIXED_PAYLOAD)
     server.stop()
 

@@ -8,7 +8,6 @@ outlives the test.
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import json
 import lzma
@@ -18,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from typing import Any, Callable
 import pytest
 
 import make_zipapp
+from client import recv_frame
 from conftest import (
     LEFTOVER_GRACE_S,
     ROOT,
@@ -427,30 +426,25 @@ def test_dash_reads_stdin_and_writes_stdout(server: ServerProcess) -> None:
 
 
 @pytest.fixture
-def silent_server() -> Iterator[int]:
-    """The port of a server that accepts one connection and reads it, but never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(RUN_TIMEOUT_S)
+def silent_server() -> Iterator[socket.socket]:
+    """A listening socket that nobody serves: the kernel completes connections into its backlog.
 
-    def accept_and_read() -> None:
-        with contextlib.suppress(socket.timeout):
-            connection, _ = listener.accept()
-            with connection:
-                connection.settimeout(RUN_TIMEOUT_S)
-                while connection.recv(65536):
-                    pass
-
-    reader = threading.Thread(target=accept_and_read, daemon=True)
-    reader.start()
-    with listener:
-        yield listener.getsockname()[1]
-        reader.join(RUN_TIMEOUT_S)
+    A client's connect succeeds and its small request fits in the socket buffers, so the
+    client then waits for a reply that never comes.  The test accepts the connection
+    afterwards, to read what the client sent.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(RUN_TIMEOUT_S)
+        yield listener
 
 
-def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(silent_server: int, tmp_path: Path) -> None:
+def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
+    silent_server: socket.socket, tmp_path: Path
+) -> None:
+    port = str(silent_server.getsockname()[1])
     started = time.monotonic()
     result = run_client(
-        "-", str(tmp_path / "out.txt"), "-a", "127.0.0.1", "-p", str(silent_server), "--timeout", str(CLIENT_TIMEOUT_S),
+        "-", str(tmp_path / "out.txt"), "-a", "127.0.0.1", "-p", port, "--timeout", str(CLIENT_TIMEOUT_S),
         stdin=PAYLOAD,
     )  # fmt: skip
     elapsed = time.monotonic() - started
@@ -458,6 +452,12 @@ def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(silent_s
     assert re.fullmatch(rb"client: [^\n]*--timeout[^\n]*\n", result.stderr), result.stderr
     assert CLIENT_TIMEOUT_S <= elapsed < CLIENT_TIMEOUT_S + 5
     assert not (tmp_path / "out.txt").exists()
+    # The client had connected and sent its whole request: it timed out waiting for the reply.
+    connection, _ = silent_server.accept()
+    with connection:
+        connection.settimeout(RUN_TIMEOUT_S)
+        assert recv_frame(connection) == PAYLOAD
+        assert connection.recv(1) == b""  # and it closed the connection when it gave up
 
 
 LARGE_INPUT = b"1 + 1\n" * 200_000  # over client.PROGRESS_MIN_BYTES
