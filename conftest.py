@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable, NamedTuple
 
 import pytest
 
@@ -33,21 +34,49 @@ START_METHOD_LAUNCHER = (
 )
 
 
-def session_processes(session_id: int) -> list[int]:
-    """Pids of the live (non-zombie) processes in a session, from /proc."""
-    pids = []
+class ProcessState(NamedTuple):
+    pid: int
+    state: str  # 'R', 'S', ..., 'Z' for a zombie
+    ppid: int
+    session: int
+
+
+def process_table() -> list[ProcessState]:
+    """Every process /proc shows now: its pid, state, parent and session."""
+    table = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-        except OSError:
+        except OSError:  # it exited while we looked
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        state, session = fields[0], int(fields[3])
-        if session == session_id and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+        table.append(ProcessState(int(entry.name), fields[0], int(fields[1]), int(fields[3])))
+    return table
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Pids of the live (non-zombie) processes in a session."""
+    return [row.pid for row in process_table() if row.session == session_id and row.state != "Z"]
+
+
+def read_banner(stream: IO[str], timeout_s: float) -> str:
+    """The first line on a server's stdout ("" if none comes within timeout_s).
+
+    Read byte by byte from the pipe itself, so that nothing after the banner is left in
+    the stream's buffers: a test may go on to read the pipe by its file descriptor.
+    """
+    line = bytearray()
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream.fileno(), selectors.EVENT_READ)
+        while not line.endswith(b"\n") and selector.select(max(0.0, deadline - time.monotonic())):
+            byte = os.read(stream.fileno(), 1)
+            if not byte:
+                break
+            line += byte
+    return line.decode(errors="replace")
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
@@ -73,7 +102,7 @@ class ServerProcess:
             start_new_session=True,
         )
         assert self.process.stdout is not None
-        banner = self.process.stdout.readline()
+        banner = read_banner(self.process.stdout, STARTUP_TIMEOUT_S)
         match = re.search(r"serving on [^ ]+:(\d+)", banner)
         if not match:
             self.process.kill()
