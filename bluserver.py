@@ -172,17 +172,16 @@ class SliceJob:
         self.log.info("Worker started", worker=self.name, worker_pid=self.process.pid, attempt=self.attempts)
         self.conn.send_bytes(self.payload, self.start_offset, self.end_offset - self.start_offset)
 
-    def receive(self) -> bool:
-        """Take the worker's next message; True once the slice is complete.
+    def receive(self) -> None:
+        """Take the worker's next message: a result block, or b"" once the slice is complete.
 
         Raises EOFError if the worker died before finishing.
         """
         block = self.conn.recv_bytes()
         if block:
             self.blocks.append(block)
-            return False
-        self.finished = True
-        return True
+        else:
+            self.finished = True
 
     def stop(self) -> None:
         """Make sure the worker is gone: kill it if it has not finished its slice, then reap it."""
@@ -234,7 +233,8 @@ def evaluate_in_workers(
             for conn in wait(list(running), timeout=max(0.0, soonest - time.monotonic())):
                 job = running[conn]  # type: ignore[index]
                 try:
-                    if job.receive():
+                    job.receive()
+                    if job.finished:
                         del running[job.conn]
                         log.info("Worker finished", worker=job.name, worker_pid=job.process.pid, blocks=len(job.blocks))
                 except (EOFError, OSError):
