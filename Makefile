@@ -37,11 +37,11 @@ coverage: $(VENV)/.dev ## run the tests measuring every process (server, handler
 	$(BIN)/python -m coverage combine --quiet
 	$(BIN)/python -m coverage report
 
-bench: $(VENV)/.runtime ## measure evaluation and end-to-end speed and memory (bench.py)
-	$(BIN)/python bench.py
+bench: $(VENV)/.dev ## measure evaluation and end-to-end speed and memory (tools/bench.py)
+	$(BIN)/python -m tools.bench
 
-load: $(VENV)/.runtime ## 50 concurrent clients x 2,000 lines, every reply verified (load.py)
-	$(BIN)/python load.py
+load: $(VENV)/.dev ## 50 concurrent clients x 2,000 lines, every reply verified (tools/load.py)
+	$(BIN)/python -m tools.load
 
 lint: $(VENV)/.dev ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check .
@@ -49,7 +49,7 @@ lint: $(VENV)/.dev ## ruff check, ruff format --check, mypy
 	$(BIN)/mypy
 
 dist: $(VENV)/.runtime ## build dist/bluserver.pyz: the server and pyparsing in one file
-	$(BIN)/python make_zipapp.py
+	$(BIN)/python -m tools.make_zipapp
 
 clean: ## remove virtualenvs, caches, coverage data and dist/
 	rm -rf .venv .venv-* dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis htmlcov .coverage .coverage.* output.txt

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pyparsing
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "dist" / "bluserver.pyz"
 MODULES = ("bluserver.py", "worker.py", "grammar.py", "client.py")
 INTERPRETER = "/usr/bin/env python3"

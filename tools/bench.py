@@ -50,7 +50,7 @@ import worker
 Number = Union[int, float]
 Result = TypeVar("Result")
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 BANNER = re.compile(r"serving on \S+:(\d+)")
 SEED = 1982

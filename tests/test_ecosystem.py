@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import pytest
 
-import make_zipapp
+from tools import make_zipapp
 from client import recv_frame
 from conftest import (
     LEFTOVER_GRACE_S,
@@ -204,7 +204,7 @@ def test_zipapp_is_executable_and_starts_with_an_env_python3_shebang(built_zipap
 def test_make_zipapp_writes_the_archive_to_the_path_given_on_its_command_line(tmp_path: Path) -> None:
     output = tmp_path / "elsewhere" / "custom.pyz"
     result = subprocess.run(
-        [sys.executable, "make_zipapp.py", str(output)],
+        [sys.executable, "-m", "tools.make_zipapp", str(output)],
         cwd=ROOT,
         capture_output=True,
         text=True,

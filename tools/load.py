@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import HOST, HOSTILE_LINES, SEED, ServerProcess, seed_like_lines, to_payload
+from tools.bench import HOST, HOSTILE_LINES, SEED, ServerProcess, seed_like_lines, to_payload
 from client import HEADER, RECV_BYTES
 from grammar import evaluate_line
 
