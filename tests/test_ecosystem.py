@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import pytest
 
-from tools import make_zipapp
 from client import recv_frame
 from conftest import (
     LEFTOVER_GRACE_S,
@@ -35,6 +34,7 @@ from conftest import (
     session_processes,
     wait_until,
 )
+from tools import make_zipapp
 
 PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
 REPLY = b"3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"

@@ -26,9 +26,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tools.bench import HOST, HOSTILE_LINES, SEED, ServerProcess, seed_like_lines, to_payload
 from client import HEADER, RECV_BYTES
 from grammar import evaluate_line
+from tools.bench import HOST, HOSTILE_LINES, SEED, ServerProcess, seed_like_lines, to_payload
 
 CLIENTS = 50
 LINES_PER_CLIENT = 2_000
