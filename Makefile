@@ -9,9 +9,10 @@ VENV ?= $(if $(filter python3,$(PY)),.venv,.venv-$(shell $(PY) -c 'import sys; p
 BIN := $(VENV)/bin
 PORT ?= 1982
 WORKERS ?= 2
+INSTANCES ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help run test coverage bench load lint dist clean
+.PHONY: help run cluster test coverage bench load lint dist clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,6 +28,9 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 
 run: $(VENV)/.runtime ## start the server on PORT (1982) with WORKERS (2) workers per request
 	$(BIN)/python bluserver.py -p $(PORT) -n $(WORKERS) -v
+
+cluster: $(VENV)/.runtime ## HAProxy on PORT in front of INSTANCES (3) servers on PORT+1... (tools/cluster.py)
+	$(BIN)/python -m tools.cluster -p $(PORT) -i $(INSTANCES) -n $(WORKERS)
 
 test: $(VENV)/.dev ## run the test suite
 	$(BIN)/python -m pytest
