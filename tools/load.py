@@ -1,17 +1,28 @@
-"""Load test: 50 concurrent clients x 2,000 lines against one bluserver, every reply verified.
+"""Load test: many concurrent clients against bluserver, every reply verified line by line.
 
-Run ``make load``, or ``.venv/bin/python load.py [-p PORT]``.  Without -p it starts its own
-server (``bluserver.py -a 127.0.0.1 -p 0 -n 2``, see bench.ServerProcess) and stops it at the
-end with SIGTERM, after which the server must exit 0; with -p it uses the server already
-listening on 127.0.0.1:PORT.
+Run ``make load``, or ``.venv/bin/python -m tools.load [-p PORT] [--throughput]``.
 
-The clients are non-blocking sockets in this one process, driven by a selector: all
-connect at once, send their requests and read their replies as the server allows.  Each
-client sends its own seed-like lines (bench.seed_like_lines: flat expressions plus the
-seed's hostile lines, which must come back as error lines), and its reply is checked
-line by line against grammar.evaluate_line computed here.
+- By default: 50 concurrent clients x 2,000 lines; prints one summary line.
+- ``--throughput``: many small clients (1,000 requests of 10 lines, 50 at a time), run 5
+  times; prints requests per second, each run's and the median.  Given several ports
+  (``-p 1983 -p 1982``: one instance, then HAProxy in front of several, from ``make
+  cluster``), it measures them in turn, run after run, so that a noisy neighbour slows
+  them alike: what the balancer costs and what more instances bring (README, "Running
+  several instances").
 
-Prints one summary line; exits 1 if any line mismatches or anything fails, else 0.
+Without -p it starts its own server (``bluserver.py -a 127.0.0.1 -p 0 -n 2``, with
+conftest.ServerProcess: the one way to start a real server) and stops it at the end with
+SIGTERM, after which the server must exit 0; with -p it uses whatever listens on
+127.0.0.1:PORT.
+
+The clients are non-blocking sockets in this one process, driven by a selector: up to the
+concurrency limit connect at once, send their requests and read their replies as the
+server allows, and each one done makes room for the next.  Each client sends seed-like
+lines (bench.seed_like_lines: flat expressions plus the seed's hostile lines, which must
+come back as error lines), and its reply is checked against grammar.evaluate_line
+computed here, before the clock starts.
+
+Exits 1 if any line mismatches or anything fails, else 0.
 """
 
 from __future__ import annotations
@@ -22,29 +33,42 @@ import errno
 import os
 import selectors
 import socket
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from client import HEADER, RECV_BYTES
+from conftest import ServerProcess
 from grammar import evaluate_line
-from tools.bench import HOST, HOSTILE_LINES, SEED, ServerProcess, seed_like_lines, to_payload
+from tools.bench import HOST, HOSTILE_LINES, SEED, seed_like_lines, to_payload
 
 CLIENTS = 50
 LINES_PER_CLIENT = 2_000
+THROUGHPUT_REQUESTS = 1_000  # per run of --throughput
+THROUGHPUT_LINES = 10  # per request of --throughput
+THROUGHPUT_RUNS = 5
+THROUGHPUT_TIMEOUT_S = 120.0  # for each run of --throughput
+CONCURRENCY = 50  # clients connected at once
 WORKERS = 2
 LOAD_TIMEOUT_S = 45.0  # every client must be answered within this
 PROBLEMS_SHOWN = 5  # clients whose failure or first mismatch is printed
 
 
+def request_lines(number: int, count: int) -> tuple[list[str], list[str]]:
+    """Request number's count seed-like lines, and the result lines it must get back."""
+    lines = seed_like_lines(count - len(HOSTILE_LINES), SEED + number)
+    return lines, [evaluate_line(line) for line in lines]
+
+
 class LoadClient:
     """One connection: connects, sends one request, reads the reply, then compares it."""
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, lines: list[str], expected: list[str]) -> None:
         self.number = number
-        self.lines = seed_like_lines(LINES_PER_CLIENT - len(HOSTILE_LINES), SEED + number)
-        self.expected = [evaluate_line(line) for line in self.lines]
-        payload = to_payload(self.lines)
+        self.lines = lines
+        self.expected = expected
+        payload = to_payload(lines)
         self.outgoing = memoryview(HEADER.pack(len(payload)) + payload)
         self.incoming = bytearray()
         self.failure: str | None = None
@@ -115,24 +139,41 @@ class LoadClient:
         return sum(result.startswith("error: ") for result in self.expected)
 
 
-def run_clients(clients: Sequence[LoadClient], port: int, timeout_s: float) -> None:
-    """Connect every client to port and drive each until it is done or fails; clients
-    still waiting after timeout_s fail.  Closes every client's socket."""
+def run_clients(clients: Iterable[LoadClient], port: int, timeout_s: float) -> list[LoadClient]:
+    """Drive the clients against port, CONCURRENCY at a time, each until it is done or
+    fails; clients still waiting after timeout_s fail.  Returns them; closes every socket."""
     deadline = time.monotonic() + timeout_s
-    with contextlib.ExitStack() as sockets, selectors.DefaultSelector() as selector:
-        for load_client in clients:
-            sockets.enter_context(load_client.sock)
-            load_client.connect(port)
-            selector.register(load_client.sock, selectors.EVENT_WRITE, load_client)
-        while selector.get_map() and time.monotonic() < deadline:
-            for key, _ in selector.select(timeout=deadline - time.monotonic()):
-                step(selector, key)
-        for key in selector.get_map().values():
-            key.data.failure = f"no complete reply within {timeout_s:g} s"
+    waiting = iter(clients)
+    started: list[LoadClient] = []
+    with selectors.DefaultSelector() as selector:
+        try:
+            for _ in range(CONCURRENCY):
+                start_next(waiting, selector, port, started)
+            while selector.get_map() and time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=deadline - time.monotonic()):
+                    if step(selector, key):
+                        start_next(waiting, selector, port, started)
+        finally:
+            for key in list(selector.get_map().values()):
+                key.data.failure = f"no complete reply within {timeout_s:g} s"
+                selector.unregister(key.fileobj)
+                key.data.sock.close()
+    return started
 
 
-def step(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
-    """Let the client of key act on its socket, and wait for what it needs next."""
+def start_next(
+    waiting: Iterator[LoadClient], selector: selectors.BaseSelector, port: int, started: list[LoadClient]
+) -> None:
+    """Connect the next waiting client, if any."""
+    load_client = next(waiting, None)
+    if load_client:
+        started.append(load_client)
+        selector.register(load_client.sock, selectors.EVENT_WRITE, load_client)
+        load_client.connect(port)
+
+
+def step(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> bool:
+    """Let the client of key act on its socket, and wait for what it needs next; True once it is done."""
     load_client: LoadClient = key.data
     try:
         events = load_client.step()
@@ -141,12 +182,15 @@ def step(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
         events = 0
     if not events:
         selector.unregister(load_client.sock)
-    elif events != key.events:
+        load_client.sock.close()
+        return True
+    if events != key.events:
         selector.modify(load_client.sock, events, load_client)
+    return False
 
 
-def report(clients: Sequence[LoadClient], seconds: float) -> int:
-    """Print the first problems and the summary line; return the exit status."""
+def show_problems(clients: Sequence[LoadClient]) -> bool:
+    """Print the first clients' problems to stderr; return whether there were any."""
     problems = [
         f"client {load_client.number}: {load_client.problem()}" for load_client in clients if load_client.problem()
     ]
@@ -154,6 +198,16 @@ def report(clients: Sequence[LoadClient], seconds: float) -> int:
         print(f"load: {problem}", file=sys.stderr)
     if len(problems) > PROBLEMS_SHOWN:
         print(f"load: ... and {len(problems) - PROBLEMS_SHOWN} more clients with problems", file=sys.stderr)
+    return bool(problems)
+
+
+def load_run(port: int) -> int:
+    """CLIENTS clients of LINES_PER_CLIENT lines at once; print the summary line, return the exit status."""
+    clients = [LoadClient(number, *request_lines(number, LINES_PER_CLIENT)) for number in range(CLIENTS)]
+    started = time.monotonic()
+    run_clients(clients, port, LOAD_TIMEOUT_S)
+    seconds = time.monotonic() - started
+    failed = show_problems(clients)
     failures = sum(1 for load_client in clients if load_client.failure)
     mismatches = sum(load_client.mismatches for load_client in clients)
     lines = sum(len(load_client.expected) for load_client in clients)
@@ -162,35 +216,84 @@ def report(clients: Sequence[LoadClient], seconds: float) -> int:
         f"load: {len(clients)} clients, {lines:,} lines, {error_lines} error lines, "
         f"{mismatches} mismatches, {failures} failures, {seconds:.2f} s"
     )
-    return 1 if problems else 0
+    return 1 if failed else 0
+
+
+def throughput_runs(ports: Sequence[int]) -> int:
+    """THROUGHPUT_RUNS rounds, each a run of THROUGHPUT_REQUESTS small requests, CONCURRENCY
+    at a time, against each port in turn (so that a noisy neighbour slows them alike);
+    print each port's requests per second, return the exit status."""
+    requests = [request_lines(number, THROUGHPUT_LINES) for number in range(CONCURRENCY)]
+    rates: dict[int, list[float]] = {port: [] for port in ports}
+    for _ in range(THROUGHPUT_RUNS):
+        for port in ports:
+            clients = (LoadClient(number, *requests[number % CONCURRENCY]) for number in range(THROUGHPUT_REQUESTS))
+            started = time.monotonic()
+            done = run_clients(clients, port, THROUGHPUT_TIMEOUT_S)
+            seconds = time.monotonic() - started
+            if show_problems(done):
+                return 1
+            rates[port].append(len(done) / seconds)
+    print(
+        f"load: {THROUGHPUT_REQUESTS:,} requests of {THROUGHPUT_LINES} lines, {CONCURRENCY} at a time, "
+        f"every reply verified; requests/s, the median of {THROUGHPUT_RUNS} runs:"
+    )
+    for port, port_rates in rates.items():
+        runs = ", ".join(f"{rate:.0f}" for rate in port_rates)
+        print(f"load: port {port}: {statistics.median(port_rates):,.0f} requests/s ({runs})")
+    return 0
+
+
+@contextlib.contextmanager
+def server_ports(ports: list[int] | None) -> Iterator[list[int]]:
+    """ports, or else the port of a server started here and stopped after.
+
+    Raises RuntimeError if that server does not exit 0, AssertionError if it does not start
+    or leaves a process behind.
+    """
+    if ports:
+        yield ports
+        return
+    server = ServerProcess(["-n", str(WORKERS)], start_method=None)
+    try:
+        yield [server.port]
+        status = server.stop()
+    finally:
+        server.cleanup()
+    if status:
+        raise RuntimeError(f"the server exited with status {status}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="load.py",
+        prog="python -m tools.load",
         description=f"{CLIENTS} concurrent clients x {LINES_PER_CLIENT:,} lines against bluserver, "
         "every reply verified line by line; exit status 1 on any mismatch or failure.",
     )
     parser.add_argument(
-        "-p", "--port", type=int,
-        help=f"use the server on {HOST}:PORT (default: start one with -n {WORKERS} and stop it after)",
+        "-p", "--port", type=int, action="append", dest="ports",
+        help=f"use the server on {HOST}:PORT (default: start one with -n {WORKERS} and stop it after); "
+        "--throughput takes several, measured in turn",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--throughput", action="store_true",
+        help=f"measure requests per second instead: {THROUGHPUT_RUNS} runs of {THROUGHPUT_REQUESTS:,} requests "
+        f"of {THROUGHPUT_LINES} lines, {CONCURRENCY} at a time",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.ports and len(args.ports) > 1 and not args.throughput:
+        parser.error("several -p only with --throughput")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    clients = [LoadClient(number) for number in range(CLIENTS)]
     try:
-        with contextlib.ExitStack() as stack:
-            port = args.port or stack.enter_context(ServerProcess(workers=WORKERS)).port
-            started = time.monotonic()
-            run_clients(clients, port, LOAD_TIMEOUT_S)
-            seconds = time.monotonic() - started
-    except (RuntimeError, OSError) as error:  # cannot connect, or the server would not start or stop cleanly
+        with server_ports(args.ports) as ports:
+            return throughput_runs(ports) if args.throughput else load_run(ports[0])
+    except (RuntimeError, OSError, AssertionError) as error:  # cannot connect; the server did not start or stop
         print(f"load: {error}", file=sys.stderr)
         return 1
-    return report(clients, seconds)
 
 
 if __name__ == "__main__":
