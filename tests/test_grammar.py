@@ -1,22 +1,28 @@
 """The specification of the arithmetic language, as tests of grammar.py.
 
 Read top to bottom: the original project's examples, Python's precedence and semantics,
-the exact error texts, the limits and how fast they answer, and then three properties
-checked by Hypothesis on generated lines:
+the exact error texts, the limits, and then four properties checked by Hypothesis on
+generated lines:
 
 - the fast path (``flat_tokens`` + ``evaluate_flat``) gives exactly what the pyparsing
   path (``evaluate_expression``) gives, errors included;
 - random expression trees, rendered to text with the fewest parentheses Python needs
   (plus some redundant ones), give what a small reference evaluator in this file
   computes by walking the tree with Python's operators;
+- those lines, and those lines with faults dropped in, give exactly what the grammar
+  gave before it was optimised (tests/grammar_oracle.py): values, error texts, columns,
+  and which of several faults is reported;
 - no text at all makes ``evaluate_line`` raise or answer with more than one line.
+
+How fast the lines of each kind answer is measured by ``make bench``, not here.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import time
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -26,6 +32,7 @@ from hypothesis import strategies as st
 
 import grammar
 from grammar import evaluate_line
+from tests import grammar_oracle
 
 DIVISION_BY_ZERO = "error: division by zero"
 TOO_MANY_DIGITS = "error: number too large (over 4300 digits)"
@@ -33,20 +40,20 @@ FLOAT_TOO_LARGE = "error: number too large for a float"
 COMPLEX_RESULT = "error: complex result"
 TOO_DEEPLY_NESTED = "error: too deeply nested"
 
-# A bound that a few-millisecond answer meets even on a loaded 2-core machine, and that
-# any computation of a 4300+ digit number, or any quadratic blow-up, does not.
-QUICK_ANSWER_S = 0.2
-# A full 10,000-byte line through pyparsing takes ~0.13-0.18 s (measured); this bound
-# only catches a change of complexity, not a constant factor.
-FULL_LINE_PARSE_S = 1.0
 
-
-def timed(line: str) -> tuple[str, float]:
-    """evaluate_line(line) and the seconds that one call took."""
-    evaluate_line("(1) + 1")  # the first call may pay one-time costs; not the line's
-    start = time.perf_counter()
-    result = evaluate_line(line)
-    return result, time.perf_counter() - start
+@pytest.fixture(autouse=True, scope="module")
+def worker_interpreter_limits() -> Iterator[None]:
+    """The limits a worker process sets before it evaluates (worker.py), so that the
+    nesting and digit tests here mean what a worker does."""
+    recursion_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(grammar.RECURSION_LIMIT)
+    if hasattr(sys, "set_int_max_str_digits"):  # Python 3.11+, 3.10.7+, 3.9.14+
+        digits_limit = sys.get_int_max_str_digits()
+        sys.set_int_max_str_digits(grammar.MAX_INT_DIGITS)
+    yield
+    sys.setrecursionlimit(recursion_limit)
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(digits_limit)
 
 
 def is_one_line(text: str) -> bool:
@@ -145,7 +152,7 @@ ERRORS = [
     pytest.param("1" * 12000, "error: line too long (12000 bytes, limit 10000)", id="line-too-long"),
     pytest.param("٣" * 5001, "error: line too long (10002 bytes, limit 10000)", id="limit-counts-utf8-bytes"),
     pytest.param("(" * 4999 + "1" + ")" * 4999, TOO_DEEPLY_NESTED, id="deep-parentheses"),
-    pytest.param("-" * 9999 + "1", TOO_DEEPLY_NESTED, id="deep-signs"),
+    pytest.param("(" * 9999 + "1", TOO_DEEPLY_NESTED, id="deep-unclosed-parentheses"),
 ]
 
 
@@ -234,33 +241,20 @@ def test_evaluation_works_after_a_too_deeply_nested_line() -> None:
     assert evaluate_line("(" * 100 + "1 + 1" + ")" * 100) == "2"
 
 
-PATHOLOGICAL = [
-    pytest.param("2 ** 99999999999", TOO_MANY_DIGITS, QUICK_ANSWER_S, id="huge-power"),
-    pytest.param("9 ** 9 ** 9", TOO_MANY_DIGITS, QUICK_ANSWER_S, id="tower-of-powers"),
-    pytest.param("1 ** 99999999999999", "1", QUICK_ANSWER_S, id="one-to-a-huge-power"),
-    pytest.param("(-1) ** 99999999999999", "-1", QUICK_ANSWER_S, id="minus-one-to-a-huge-power"),
-    pytest.param("1" * 12000, "error: line too long (12000 bytes, limit 10000)", QUICK_ANSWER_S, id="12000-bytes"),
-    pytest.param(
-        "(" * 10000 + "1" + ")" * 10000,
-        "error: line too long (20001 bytes, limit 10000)",
-        QUICK_ANSWER_S,
-        id="10000-parentheses",
-    ),
-    pytest.param("(" * 4999 + "1" + ")" * 4999, TOO_DEEPLY_NESTED, QUICK_ANSWER_S, id="4999-parentheses"),
-    pytest.param("(" * 9999 + "1", TOO_DEEPLY_NESTED, QUICK_ANSWER_S, id="9999-unclosed-parentheses"),
-    pytest.param("-" * 9999 + "1", TOO_DEEPLY_NESTED, QUICK_ANSWER_S, id="9999-signs"),
-    pytest.param("9" * 4300 + " * 9" * 1000, TOO_MANY_DIGITS, QUICK_ANSWER_S, id="long-product-of-big-int"),
-    pytest.param("1+" * 1999 + "1", "2000", QUICK_ANSWER_S, id="longest-flat-fast-path-line"),
-    pytest.param("1+" * 4999 + "1", "5000", FULL_LINE_PARSE_S, id="10000-byte-flat-line"),
-    pytest.param("(1)+" * 2499 + "1", "2500", FULL_LINE_PARSE_S, id="10000-byte-line"),
+LONG_LINES = [
+    pytest.param("9" * 4300 + " * 9" * 1000, TOO_MANY_DIGITS, id="long-product-of-big-int"),
+    pytest.param("1+" * 1999 + "1", "2000", id="longest-flat-fast-path-line"),
+    pytest.param("1+" * 4999 + "1", "5000", id="10000-byte-flat-line"),
+    pytest.param("(1)+" * 2499 + "1", "2500", id="10000-byte-line"),
+    pytest.param("-" * 9999 + "1", "-1", id="9999-signs-are-no-nesting"),
+    pytest.param("1 ** -" * 1666 + "1", "1.0", id="1666-powers-with-signs"),
+    pytest.param("(" * 10000 + "1" + ")" * 10000, "error: line too long (20001 bytes, limit 10000)", id="20001-bytes"),
 ]
 
 
-@pytest.mark.parametrize(("line", "expected", "bound_s"), PATHOLOGICAL)
-def test_pathological_line_answers_within_its_time_bound(line: str, expected: str, bound_s: float) -> None:
-    result, seconds = timed(line)
-    assert result == expected
-    assert seconds < bound_s, f"took {seconds:.3f} s"
+@pytest.mark.parametrize(("line", "expected"), LONG_LINES)
+def test_long_line_gives_its_result(line: str, expected: str) -> None:
+    assert evaluate_line(line) == expected
 
 
 # --- The fast path: what it accepts. -----------------------------------------------------
@@ -335,7 +329,7 @@ def flat_lines(draw: st.DrawFn) -> str:
     return "".join(draw(FLAT_SPACES) + token for token in tokens) + draw(FLAT_SPACES)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(flat_lines())
 @example("1 / 0")
 @example("7 / 2 * 0 / 0 - 1")
@@ -524,7 +518,7 @@ EXPRESSIONS = st.recursive(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(EXPRESSIONS, SPACES, SPACES)
 @example(Expression(Binary("**", Signed("-", Literal("8")), Literal("0.5")), "(-8)**0.5", POWER), "", "")
 @example(Expression(Binary("%", Literal("7"), Signed("-", Literal("3"))), "7 % -3", PRODUCT), " ", "\t")
@@ -548,6 +542,41 @@ def test_reference_evaluator_agrees_with_the_specified_examples() -> None:
     assert reference_result(Signed("-", Literal("0.0"))) == "-0.0"
 
 
+# --- Property: the grammar gives what it gave before it was optimised. -------------
+
+# Faults to drop into a valid line: syntax errors, a literal too long, and operations
+# that fail when evaluated, so that one line often has several faults.
+FAULTS = st.sampled_from(["(", ")", "((", "^", ".", "5.", "**", "* *", "-", "/ 0", "% 0.0", "1" * 4301, "٣", "\t", ""])
+
+
+@st.composite
+def faulty_lines(draw: st.DrawFn) -> str:
+    """A generated expression with one to three faults put in, each replacing 0-2 characters."""
+    line = draw(EXPRESSIONS).text
+    for _ in range(draw(st.integers(1, 3))):
+        position = draw(st.integers(0, len(line)))
+        line = line[:position] + draw(FAULTS) + line[position + draw(st.integers(0, 2)) :]
+    return line
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(EXPRESSIONS.map(lambda expression: expression.text), faulty_lines()))
+@example("(1 / 0) ^ 2")  # a syntax error anywhere comes before any evaluation error
+@example("1 / 0 + " + "1" * 4301)  # a literal too long is found while parsing
+@example("(1 + " + "1" * 4301 + " ^")
+@example("(-8) ** 0.5 + (1 / 0)")  # operands are computed left to right
+@example("2 ** -(1 / 0) ** (-8) ** 0.5")
+@example("( 1 + ( 2 \t")
+def test_grammar_gives_what_it_gave_before_optimisation(line: str) -> None:
+    assert evaluate_line(line) == grammar_oracle.evaluate_line(line)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(GRAMMAR_CHARACTERS, max_size=40))
+def test_any_line_of_the_grammar_characters_gives_what_it_gave_before_optimisation(line: str) -> None:
+    assert evaluate_line(line) == grammar_oracle.evaluate_line(line)
+
+
 # --- Property: no text makes evaluate_line raise or break the reply's lines. ---------
 
 LONG_TEXTS = st.builds(operator.mul, st.text(min_size=1, max_size=8), st.integers(0, 3000))
@@ -555,17 +584,15 @@ LONG_TEXTS = st.builds(operator.mul, st.text(min_size=1, max_size=8), st.integer
 
 @settings(max_examples=1000, deadline=None)
 @given(st.one_of(st.text(), st.text(GRAMMAR_CHARACTERS)))
-def test_any_text_gives_one_line_of_result(line: str) -> None:
+def test_any_text_gives_one_line_of_utf8_result(line: str) -> None:
     result = evaluate_line(line)
-    assert isinstance(result, str)
     assert is_one_line(result), repr(result)
-    result.encode("utf-8")  # the reply is UTF-8
+    result.encode("utf-8")
 
 
 @settings(max_examples=100, deadline=None)
 @given(LONG_TEXTS)
-def test_any_long_text_gives_one_line_of_result(line: str) -> None:
+def test_any_long_text_gives_one_line_of_utf8_result(line: str) -> None:
     result = evaluate_line(line)
-    assert isinstance(result, str)
     assert is_one_line(result), repr(result)
     result.encode("utf-8")
