@@ -1,65 +1,75 @@
 """Benchmark bluserver: evaluation speed, end-to-end speed, latency and memory, in one table.
 
-Run ``make bench``, or ``.venv/bin/python bench.py [--repeats N] [--quick]``.  It prints one
-table of times and ratios, each ratio marked against its target.  Standard library and the
-repository's modules only; servers run as subprocesses on 127.0.0.1 and an ephemeral port.
+Run ``make bench`` (``python -m tools.bench [--repeats N] [--quick]``).  It prints one table
+of times and ratios, each ratio marked against its target.  Servers are started the one way
+the tests start them (``conftest.ServerProcess``) on 127.0.0.1 and an ephemeral port.
 
-Every measurement uses the same deterministic, seed-like input: 300,000 lines of 2-10
-integers 1-99 joined by ``+ - * /`` with single spaces, plus the seed's hostile lines.
+Two deterministic workloads.  The flat one is seed-like: 300,000 lines of 2-10 integers
+1-99 joined by ``+ - * /`` with single spaces, plus the seed's hostile lines.  The full
+one is 100,000 lines of the whole language, mostly outside the flat form: unary signs,
+parentheses, decimals, ``// % **``.
 
-1. yardstick    a plain one-process evaluator written here (one regular expression,
-                ``re.split``, ``int``, a left-to-right fold): the speed to beat;
-2. evaluator    the project's own evaluator in this process, exactly what a worker does:
-                ``worker.evaluate_block`` over ``worker.line_blocks``;
-3. end to end   one request through a real server with the wire protocol, ``-n 1`` and
-                ``-n 2``; each reply must equal the evaluator's result;
-4. one line     round trips of a one-line request to the ``-n 2`` server: median and p99;
-5. 100 MB       the input repeated to ~100 MB as one request to the ``-n 2`` server: its
+1. yardstick    a plain one-process evaluator of the flat form written here (one regular
+                expression, ``re.split``, ``int``, a left-to-right fold): the speed to beat;
+2. evaluator    ``grammar.evaluate_line`` on every line, in this process;
+3. end to end   one request through a real server, ``-n 1`` and ``-n 2``; each reply must
+                equal the evaluator's result;
+4. one line     round trips of a one-line request to a ``-n 2`` server: median and p99, and
+                the median with the interpreter's default start method forced to fork,
+                forkserver and spawn;
+5. 100 MB       the flat input repeated to ~100 MB as one request to the ``-n 2`` server: its
                 time, and the peak RSS of the largest server process and of the whole
-                server (every process in its session), sampled from /proc.
+                server (every process in its session), sampled from /proc;
+6. full         the full workload: evaluator and simpleeval (what users pick instead) in
+                µs per line, and end to end at ``-n 1`` and ``-n 2``;
+7. grammar      new / old: grammar.py against the grammar before its optimisation
+                (tests/grammar_oracle.py), each non-flat line timed with both in turn, the
+                median ratio; and a 10,000-byte non-flat line.
 
-Times 1, 2, 3 and 5 are medians of --repeats runs taken in turn, so that a noisy neighbour
-slows them alike; the peak RSS comes from one more 100 MB request of its own, since sampling
-costs CPU.  load.py reuses ``seed_like_lines`` and ``ServerProcess`` from here.
+Times 1, 2, 3, 5 and 6 are medians of --repeats runs taken in turn, so that a noisy
+neighbour slows them alike; the peak RSS comes from one more 100 MB request of its own,
+since sampling costs CPU.  load.py reuses ``seed_like_lines`` and ``to_payload`` from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import platform
 import random
 import re
-import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import TypeVar, Union
 
+from simpleeval import SimpleEval
+
 import client
-import worker
+import grammar
+from conftest import ServerProcess
+from tests import grammar_oracle
 
 Number = Union[int, float]
 Result = TypeVar("Result")
 
-ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-BANNER = re.compile(r"serving on \S+:(\d+)")
 SEED = 1982
 HOSTILE_LINES = ("import sys;sys.exit()", "import time;time.sleep(3600)", "1/0")
 OPERANDS = [str(number) for number in range(1, 100)]
 OPERATORS = "+-*/"
 MIN_OPERANDS, MAX_OPERANDS = 2, 10
+FULL_OPERATORS = ["+", "-", "*", "/", "//", "%", "**"]
+FULL_NESTING = 2  # levels of parentheses in the full workload
+LONG_LINE = "(1)+" * 2499 + "1"  # 9,997 bytes outside the flat form
+START_METHODS = ("fork", "forkserver", "spawn")
 REQUEST_TIMEOUT_S = 300.0
-EXIT_TIMEOUT_S = 60.0
 RSS_SAMPLE_INTERVAL_S = 0.02
 MB = 1_000_000
 
@@ -69,13 +79,15 @@ class Plan:
     """How much to measure: the full run, or the --quick smoke run."""
 
     lines: int
+    full_lines: int
+    ratio_lines: int  # non-flat lines timed with the new and the old grammar
     repeats: int
     round_trips: int
     big_request_bytes: int
 
 
-FULL_PLAN = Plan(lines=300_000, repeats=5, round_trips=300, big_request_bytes=100 * MB)
-QUICK_PLAN = Plan(lines=30_000, repeats=1, round_trips=50, big_request_bytes=10 * MB)
+FULL_PLAN = Plan(300_000, 100_000, 2_000, repeats=5, round_trips=300, big_request_bytes=100 * MB)
+QUICK_PLAN = Plan(30_000, 10_000, 300, repeats=1, round_trips=50, big_request_bytes=10 * MB)
 
 
 # --- The input. -------------------------------------------------------------------------
@@ -92,6 +104,30 @@ def seed_like_lines(count: int, seed: int) -> list[str]:
     for number, line in enumerate(HOSTILE_LINES, 1):
         lines.insert(number * len(lines) // (len(HOSTILE_LINES) + 1), line)
     return lines
+
+
+def full_language_lines(count: int, seed: int) -> list[str]:
+    """count lines of 1-4 operands joined by any operator; an operand may carry a sign, be
+    a decimal or be parenthesised (up to FULL_NESTING levels); most are not flat."""
+    rng = random.Random(seed)
+    return [full_expression(rng, FULL_NESTING) for _ in range(count)]
+
+
+def full_expression(rng: random.Random, nesting: int) -> str:
+    parts = [full_operand(rng, nesting)]
+    for _ in range(rng.randint(0, 3)):
+        parts += [rng.choice(FULL_OPERATORS), full_operand(rng, nesting)]
+    return " ".join(parts)
+
+
+def full_operand(rng: random.Random, nesting: int) -> str:
+    sign = rng.choice(["-", "+", "- "]) if rng.random() < 0.2 else ""
+    kind = rng.random()
+    if nesting and kind < 0.25:
+        return f"{sign}({full_expression(rng, nesting - 1)})"
+    if kind < 0.45:
+        return f"{sign}{rng.randint(0, 99)}.{rng.randint(0, 99)}"
+    return f"{sign}{rng.randint(1, 99)}"
 
 
 def to_payload(lines: Sequence[str]) -> bytes:
@@ -145,60 +181,49 @@ def check_yardstick(payload: bytes, expected: bytes) -> None:
         raise RuntimeError(f"the yardstick and the project's evaluator disagree on {disagreements} lines")
 
 
-# --- 2. The project's evaluator, as a worker runs it. ----------------------------------
+# --- 2 and 6. Evaluators in this process. --------------------------------------------
 
 
 def evaluate_in_process(payload: bytes) -> bytes:
     """What the workers of a request compute together, computed here in one process."""
-    return b"".join(worker.evaluate_block(block) for block in worker.line_blocks(payload))
+    lines = payload.decode("utf-8").split("\n")[:-1]  # the payload ends with a newline
+    return "".join(grammar.evaluate_line(line) + "\n" for line in lines).encode("utf-8")
+
+
+def simpleeval_in_process(payload: bytes) -> bytes:
+    """The same with simpleeval, what users pick for safe arithmetic: the result or an error."""
+    evaluator = SimpleEval()
+    results = []
+    for line in payload.decode("utf-8").split("\n")[:-1]:
+        try:
+            results.append(str(evaluator.eval(line)))
+        except Exception as error:  # simpleeval raises many kinds; each is an error line here
+            results.append(f"error: {error}")
+    return "".join(result + "\n" for result in results).encode("utf-8")
+
+
+def new_to_old_ratios(lines: Sequence[str]) -> list[float]:
+    """For each line, seconds with grammar.py / seconds with the old grammar, both timed
+    in turn (best of three) so that a noisy neighbour slows them alike."""
+    ratios = []
+    for line in lines:
+        new_s = min(timed(grammar.evaluate_line, line)[0] for _ in range(3))
+        old_s = min(timed(grammar_oracle.evaluate_line, line)[0] for _ in range(3))
+        ratios.append(new_s / old_s)
+    return ratios
 
 
 # --- 3-5. A real server, and what its processes hold. ------------------------------------
 
 
-class ServerProcess:
-    """``python bluserver.py -a 127.0.0.1 -p 0 -n WORKERS`` in a session of its own.
-
-    A context manager: leaving it stops the server with SIGTERM and raises RuntimeError
-    unless it exits 0.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.command = [sys.executable, "bluserver.py", "-a", HOST, "-p", "0", "-n", str(workers)]
-        self.process = subprocess.Popen(
-            self.command, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
-        )
-        assert self.process.stdout is not None
-        banner = self.process.stdout.readline()
-        match = BANNER.search(banner)
-        if not match:
-            self.process.kill()
-            self.process.wait()
-            raise RuntimeError(f"server did not start: {' '.join(self.command)} printed {banner!r}")
-        self.port = int(match.group(1))
-
-    def request(self, payload: bytes) -> bytearray:
-        """Send payload as one request with the wire protocol; return the reply."""
-        return client.request(payload, HOST, self.port, REQUEST_TIMEOUT_S, progress=False)
-
-    def stop(self) -> None:
-        """SIGTERM, wait; raise RuntimeError unless the server exits 0."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.communicate(timeout=EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
-        if self.process.returncode != 0:
-            raise RuntimeError(f"server (port {self.port}) exited with status {self.process.returncode}")
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+@contextlib.contextmanager
+def running_server(workers: int, start_method: str | None = None) -> Iterator[ServerProcess]:
+    """``python bluserver.py -a 127.0.0.1 -p 0 -n WORKERS``, stopped (and checked) on leaving."""
+    server = ServerProcess(["-n", str(workers)], start_method=start_method)
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
 
 def session_rss_kib(session_id: int) -> list[int]:
@@ -264,30 +289,13 @@ def timed_request(what: str, server: ServerProcess, payload: bytes, expected: by
 
     Raises RuntimeError if the reply has the wrong number of lines or differs from expected.
     """
-    seconds, reply = timed(server.request, payload)
+    seconds, reply = timed(client.request, payload, HOST, server.port, REQUEST_TIMEOUT_S, False)
     lines, reply_lines = client.count_lines(payload), client.count_lines(reply)
     if reply_lines != lines:
         raise RuntimeError(f"{what}: the reply has {reply_lines} lines for {lines} input lines")
     if reply != expected:
         raise RuntimeError(f"{what}: the reply differs from the in-process result")
     return seconds
-
-
-@dataclass
-class Results:
-    """Every measurement, in seconds and bytes."""
-
-    payload_bytes: int
-    yardstick_s: float
-    evaluator_s: float
-    one_worker_s: float
-    two_workers_s: float
-    round_trip_median_s: float
-    round_trip_p99_s: float
-    big_payload_bytes: int
-    big_s: float
-    big_peak_process_bytes: int
-    big_peak_session_bytes: int
 
 
 def interleaved_medians(contestants: Sequence[Callable[[], float]], repeats: int) -> list[float]:
@@ -297,10 +305,9 @@ def interleaved_medians(contestants: Sequence[Callable[[], float]], repeats: int
     return [statistics.median(column) for column in zip(*runs)]
 
 
-def measure_round_trips(server: ServerProcess, round_trips: int) -> tuple[float, float]:
-    """Median and 99th percentile seconds of a one-line request."""
-    times = [timed_request("one-line request", server, b"1 + 2 * 3\n", b"7\n") for _ in range(round_trips)]
-    return statistics.median(times), statistics.quantiles(times, n=100, method="inclusive")[98]
+def round_trips(server: ServerProcess, count: int) -> list[float]:
+    """Seconds of each of count one-line requests."""
+    return [timed_request("one-line request", server, b"1 + 2 * 3\n", b"7\n") for _ in range(count)]
 
 
 def measure_peak_rss(server: ServerProcess, payload: bytes, expected: bytes) -> tuple[int, int]:
@@ -311,35 +318,41 @@ def measure_peak_rss(server: ServerProcess, payload: bytes, expected: bytes) -> 
     return peaks[0], peaks[1]
 
 
-def run_benchmark(payload: bytes, plan: Plan) -> Results:
-    expected = evaluate_in_process(payload)
-    check_yardstick(payload, expected)
-    copies = max(1, round(plan.big_request_bytes / len(payload)))
-    big_payload, big_expected = payload * copies, expected * copies
-    with ServerProcess(workers=1) as one_worker, ServerProcess(workers=2) as two_workers:
-        big_peak_process_bytes, big_peak_session_bytes = measure_peak_rss(two_workers, big_payload, big_expected)
-        contestants = [
-            lambda: timed(yardstick, payload)[0],
-            lambda: timed(evaluate_in_process, payload)[0],
-            lambda: timed_request("-n 1", one_worker, payload, expected),
-            lambda: timed_request("-n 2", two_workers, payload, expected),
-            lambda: timed_request("big request", two_workers, big_payload, big_expected),
-        ]
-        yardstick_s, evaluator_s, one_worker_s, two_workers_s, big_s = interleaved_medians(contestants, plan.repeats)
-        round_trip_median_s, round_trip_p99_s = measure_round_trips(two_workers, plan.round_trips)
-    return Results(
-        payload_bytes=len(payload),
-        yardstick_s=yardstick_s,
-        evaluator_s=evaluator_s,
-        one_worker_s=one_worker_s,
-        two_workers_s=two_workers_s,
-        round_trip_median_s=round_trip_median_s,
-        round_trip_p99_s=round_trip_p99_s,
-        big_payload_bytes=len(big_payload),
-        big_s=big_s,
-        big_peak_process_bytes=big_peak_process_bytes,
-        big_peak_session_bytes=big_peak_session_bytes,
-    )
+def run_benchmark(plan: Plan) -> dict[str, float]:
+    """Every measurement by name, in seconds, bytes and ratios."""
+    flat = to_payload(seed_like_lines(plan.lines, SEED))
+    full_lines = full_language_lines(plan.full_lines, SEED)
+    full = to_payload(full_lines)
+    flat_expected, full_expected = evaluate_in_process(flat), evaluate_in_process(full)
+    check_yardstick(flat, flat_expected)
+    copies = max(1, round(plan.big_request_bytes / len(flat)))
+    big, big_expected = flat * copies, flat_expected * copies
+    results = {"flat_bytes": len(flat), "big_bytes": len(big), "full_lines": len(full_lines)}
+    with running_server(1) as one_worker, running_server(2) as two_workers:
+        results["big_peak_process"], results["big_peak_session"] = measure_peak_rss(two_workers, big, big_expected)
+        contestants = {
+            "yardstick": lambda: timed(yardstick, flat)[0],
+            "evaluator": lambda: timed(evaluate_in_process, flat)[0],
+            "one_worker": lambda: timed_request("-n 1", one_worker, flat, flat_expected),
+            "two_workers": lambda: timed_request("-n 2", two_workers, flat, flat_expected),
+            "big": lambda: timed_request("big request", two_workers, big, big_expected),
+            "full_evaluator": lambda: timed(evaluate_in_process, full)[0],
+            "full_simpleeval": lambda: timed(simpleeval_in_process, full)[0],
+            "full_one_worker": lambda: timed_request("full, -n 1", one_worker, full, full_expected),
+            "full_two_workers": lambda: timed_request("full, -n 2", two_workers, full, full_expected),
+        }
+        results.update(zip(contestants, interleaved_medians(list(contestants.values()), plan.repeats)))
+        trips = round_trips(two_workers, plan.round_trips)
+    results["trip_median"] = statistics.median(trips)
+    results["trip_p99"] = statistics.quantiles(trips, n=100, method="inclusive")[98]
+    for method in START_METHODS:
+        with running_server(2, start_method=method) as server:
+            results[f"trip_{method}"] = statistics.median(round_trips(server, plan.round_trips))
+    not_flat = [line for line in full_lines if grammar.flat_tokens(line) is None][: plan.ratio_lines]
+    results["new_to_old"] = statistics.median(new_to_old_ratios(not_flat))
+    results["long_line_new"] = statistics.median(timed(grammar.evaluate_line, LONG_LINE)[0] for _ in range(5))
+    results["long_line_old"] = statistics.median(timed(grammar_oracle.evaluate_line, LONG_LINE)[0] for _ in range(5))
+    return results
 
 
 # --- The table. ------------------------------------------------------------------------
@@ -362,29 +375,46 @@ def target_row(
     return [label, f"{value:.2f}{unit}", target, verdict]
 
 
-def table_rows(results: Results, plan: Plan) -> list[list[str]]:
-    r = results
-    big = f"{r.big_payload_bytes / MB:.0f} MB"
-    trips = plan.round_trips
+def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
+    big, trips, full = f"{r['big_bytes'] / MB:.0f} MB", plan.round_trips, r["full_lines"]
+    long_line_ms = r["long_line_new"] * 1000
     return [
         ["measurement", "value", "target", "verdict"],
-        ["1. yardstick, one process", f"{r.yardstick_s:.3f} s", "", ""],
-        ["2. project evaluator, one process", f"{r.evaluator_s:.3f} s", "", ""],
-        ["3. end to end, -n 1", f"{r.one_worker_s:.3f} s", "", ""],
-        ["3. end to end, -n 2", f"{r.two_workers_s:.3f} s", "", ""],
-        target_row(f"4. 1-line round trip, -n 2, median of {trips}", r.round_trip_median_s * 1000, 6, unit=" ms"),
-        [f"4. 1-line round trip, -n 2, p99 of {trips}", f"{r.round_trip_p99_s * 1000:.2f} ms", "", ""],
-        [f"5. {big} request, -n 2", f"{r.big_s:.3f} s", "", ""],
-        [f"5. {big} request: peak RSS, largest server process", f"{r.big_peak_process_bytes / MB:.0f} MB", "", ""],
-        [f"5. {big} request: peak RSS, whole server session", f"{r.big_peak_session_bytes / MB:.0f} MB", "", ""],
-        target_row("e2e -n 2 / yardstick", r.two_workers_s / r.yardstick_s, 0.65, stretch=0.5),
-        target_row("(-n 1) / (-n 2)", r.one_worker_s / r.two_workers_s, 1.6, at_least=True),
-        target_row("project evaluator / yardstick", r.evaluator_s / r.yardstick_s, 1.0),
-        target_row(f"{big}: peak process RSS / request size", r.big_peak_process_bytes / r.big_payload_bytes, 3),
+        ["1. yardstick, one process", f"{r['yardstick']:.3f} s", "", ""],
+        ["2. project evaluator, one process", f"{r['evaluator']:.3f} s", "", ""],
+        ["3. end to end, -n 1", f"{r['one_worker']:.3f} s", "", ""],
+        ["3. end to end, -n 2", f"{r['two_workers']:.3f} s", "", ""],
+        target_row(f"4. 1-line round trip, -n 2, median of {trips}", r["trip_median"] * 1000, 6, unit=" ms"),
+        [f"4. 1-line round trip, -n 2, p99 of {trips}", f"{r['trip_p99'] * 1000:.2f} ms", "", ""],
+        *(
+            target_row(f"4. 1-line round trip, start method {method}", r[f"trip_{method}"] * 1000, 6, unit=" ms")
+            for method in START_METHODS
+        ),
+        [f"5. {big} request, -n 2", f"{r['big']:.3f} s", "", ""],
+        [f"5. {big} request: peak RSS, largest server process", f"{r['big_peak_process'] / MB:.0f} MB", "", ""],
+        [f"5. {big} request: peak RSS, whole server session", f"{r['big_peak_session'] / MB:.0f} MB", "", ""],
+        [f"6. full language, evaluator, µs per line of {full:,}", f"{r['full_evaluator'] / full * 1e6:.1f}", "", ""],
+        [f"6. full language, simpleeval, µs per line of {full:,}", f"{r['full_simpleeval'] / full * 1e6:.1f}", "", ""],
+        ["6. full language, end to end, -n 1", f"{r['full_one_worker']:.3f} s", "", ""],
+        ["6. full language, end to end, -n 2", f"{r['full_two_workers']:.3f} s", "", ""],
+        ["7. 10,000-byte line, old grammar", f"{r['long_line_old'] * 1000:.0f} ms", "", ""],
+        [
+            "7. 10,000-byte line",
+            f"{long_line_ms:.0f} ms",
+            "stretch <= 50 ms",
+            "met" if long_line_ms <= 50 else "missed",
+        ],
+        target_row("e2e -n 2 / yardstick", r["two_workers"] / r["yardstick"], 0.65, stretch=0.5),
+        target_row("(-n 1) / (-n 2)", r["one_worker"] / r["two_workers"], 1.6, at_least=True),
+        target_row("project evaluator / yardstick", r["evaluator"] / r["yardstick"], 1.0),
+        target_row(f"{big}: peak process RSS / request size", r["big_peak_process"] / r["big_bytes"], 3),
         target_row(
-            f"time per byte, {big} / {r.payload_bytes / MB:.1f} MB",
-            (r.big_s / r.big_payload_bytes) / (r.two_workers_s / r.payload_bytes),
+            f"time per byte, {big} / {r['flat_bytes'] / MB:.1f} MB",
+            (r["big"] / r["big_bytes"]) / (r["two_workers"] / r["flat_bytes"]),
             1.3,
+        ),
+        target_row(
+            f"grammar new / old, median of {plan.ratio_lines:,} non-flat lines", r["new_to_old"], 0.5, stretch=0.25
         ),
     ]
 
@@ -400,7 +430,8 @@ def print_table(rows: list[list[str]]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench.py", description="Measure bluserver's evaluation and end-to-end speed, latency and memory."
+        prog="python -m tools.bench",
+        description="Measure bluserver's evaluation and end-to-end speed, latency and memory.",
     )
     parser.add_argument(
         "--repeats", type=int, metavar="N",
@@ -408,8 +439,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true",
-        help=f"smoke run: {QUICK_PLAN.lines:,} lines, a {QUICK_PLAN.big_request_bytes // MB} MB big request "
-        "(the targets are meant for the full run)",
+        help=f"smoke run: {QUICK_PLAN.lines:,} + {QUICK_PLAN.full_lines:,} lines, a "
+        f"{QUICK_PLAN.big_request_bytes // MB} MB big request (the targets are meant for the full run)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -421,16 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     if args.repeats:
-        plan = Plan(plan.lines, args.repeats, plan.round_trips, plan.big_request_bytes)
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+        plan = dataclasses.replace(plan, repeats=args.repeats)
+    print(" ".join(["command: python -m tools.bench", *sys.argv[1:]]))
     print(f"python {platform.python_version()} ({platform.python_implementation()}), {os.cpu_count()} CPUs")
-    lines = seed_like_lines(plan.lines, SEED)
-    payload = to_payload(lines)
-    print(f"input: {len(lines):,} lines, {len(payload) / MB:.1f} MB; runs per timing: {plan.repeats} (median shown)")
-    print(f"servers: {sys.executable} bluserver.py -a {HOST} -p 0 -n N (N = 1, 2)")
+    print(f"input: {plan.lines:,} flat and {plan.full_lines:,} full-language lines; {plan.repeats} runs per timing")
+    print(f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2), -n 2 under {', '.join(START_METHODS)}")
     try:
-        results = run_benchmark(payload, plan)
-    except (RuntimeError, OSError) as error:
+        results = run_benchmark(plan)
+    except (RuntimeError, OSError, AssertionError) as error:  # AssertionError: a server did not start or stop cleanly
         print(f"bench: {error}", file=sys.stderr)
         return 1
     print_table(table_rows(results, plan))
