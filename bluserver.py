@@ -1,30 +1,25 @@
 """bluserver: evaluates batches of arithmetic expressions sent over TCP, in worker processes.
 
-Usage: ``python bluserver.py -p 1982 -n 2`` (``--help`` lists every option).
+Usage: ``python bluserver.py -p 1982 -n 2``; ``--help`` lists the options, README.md
+explains the protocol, the limits and the reading order.  One request's path::
 
-One request, start to finish (the wire format is in client.py)::
+    client ──[length, lines]──▶ BluServer                   server process: accepts, and
+                                  │ ForkingMixIn              forks one handler per connection
+                                  ▼
+                RequestHandler.receive_request              handler process: the request's bytes
+                                  │ slice_bounds              ≤ n byte ranges of whole lines
+                                  ▼
+                evaluate_in_workers → Slice.start_worker    one forked Process + Pipe per slice
+                       │                    │
+                 worker.run           worker.run            worker processes: result blocks
+                       │                    │                up the Pipe, b"" when done
+                 Slice.results        Slice.results         spooled to unlinked temporary files
+                       └─────────┬──────────┘
+                                 ▼
+    client ◀──[length, results]── RequestHandler.send_reply  sendfile() from the spools, in order
 
-    client --[length, lines]--> BluServer            accepts; ForkingMixIn forks a
-                                   |                  handler process per connection
-                                   v
-                  RequestHandler.receive_request      reads the length, then the bytes
-                                   |
-                     evaluate_in_workers              slice_bounds() cuts the bytes into
-                          /        \\                  <= n runs of whole lines
-                 SliceJob.start   SliceJob.start      one multiprocessing.Process each,
-                        |            |                the slice sent down its Pipe
-                  worker.run    worker.run            evaluate lines (grammar.py), stream
-                        |            |                result blocks back up the Pipe
-                          \\        /
-                   gathered in slice order            a dead or stuck worker's slice is
-                                   |                  run once more, then marked failed
-                                   v
-    client <--[length, results]-- RequestHandler.handle
-
-Class hierarchy: BluServer(socketserver.ForkingTCPServer), RequestHandler(
-socketserver.BaseRequestHandler).  Options are attributes of the server that the handler
-reads; nothing is global.  The server process never evaluates anything and never holds a
-request; each handler process holds one request and joins every worker it starts.
+The server never evaluates and never holds a request; a handler holds one request and
+joins every worker it starts; a worker holds one slice.
 """
 
 from __future__ import annotations
@@ -34,102 +29,72 @@ import contextlib
 import errno
 import json
 import logging
-import logging.handlers
 import multiprocessing
 import os
 import signal
 import socket
 import socketserver
-import stat
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.process import BaseProcess
+from typing import IO, Any
 
 import worker
-from client import HEADER, count_lines, port_number, recv_exactly, send_frame
+from client import HEADER, SEND_BYTES, Pace, port_number, positive_float, positive_int, recv_exactly, send_frame
 
-DEFAULT_PORT = 1982
-DEFAULT_WORKERS = 2
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_WORKER_TIMEOUT_S = 60.0
-DEFAULT_MAX_CLIENTS = 32
-ATTEMPTS_PER_SLICE = 2  # a slice whose worker dies or hangs is run once more
-REAP_INTERVAL_S = 0.05  # how often the server reaps finished handlers (no zombies linger)
+# Workers are forked from the handler, whatever the interpreter's default start method
+# (Python 3.14 made it forkserver): the handler is itself a fork of a server that has
+# imported everything, so a fork costs ~1 ms where spawn or forkserver cost ~100 ms per
+# request; and the worker can read its slice from the buffer it inherits.
+WORKERS = multiprocessing.get_context("fork")
+ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
+REAP_INTERVAL_S = 0.05  # how often the server reaps finished handlers and checks for a signal
 LINGER_S = 2.0  # how long to drain an oversized request so the client can read the reply
 WORKER_FAILED = b"error: worker failed\n"
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What a client can do to its own connection: go silent or too slow (socket.timeout), or
+# close or reset it (ClosedEarly, from client.py, is a ConnectionError).
+CLIENT_FAILURES = (socket.timeout, ConnectionError)
 
 logger = logging.getLogger("bluserver")
 
 
-# --- Logging: one key=value (or JSON) line per event, carrying the request id. -------
-
-
 class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """``log.info("Request served", lines=3)`` logs one event with its fields and request id."""
-
-    def __init__(self, logger: logging.Logger, request_id: str | None) -> None:
-        super().__init__(logger, {})
-        self.request_id = request_id
+    """``events.info("Request served", lines=3)``: one event, its fields, and the request id."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return msg, {"extra": {"uuid": self.request_id, "fields": kwargs}}
+        return msg, {"extra": {"uuid": (self.extra or {}).get("uuid"), "fields": kwargs}}
 
 
-def event_fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {
-        "uuid": getattr(record, "uuid", None),
-        "pname": record.processName,
-        "pid": record.process,
-        "event": record.getMessage(),
-        **getattr(record, "fields", {}),
-    }
+class EventFormatter(logging.Formatter):
+    """One line per event, key=value pairs in the original's style, or one JSON object."""
 
-
-class KeyValueFormatter(logging.Formatter):
-    """``[bluserver] 2026-11-28 07:44:10,584: INFO uuid='…' pname='handler' pid=43 event='…'``"""
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
-        pairs = " ".join(f"{key}={value!r}" for key, value in event_fields(record).items())
-        return f"[{record.name}] {self.formatTime(record)}: {record.levelname} {pairs}"
+        fields = {
+            "uuid": getattr(record, "uuid", None),
+            "pname": record.processName,
+            "pid": record.process,
+            "event": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if self.as_json:
+            return json.dumps({"time": self.formatTime(record), "level": record.levelname, **fields}, default=str)
+        pairs = " ".join(f"{key}={value!r}" for key, value in fields.items())
+        return f"[bluserver] {self.formatTime(record)}: {record.levelname} {pairs}"
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        head = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
-        return json.dumps({**head, **event_fields(record)}, default=str)
+server_events = EventLog(logger, {})  # the server's own events, outside any request
 
 
-def configure_logging(verbosity: int, log_format: str, syslog_address: str | None) -> None:
-    """Log to stdout (WARNING, -v INFO, -vv DEBUG), and to syslog when asked."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if syslog_address:
-        handlers.append(syslog_handler(syslog_address))
-    formatter = JsonFormatter() if log_format == "json" else KeyValueFormatter()
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
-    logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)])
-
-
-log = EventLog(logger, None)  # the server's own events, outside any request
-
-
-def syslog_handler(address: str) -> logging.Handler:
-    """A handler for HOST:PORT (UDP) or a unix socket path; OSError if the path is no socket."""
-    host, _, port = address.rpartition(":")
-    if port.isdigit():
-        return logging.handlers.SysLogHandler(address=(host, int(port)))
-    # SysLogHandler would accept a missing socket and then fail on every record.
-    if not stat.S_ISSOCK(os.stat(address).st_mode):
-        raise OSError(errno.ENOTSOCK, "not a unix socket", address)
-    return logging.handlers.SysLogHandler(address=address)
-
-
-# --- Evaluating one request in worker processes. --------------------------------------
+# --- The handler's side of the workers. ------------------------------------------------------
 
 
 def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]]:
@@ -142,6 +107,7 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
     for number in range(1, count + 1):
         if start >= size:
             break
+        # From one byte before the nominal cut: a line ending exactly there ends this range.
         newline = payload.find(b"\n", max(start, size * number // count - 1))
         end = size if newline < 0 or number == count else newline + 1
         bounds.append((start, end))
@@ -149,111 +115,153 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
     return bounds
 
 
-class SliceJob:
-    """One slice of a request and the worker process evaluating it."""
+class Slice:
+    """One byte range of whole lines of a request, its worker, and its results so far.
 
-    def __init__(self, payload: bytes | bytearray, bounds: tuple[int, int], name: str, log: EventLog) -> None:
+    Results are spooled to an unlinked temporary file as they arrive: a reply of any size
+    costs the handler one block of memory, and the file vanishes with the process however
+    it ends.  ``start`` moves past the lines answered, so a rerun does only the rest.
+    """
+
+    def __init__(self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, name: str) -> None:
         self.payload = payload
-        self.start_offset, self.end_offset = bounds
-        self.name, self.log = name, log
+        self.bounds = bounds
+        self.start, self.end = bounds
+        self.reply_limit = reply_limit
+        self.reply_budget = reply_limit * (self.end - self.start) // len(payload)  # this slice's share
+        self.name = name
+        self.results: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by evaluate_in_workers)
+        self.lines = self.error_lines = 0  # result lines spooled, and how many are errors
+        self.lines_this_attempt = 0
         self.attempts = 0
-        self.blocks: list[bytes] = []  # result blocks, in order
+        self.process: BaseProcess | None = None
+        self.conn: Connection | None = None  # the reading end of the worker's Pipe
+        self.heard_at = 0.0  # when the worker last sent something (or started)
+        self.done = False
 
-    def start(self, timeout_s: float) -> None:
-        """Start a worker on this slice and send it the slice; raise OSError if it dies at once."""
-        self.attempts += 1
-        self.blocks = []
-        self.finished = False
-        self.conn, worker_conn = multiprocessing.Pipe()
-        self.process = multiprocessing.Process(target=worker.run, args=(worker_conn,), name=self.name)
-        self.process.start()
-        worker_conn.close()  # so that the worker's death shows here as end of file
-        self.deadline = time.monotonic() + timeout_s
-        self.log.info("Worker started", worker=self.name, worker_pid=self.process.pid, attempt=self.attempts)
-        self.conn.send_bytes(self.payload, self.start_offset, self.end_offset - self.start_offset)
+    def start_worker(self, events: EventLog) -> None:
+        """Start a worker on the lines not yet answered; once out of attempts, fail them."""
+        while self.attempts < ATTEMPTS:
+            self.attempts += 1
+            self.conn, child_conn = WORKERS.Pipe(duplex=False)
+            args = (child_conn, self.payload, (self.start, self.end), self.reply_budget, self.reply_limit)
+            self.process = WORKERS.Process(target=worker.run, args=args, name=self.name)
+            try:
+                self.process.start()
+            except OSError as error:  # e.g. EAGAIN: too many processes
+                self.conn.close()
+                self.process = self.conn = None
+                reason = f"cannot start: {error}"
+                events.warning("Worker failed", worker=self.name, reason=reason, attempt=self.attempts)
+                continue
+            finally:
+                child_conn.close()  # so that the worker's death shows here as end of file
+            self.heard_at, self.lines_this_attempt = time.monotonic(), 0
+            events.info("Worker started", worker=self.name, worker_pid=self.process.pid, attempt=self.attempts)
+            return
+        self.fail_the_rest()
 
-    def receive(self) -> None:
-        """Take the worker's next message: a result block, or b"" once the slice is complete.
+    def receive(self, events: EventLog) -> None:
+        """Take every message the worker has sent so far; if it died, rerun what is left."""
+        assert self.conn is not None, "receive() is for a slice whose worker is running"
+        try:
+            while not self.done and self.conn.poll():
+                self.take(self.conn.recv_bytes(), events)
+        except (EOFError, OSError):
+            self.retry("died", events)
 
-        Raises EOFError if the worker died before finishing.
-        """
-        block = self.conn.recv_bytes()
-        if block:
-            self.blocks.append(block)
+    def take(self, block: bytes, events: EventLog) -> None:
+        self.heard_at = time.monotonic()
+        if not block:
+            self.done = True
+            events.info("Worker finished", worker=self.name, lines=self.lines, attempt=self.attempts)
+            return
+        self.results.write(block)
+        lines = block.count(b"\n")
+        self.lines += lines
+        self.lines_this_attempt += lines
+        self.error_lines += block.count(b"error: ")
+        self.reply_budget -= len(block)
+
+    def retry(self, reason: str, events: EventLog) -> None:
+        """Stop the worker and run the lines it has not answered once more, if attempts are left."""
+        self.stop_worker()
+        events.warning("Worker failed", worker=self.name, reason=reason, attempt=self.attempts)
+        for _ in range(self.lines_this_attempt):
+            self.start = self.payload.index(b"\n", self.start) + 1
+        self.start_worker(events)
+
+    def fail_the_rest(self) -> None:
+        """Answer every line not yet answered with an error line."""
+        count = self.payload.count(b"\n", self.start, self.end)
+        if self.start < self.end and self.payload[self.end - 1] != ord("\n"):
+            count += 1  # the request's last line, without a final newline
+        for chunk in range(0, count, 10_000):  # in chunks: the lines may be millions
+            self.results.write(WORKER_FAILED * min(10_000, count - chunk))
+        self.lines += count
+        self.error_lines += count
+        self.done = True
+
+    def stop_worker(self) -> None:
+        """Kill the worker unless it has finished its slice, then reap it."""
+        if self.conn:
+            self.conn.close()
+        if self.process:
+            if not self.done:
+                self.process.kill()
+            self.process.join()
+        self.process = self.conn = None
+
+
+def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float, events: EventLog) -> None:
+    """Wait until a worker sends something or is silent too long, or the client hangs up.
+
+    The client's socket is in `client` until it first becomes readable: a reset raises
+    ConnectionResetError (the evaluation is for nobody); end of file is a half-close
+    after sending, as the original's client does, and the request is served.
+    """
+    running = {slice_.conn: slice_ for slice_ in slices if slice_.conn and not slice_.done}
+    silent_s = time.monotonic() - min(slice_.heard_at for slice_ in running.values())
+    for ready in wait([*running, *client], timeout=max(0.0, worker_timeout_s - silent_s)):
+        if isinstance(ready, socket.socket):
+            ready.recv(1)
+            client.clear()
         else:
-            self.finished = True
-
-    def stop(self) -> None:
-        """Make sure the worker is gone: kill it if it has not finished its slice, then reap it."""
-        self.conn.close()
-        if not self.finished and self.process.is_alive():
-            self.process.kill()
-        self.process.join()
-
-    def give_up(self) -> None:
-        """Answer every line of the slice with an error line."""
-        lines = count_lines(self.payload[self.start_offset : self.end_offset])
-        self.blocks = [WORKER_FAILED * lines]
+            running[ready].receive(events)  # type: ignore[index]
+    for slice_ in running.values():
+        if not slice_.done and time.monotonic() - slice_.heard_at >= worker_timeout_s:
+            slice_.receive(events)  # it may have reported since the wait ended
+            if not slice_.done and time.monotonic() - slice_.heard_at >= worker_timeout_s:
+                slice_.retry("stuck", events)
 
 
 @contextlib.contextmanager
 def evaluate_in_workers(
-    payload: bytes | bytearray, slices: list[tuple[int, int]], worker_timeout_s: float, log: EventLog
-) -> Iterator[list[bytes]]:
-    """Evaluate each slice of payload in its own worker; yield the result blocks in order.
+    payload: bytearray, client: socket.socket, options: argparse.Namespace, events: EventLog
+) -> Iterator[list[Slice]]:
+    """Evaluate payload in up to options.workers workers; yield its slices, results spooled.
 
-    Every worker is joined when the with-block ends: after the reply has gone out, so
-    that reaping them costs the client nothing.
+    Every worker is joined when the with-block ends: after the reply has gone out, so that
+    reaping them costs the client nothing.
     """
-    jobs = [SliceJob(payload, bounds, f"worker-{number}", log) for number, bounds in enumerate(slices, 1)]
-    running: dict[Connection, SliceJob] = {}
-
-    def launch(job: SliceJob) -> None:
-        try:
-            job.start(worker_timeout_s)
-        except OSError:  # the worker died before taking its slice
-            retry_or_give_up(job, "died at start")
-        else:
-            running[job.conn] = job
-
-    def retry_or_give_up(job: SliceJob, reason: str) -> None:
-        running.pop(job.conn, None)
-        job.stop()
-        log.warning("Worker failed", worker=job.name, reason=reason, attempt=job.attempts)
-        if job.attempts < ATTEMPTS_PER_SLICE:
-            launch(job)
-        else:
-            job.give_up()
-
+    slices = [
+        Slice(payload, bounds, options.max_reply_bytes, f"worker-{number}")
+        for number, bounds in enumerate(slice_bounds(payload, options.workers), 1)
+    ]
     try:
-        for job in jobs:
-            launch(job)
-        while running:
-            soonest = min(job.deadline for job in running.values())
-            for conn in wait(list(running), timeout=max(0.0, soonest - time.monotonic())):
-                job = running[conn]  # type: ignore[index]
-                try:
-                    job.receive()
-                    if job.finished:
-                        del running[job.conn]
-                        log.info("Worker finished", worker=job.name, worker_pid=job.process.pid, blocks=len(job.blocks))
-                except (EOFError, OSError):
-                    retry_or_give_up(job, "died")
-            now = time.monotonic()
-            for job in [job for job in running.values() if job.deadline <= now]:
-                retry_or_give_up(job, "timed out")
-        yield [block for job in jobs for block in job.blocks]
+        for slice_ in slices:
+            slice_.start_worker(events)
+        watched_client = [client]
+        while not all(slice_.done for slice_ in slices):
+            await_workers(slices, watched_client, options.worker_timeout_s, events)
+        yield slices
     finally:
-        for job in jobs:
-            job.stop()
+        for slice_ in slices:
+            slice_.stop_worker()
+            slice_.results.close()
 
 
-# --- The handler process: one per connection. ----------------------------------------
-
-
-# What a client can do to its own connection: go silent, or close or reset it
-# (ClosedEarly, from client.py, is a ConnectionError).
-CLIENT_FAILURES = (socket.timeout, ConnectionError)
+# --- The handler process: one per connection. ------------------------------------------------
 
 
 class RequestTooLarge(Exception):
@@ -267,70 +275,94 @@ class RequestHandler(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def setup(self) -> None:
-        # Own process group: a terminal's Ctrl-C reaches only the server, which lets this
-        # request finish; and the server can stop this handler and its workers at once.
+        # Own process group (the server sets it too: whichever runs first): a terminal's
+        # Ctrl-C reaches only the server, which lets this request finish, and the server
+        # can end this handler and its workers with one killpg().
         os.setpgid(0, 0)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
-        self.server.socket.close()  # only the server accepts; closed here it frees the port sooner
+        self.server.socket.close()  # only the server accepts
         multiprocessing.current_process().name = "handler"
-        self.log = EventLog(logger, uuid.uuid4().hex)
-        self.request.settimeout(self.server.client_timeout_s)
+        self.options = self.server.options
+        self.events = EventLog(logger, {"uuid": uuid.uuid4().hex})
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle(self) -> None:
         started = time.monotonic()
-        self.log.info("Incoming connection", peer=self.client_address)
+        self.events.info("Incoming connection", peer=self.client_address)
         try:
             payload = self.receive_request()
         except RequestTooLarge as error:
-            self.log.warning("Request refused", reason=str(error))
+            self.events.warning("Request refused", reason=str(error))
             self.reply_and_linger(f"error: {error}\n".encode())
             return
         except CLIENT_FAILURES as error:
-            self.log.warning("Client failed while sending", reason=str(error) or "timed out")
+            self.events.warning("Client failed while sending", reason=str(error) or "timed out")
             return
-        slices = slice_bounds(payload, self.server.workers)
-        with evaluate_in_workers(payload, slices, self.server.worker_timeout_s, self.log) as results:
-            try:
-                send_frame(self.request, results)
-            except CLIENT_FAILURES as error:
-                self.log.warning("Client failed while receiving", reason=str(error) or "timed out")
-                return
-        if self.log.isEnabledFor(logging.DEBUG):
-            self.log_rejected_lines(payload, results)
-        if not self.log.isEnabledFor(logging.INFO):
-            return  # counting lines over a large reply costs time: only when it is logged
-        self.log.info(
+        try:
+            with evaluate_in_workers(payload, self.request, self.options, self.events) as slices:
+                bytes_out = self.send_reply(slices)
+                if self.events.isEnabledFor(logging.DEBUG):
+                    self.log_rejected_lines(payload, slices)
+        except CLIENT_FAILURES as error:
+            self.events.warning("Client failed after sending", reason=str(error) or "timed out")
+            return
+        self.events.info(
             "Request served",
-            lines=sum(block.count(b"\n") for block in results),
-            error_lines=sum(block.count(b"error: ") for block in results),
+            lines=sum(slice_.lines for slice_ in slices),
+            error_lines=sum(slice_.error_lines for slice_ in slices),
             bytes_in=len(payload),
-            bytes_out=sum(len(block) for block in results),
+            bytes_out=bytes_out,
             workers=len(slices),
             seconds=round(time.monotonic() - started, 6),
         )
 
-    def log_rejected_lines(self, payload: bytearray, results: list[bytes]) -> None:
-        """One DEBUG event per error line, with a bounded excerpt of the line (-vv only).
+    def pace(self) -> Pace:
+        """A transfer's pace, as Apache's mod_reqtimeout has it: --client-timeout to start,
+        one more second per --min-rate bytes moved, and no single wait longer than
+        --client-timeout.  A steady client is served however large its request; one that
+        trickles is cut off."""
+        timeout_s, min_rate = self.options.client_timeout_s, self.options.min_rate
+        started = time.monotonic()
 
-        Logged here rather than in the workers, so that it works under every start method.
-        """
-        lines = worker.line_blocks(payload, block_bytes=0)
-        for block in results:
-            for result, line in zip(block.splitlines(), lines):
-                if result.startswith(b"error: "):
-                    text = line.decode("utf-8", "backslashreplace")
-                    excerpt = repr(text[:-1] if text.endswith("\r") else text)[:80]
-                    self.log.debug("Line rejected", line=excerpt, reason=result[len(b"error: ") :].decode())
+        def before_wait(moved: int) -> None:
+            left_s = started + timeout_s + moved / min_rate - time.monotonic()
+            if left_s <= 0:
+                raise socket.timeout(f"slower than --min-rate {min_rate} bytes/s")
+            self.request.settimeout(min(timeout_s, left_s))
+
+        return before_wait
 
     def receive_request(self) -> bytearray:
         """The request's bytes; raises RequestTooLarge before reading an oversized body."""
-        (size,) = HEADER.unpack(recv_exactly(self.request, HEADER.size))
-        if size > self.server.max_bytes:
-            raise RequestTooLarge(f"request too large ({size} bytes, limit {self.server.max_bytes})")
-        self.log.info("Request announced", bytes=size)
-        return recv_exactly(self.request, size)
+        pace = self.pace()
+        (size,) = HEADER.unpack(recv_exactly(self.request, HEADER.size, pace))
+        if size > self.options.max_bytes:
+            raise RequestTooLarge(f"request too large ({size} bytes, limit {self.options.max_bytes})")
+        self.events.info("Request announced", bytes=size)
+        return recv_exactly(self.request, size, pace)
+
+    def send_reply(self, slices: list[Slice]) -> int:
+        """Send the slices' spooled results as one frame, in order; return its length."""
+        sizes = [slice_.results.seek(0, os.SEEK_END) for slice_ in slices]
+        pace = self.pace()
+        pace(0)
+        self.request.sendall(HEADER.pack(sum(sizes)))
+        moved = HEADER.size
+        for slice_, size in zip(slices, sizes):
+            for offset in range(0, size, SEND_BYTES):
+                pace(moved)
+                moved += self.request.sendfile(slice_.results, offset, min(SEND_BYTES, size - offset))
+        return sum(sizes)
+
+    def log_rejected_lines(self, payload: bytearray, slices: list[Slice]) -> None:
+        """One DEBUG event per error line, with a bounded excerpt of the line (-vv only)."""
+        for slice_ in slices:
+            slice_.results.seek(0)
+            for line, result in zip(worker.slice_lines(payload, *slice_.bounds), slice_.results):
+                if result.startswith(b"error: "):
+                    reason = result[len(b"error: ") : -1].decode()
+                    self.events.debug("Line rejected", line=repr(line)[:80], reason=reason)
 
     def reply_and_linger(self, reply: bytes) -> None:
         """Send reply, then discard what the client still sends for a while.
@@ -339,57 +371,94 @@ class RequestHandler(socketserver.BaseRequestHandler):
         destroy the reply before the client reads it (nginx calls this lingering close).
         """
         deadline = time.monotonic() + LINGER_S
-        try:
-            send_frame(self.request, [reply])
+        with contextlib.suppress(*CLIENT_FAILURES):  # the client is gone or silent: nothing left to do
+            send_frame(self.request, [reply], self.pace())
             self.request.shutdown(socket.SHUT_WR)
             self.request.settimeout(LINGER_S)
             while time.monotonic() < deadline and self.request.recv(1024 * 1024):
                 pass
-        except CLIENT_FAILURES:
-            pass  # the client is gone or silent: nothing left to do for it
 
 
-# --- The server process. ------------------------------------------------------------
+# --- The server process. ---------------------------------------------------------------------
+
+
+class ShutdownRequested(Exception):
+    """Leaves serve_forever after the first SIGINT or SIGTERM."""
 
 
 class BluServer(socketserver.ForkingTCPServer):
-    """Listens and forks one RequestHandler process per connection, at most max_clients at once.
+    """Listens, and forks one RequestHandler process per connection.
 
-    Connections beyond max_clients wait in the listen backlog (ForkingMixIn blocks
-    until a handler exits), so none is refused.
+    The ForkingMixIn settings, and what each buys:
+
+    - ``max_children`` (``--max-children``): at most this many handlers at once.  When all
+      are busy, ``collect_children`` waits for one to exit before the next accept, so
+      further connections wait in the listen backlog;
+    - ``request_queue_size = SOMAXCONN``: that backlog, as long as the kernel allows, so
+      that waiting is all they do: none is refused;
+    - ``block_on_close = False``: shutdown waits for the handlers itself
+      (``serve_until_signalled``), so that a second signal can still stop them.
     """
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
     request_queue_size = socket.SOMAXCONN
-    block_on_close = False  # shutdown() waits for every child itself, tracked or not
+    block_on_close = False
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        *,
-        workers: int,
-        max_clients: int,
-        client_timeout_s: float,
-        worker_timeout_s: float,
-        max_bytes: int,
-    ) -> None:
-        self.workers = workers
-        self.max_children = max_clients
-        self.client_timeout_s = client_timeout_s
-        self.worker_timeout_s = worker_timeout_s
-        self.max_bytes = max_bytes
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+        self.max_children = options.max_children
         self.shutdown_signal: str | None = None  # set by the first SIGINT or SIGTERM
-        super().__init__(address, RequestHandler)
+        super().__init__((options.address, options.port), RequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Fork a handler, and put it in a process group of its own from this side too.
+
+        The handler does it as well, but only once it runs: a second signal in between
+        would find no group to kill (shells do both, for the same reason).
+        """
+        before = set(self.active_children or ())
+        super().process_request(request, client_address)
+        for pid in set(self.active_children or ()) - before:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.setpgid(pid, pid)
+
+    def collect_children(self, *, blocking: bool = False) -> None:
+        """Reap finished handlers; while all max_children are busy, wait for one or a signal.
+
+        ForkingMixIn's own wait, os.waitpid(-1, 0), is resumed after a signal (PEP 475),
+        so while full the server would not notice SIGTERM.  sigwait() returns for SIGCHLD
+        and for the shutdown signals alike; they are blocked before reaping, so one that
+        comes in between is kept pending for sigwait rather than missed.
+        """
+        wake_signals = {signal.SIGCHLD, *SHUTDOWN_SIGNALS}
+        signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
+        try:
+            self.reap_finished()
+            while len(self.active_children or ()) >= self.max_children and not self.shutdown_signal:
+                signum = signal.sigwait(wake_signals)
+                if signum == signal.SIGCHLD:
+                    self.reap_finished()
+                else:
+                    self.shutdown_signal = signal.Signals(signum).name
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, wake_signals)
+
+    def reap_finished(self) -> None:
+        for pid in list(self.active_children or ()):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue  # still running
+            self.active_children.discard(pid)  # type: ignore[union-attr]
 
     def service_actions(self) -> None:
-        """Between requests (every REAP_INTERVAL_S): reap handlers; leave serve_forever once signalled."""
+        """Between requests (every REAP_INTERVAL_S): reap handlers; leave serve_forever once signalled.
+
+        Leaving by an exception, not shutdown(): shutdown() waits for serve_forever to
+        return, which from inside serve_forever's own thread never happens.
+        """
         super().service_actions()
         if self.shutdown_signal:
             raise ShutdownRequested(self.shutdown_signal)
-
-
-class ShutdownRequested(Exception):
-    """Ends serve_forever after the first SIGINT or SIGTERM."""
 
 
 def serve_until_signalled(server: BluServer) -> None:
@@ -403,134 +472,76 @@ def serve_until_signalled(server: BluServer) -> None:
         for pid in list(server.active_children or ()):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # the handler's group: it and its workers
-        log.warning("Stopped at once", signal=signal.Signals(signum).name)
+        server_events.warning("Stopped at once", signal=signal.Signals(signum).name)
         raise SystemExit(1)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in SHUTDOWN_SIGNALS:
         signal.signal(signum, request_shutdown)
     host, port = server.socket.getsockname()[:2]
-    print(f"bluserver: serving on {host}:{port} with up to {server.workers} workers per request", flush=True)
-    log.info("Server started", address=host, port=port, workers=server.workers, max_clients=server.max_children)
+    print(f"bluserver: serving on {host}:{port} with up to {server.options.workers} workers per request", flush=True)
+    server_events.info("Server started", **{**vars(server.options), "address": host, "port": port})
     try:
         server.serve_forever(poll_interval=REAP_INTERVAL_S)
     except ShutdownRequested as signalled:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, stop_now)
         server.server_close()  # stop accepting: new connections are refused from here on
-        log.warning("Shutting down", signal=str(signalled), requests_in_flight=len(server.active_children or ()))
-        while True:
+        in_flight = server.active_children or set()
+        server_events.warning("Shutting down", signal=str(signalled), requests_in_flight=len(in_flight))
+        while in_flight:
             try:
-                os.waitpid(-1, 0)
+                in_flight.discard(os.waitpid(-1, 0)[0])  # forgotten once reaped: its pid may be reused
             except ChildProcessError:
                 break
-        log.warning("Server stopped")
+        server_events.warning("Server stopped")
 
 
-# --- Command line. ------------------------------------------------------------------
-
-
-def positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error messages
-    return parse
+# --- Command line. ---------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=(
-            "Evaluate batches of arithmetic expressions sent over TCP.\n\n"
-            "Each connection sends one request: an 8-byte big-endian length, then that many\n"
-            "bytes of UTF-8 text, one expression per line. The reply has the same framing and\n"
-            "exactly one line per input line: the value, an empty line for a blank line, or\n"
-            "'error: <reason>'. Each connection gets its own process, which splits the lines\n"
-            "across worker processes."
-        ),
-        epilog=(
-            "examples:\n"
-            "  python bluserver.py                       # localhost:1982, 2 workers per request\n"
-            "  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v\n"
-            "  python bluserver.py --max-bytes 1048576 --timeout 5 --log-format json\n"
-            "\n"
-            "signals: SIGINT (Ctrl-C) or SIGTERM stops accepting, lets requests in flight finish\n"
-            "and exits 0; a second signal stops them at once and exits 1.\n"
-            "exit status: 0 after a signal, 1 if the address cannot be used, 2 on bad arguments."
-        ),
+        description="Evaluate batches of arithmetic expressions sent over TCP, in worker processes.\n"
+        "The protocol, every limit and the logs are described in README.md.",
+        epilog="examples:\n"
+        "  python bluserver.py                  # localhost:1982, 2 workers per request\n"
+        "  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v --log-format json\n"
+        "\nsignals: the first SIGINT (Ctrl-C) or SIGTERM stops accepting, lets requests in flight\n"
+        "finish and exits 0; a second one ends them at once and exits 1.\n"
+        "exit status: 1 if the address cannot be used, 2 on bad arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("-a", "--address", default="localhost", help="address to listen on (default: %(default)s)")
-    add(
-        "-p",
-        "--port",
-        type=port_number,
-        default=DEFAULT_PORT,
-        help="TCP port, 0 for any free one (default: %(default)s)",
-    )
-    add(
-        "-n", "--number-processes", dest="workers", type=positive(int), default=DEFAULT_WORKERS, metavar="PROCESSES",
-        help="worker processes per request, at most one per line (default: %(default)s)",
-    )  # fmt: skip
-    add(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="log each request to stdout: -v events, -vv also rejected lines",
-    )
-    add(
-        "--max-bytes", type=positive(int), default=DEFAULT_MAX_BYTES, metavar="N",
-        help="refuse requests longer than N bytes with an error line, unread (default: %(default)s, 256 MiB)",
-    )  # fmt: skip
-    add(
-        "--timeout", dest="client_timeout_s", type=positive(float), default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-        help="disconnect a client silent this long while sending or receiving (default: %(default)s)",
-    )  # fmt: skip
-    add(
-        "--worker-timeout", dest="worker_timeout_s", type=positive(float), default=DEFAULT_WORKER_TIMEOUT_S,
-        metavar="SECONDS",
-        help="kill a worker running longer and run its slice again, once; then its lines get "
-        "'error: worker failed' (default: %(default)s)",
-    )  # fmt: skip
-    add(
-        "--max-clients", type=positive(int), default=DEFAULT_MAX_CLIENTS, metavar="N",
-        help="connections handled at once; more wait their turn (default: %(default)s)",
-    )  # fmt: skip
-    add(
-        "--log-format",
-        choices=("kv", "json"),
-        default="kv",
-        help="key=value lines or JSON objects (default: %(default)s)",
-    )
-    add(
-        "--syslog", metavar="ADDRESS", help="also log to syslog at HOST:PORT (UDP) or a unix socket path, e.g. /dev/log"
-    )
+    add("-p", "--port", type=port_number, default=1982, help="TCP port, 0 for any free one (default: %(default)s)")
+    add("-n", "--workers", type=positive_int, default=2, help="worker processes per request (default: %(default)s)")
+    add("-v", "--verbose", action="count", default=0, help="log events to stdout; -vv also each rejected line")
+    add("--log-format", choices=("kv", "json"), default="kv", help="key=value lines or JSON (default: %(default)s)")
+    limits = parser.add_argument_group("limits (what happens at each: README.md, 'Limits')")
+    limit = limits.add_argument
+    limit("--max-bytes", type=positive_int, default=256 * 2**20, metavar="BYTES", help="largest request (256 MiB)")
+    limit("--max-reply-bytes", type=positive_int, default=2**30, metavar="BYTES", help="reply budget (1 GiB)")
+    limit("--max-children", type=positive_int, default=16, metavar="N", help="requests at once (%(default)s)")
+    limit("--client-timeout", dest="client_timeout_s", type=positive_float, default=30.0, metavar="SECONDS",
+          help="longest client silence, and the start of its allowance (%(default)s)")  # fmt: skip
+    limit("--min-rate", type=positive_int, default=16384, metavar="BYTES_PER_S",
+          help="slowest steady transfer once the allowance is spent (%(default)s)")  # fmt: skip
+    limit("--worker-timeout", dest="worker_timeout_s", type=positive_float, default=60.0, metavar="SECONDS",
+          help="longest a worker may go without reporting (%(default)s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    options = parse_args(argv)
     multiprocessing.current_process().name = "server"
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(EventFormatter(as_json=options.log_format == "json"))
+    logger.addHandler(handler)
+    logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)])
     try:
-        configure_logging(args.verbose, args.log_format, args.syslog)
+        server = BluServer(options)
     except OSError as error:
-        print(f"bluserver: cannot log to syslog at {args.syslog}: {error}", file=sys.stderr)
-        return 1
-    try:
-        server = BluServer(
-            (args.address, args.port),
-            workers=args.workers,
-            max_clients=args.max_clients,
-            client_timeout_s=args.client_timeout_s,
-            worker_timeout_s=args.worker_timeout_s,
-            max_bytes=args.max_bytes,
-        )
-    except OSError as error:
-        print(f"bluserver: {describe_bind_error(error, args.address, args.port)}", file=sys.stderr)
+        print(f"bluserver: {describe_bind_error(error, options.address, options.port)}", file=sys.stderr)
         return 1
     serve_until_signalled(server)
     return 0

@@ -1,22 +1,30 @@
-"""Shared test fixtures: real bluserver processes on ephemeral 127.0.0.1 ports.
+"""The one way to start a real bluserver, for tests, `make bench` and `make load`.
 
-Every server a test starts runs in a session of its own, so that at the end the test
-can prove that no process of that session — server, handler or worker — is left.
+``ServerProcess`` runs ``python bluserver.py`` on 127.0.0.1 and an ephemeral port, in a
+session of its own, so that at the end a test can prove that no process of that session
+(server, handler or worker) is left.  Its stdout and stderr go to files rather than pipes:
+a verbose server can never block on a full pipe, and a test waits for a logged event by
+reading the file (``wait_for_event``) instead of sleeping.
+
+Under ``start_method`` or ``faults``, the server runs through tests/launch.py, which sets
+the interpreter's default multiprocessing start method or installs a fault from
+tests/faults.py before it imports bluserver.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import pytest
 
@@ -24,14 +32,9 @@ from client import recv_frame, send_frame
 
 ROOT = Path(__file__).resolve().parent
 STARTUP_TIMEOUT_S = 20.0
+EVENT_TIMEOUT_S = 20.0  # how long to wait for something that must happen
 EXIT_TIMEOUT_S = 30.0
-LEFTOVER_GRACE_S = 2.0
-
-# Runs the server under a chosen multiprocessing start method.
-START_METHOD_LAUNCHER = (
-    "import multiprocessing, sys; multiprocessing.set_start_method(sys.argv.pop(1)); "
-    "import bluserver; sys.exit(bluserver.main(sys.argv[1:]))"
-)
+POLL_S = 0.01  # how often a wait checks its condition
 
 
 class ProcessState(NamedTuple):
@@ -61,57 +64,80 @@ def session_processes(session_id: int) -> list[int]:
     return [row.pid for row in process_table() if row.session == session_id and row.state != "Z"]
 
 
-def read_banner(stream: IO[str], timeout_s: float) -> str:
-    """The first line on a server's stdout ("" if none comes within timeout_s).
-
-    Read byte by byte from the pipe itself, so that nothing after the banner is left in
-    the stream's buffers: a test may go on to read the pipe by its file descriptor.
-    """
-    line = bytearray()
-    deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream.fileno(), selectors.EVENT_READ)
-        while not line.endswith(b"\n") and selector.select(max(0.0, deadline - time.monotonic())):
-            byte = os.read(stream.fileno(), 1)
-            if not byte:
-                break
-            line += byte
-    return line.decode(errors="replace")
-
-
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = EVENT_TIMEOUT_S) -> None:
     """Poll condition until it is true; fail the test with `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(POLL_S)
 
 
 class ServerProcess:
-    """A running `python bluserver.py` on 127.0.0.1 and an ephemeral port."""
+    """A running bluserver on 127.0.0.1 and an ephemeral port."""
 
-    def __init__(self, args: list[str], start_method: str | None) -> None:
-        launcher = ["-c", START_METHOD_LAUNCHER, start_method] if start_method else ["bluserver.py"]
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        start_method: str | None = None,
+        faults: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        command: Sequence[str] = (),
+        cwd: Path = ROOT,
+    ) -> None:
+        """command, if given, runs instead of bluserver.py (e.g. the zipapp under another Python)."""
+        self.stdout = tempfile.TemporaryFile()  # noqa: SIM115 (closed by cleanup)
+        self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by cleanup)
+        program = ROOT / ("tests/launch.py" if start_method or faults else "bluserver.py")
         self.process = subprocess.Popen(
-            [sys.executable, *launcher, "-a", "127.0.0.1", "-p", "0", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            [*(command or [sys.executable, str(program)]), "-a", "127.0.0.1", "-p", "0", *args],
+            cwd=cwd,
+            env={**os.environ, **(env or {}), "START_METHOD": start_method or "", "FAULTS": " ".join(faults)},
+            stdout=self.stdout,
+            stderr=self.stderr_file,
             start_new_session=True,
         )
-        assert self.process.stdout is not None
-        banner = read_banner(self.process.stdout, STARTUP_TIMEOUT_S)
-        match = re.search(r"serving on [^ ]+:(\d+)", banner)
+        self.pid = self.process.pid  # also the id of the session its children live in
+        wait_until(lambda: "\n" in self.output(banner=True) or self.process.poll() is not None, "the banner")
+        match = re.search(r"serving on [^ ]+:(\d+)", self.output(banner=True))
         if not match:
             self.process.kill()
-            _, errors = self.process.communicate()
-            raise AssertionError(f"server did not start: {banner!r} {errors!r}")
+            raise AssertionError(f"server did not start: {self.output(banner=True)!r} {self.stderr()!r}")
         self.port = int(match.group(1))
 
+    def output(self, banner: bool = False) -> str:
+        """What the server wrote to stdout so far, after its banner unless banner is true."""
+        text = os.pread(self.stdout.fileno(), 1 << 30, 0).decode(errors="backslashreplace")
+        return text if banner else text.partition("\n")[2]
+
+    def stderr(self) -> str:
+        return os.pread(self.stderr_file.fileno(), 1 << 30, 0).decode(errors="backslashreplace")
+
+    def events(self, name: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+        """Logged events (of a server run with --log-format json) called name, with these fields."""
+        events = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+        return [
+            event
+            for event in events
+            if name in (None, event["event"]) and all(event.get(key) == value for key, value in fields.items())
+        ]
+
+    def wait_for_event(self, name: str, **fields: Any) -> dict[str, Any]:
+        """The first such event, once it is logged."""
+        wait_until(lambda: self.events(name, **fields), f"event {name!r} with {fields}")
+        return self.events(name, **fields)[0]
+
+    def handlers(self) -> list[int]:
+        """The server's live children: its handler processes."""
+        return [row.pid for row in process_table() if row.ppid == self.pid and row.state != "Z"]
+
+    def wait_until_idle(self) -> None:
+        """Wait until the server is its session's only live process: every handler and worker gone."""
+        wait_until(lambda: session_processes(self.pid) == [self.pid], "the server's children to exit")
+
     def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=STARTUP_TIMEOUT_S)
+        return socket.create_connection(("127.0.0.1", self.port), timeout=EVENT_TIMEOUT_S)
 
     def request(self, payload: bytes) -> bytes:
         """Send one request with the wire protocol; return the reply's bytes."""
@@ -119,16 +145,11 @@ class ServerProcess:
             send_frame(sock, [payload])
             return bytes(recv_frame(sock))
 
-    def stop(self) -> int:
-        """SIGTERM, wait, and return the exit status."""
+    def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
+        """Send signum (unless it has exited), wait, and return the exit status."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
         return self.process.wait(EXIT_TIMEOUT_S)
-
-    def output(self) -> str:
-        """Everything the server wrote to stdout after its banner (call after stop)."""
-        assert self.process.stdout is not None
-        return self.process.stdout.read()
 
     def cleanup(self) -> None:
         """Stop the server and make sure nothing of its session outlives it."""
@@ -137,28 +158,31 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream:
-                stream.close()
         # Processes of the session may take a moment to finish exiting after the server.
-        deadline = time.monotonic() + LEFTOVER_GRACE_S
-        while session_processes(self.process.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        leftovers = session_processes(self.process.pid)
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
+        leftovers: list[int] = []
+        try:
+            wait_until(lambda: not session_processes(self.pid), "the server's session to end", timeout_s=2.0)
+        except AssertionError:
+            leftovers = session_processes(self.pid)
+            for pid in leftovers:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            self.stdout.close()
+            self.stderr_file.close()
         assert not leftovers, f"processes outlived the server: {leftovers}"
 
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ServerProcess]]:
-    """start_server(*args, start_method=None) -> a running ServerProcess, cleaned up after the test."""
+    """start_server(*args, **options) -> a running ServerProcess (options: see its __init__).
+
+    Every server it started is stopped after the test, which fails if a process is left.
+    """
     servers: list[ServerProcess] = []
 
-    def start(*args: str, start_method: str | None = None) -> ServerProcess:
-        server = ServerProcess(list(args), start_method)
-        servers.append(server)
-        return server
+    def start(*args: str, **options: Any) -> ServerProcess:
+        servers.append(ServerProcess(args, **options))
+        return servers[-1]
 
     yield start
     for server in servers:

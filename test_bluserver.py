@@ -30,9 +30,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bluserver
-import client
 from client import HEADER, recv_frame, send_frame
-from conftest import ServerProcess, session_processes, wait_until
+from conftest import ServerProcess, wait_until
 from grammar import evaluate_line
 
 StartServer = Callable[..., ServerProcess]
@@ -189,7 +188,7 @@ def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int 
 LOG_LINE = re.compile(r"\[(?P<logger>[^\]]+)\] (?P<time>.+?): (?P<level>[A-Z]+) (?P<pairs>.*)")
 LOG_PAIR = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\([^)]*\)|[^ ]+)""")
 JSON_LOG = ("--log-format", "json")  # start_server(*JSON_LOG, ...) for logs that parse_log reads
-JSON_HEAD = {"time", "level", "logger", "uuid", "pname", "pid", "event"}
+JSON_HEAD = {"time", "level", "uuid", "pname", "pid", "event"}
 
 
 def parse_kv_log(output: str) -> list[dict[str, str]]:
@@ -221,9 +220,9 @@ def request_events(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     return by_request
 
 
-@pytest.fixture(params=["fork", "spawn"])
+@pytest.fixture(params=["fork", "forkserver", "spawn"])
 def start_method(request: pytest.FixtureRequest) -> str:
-    """The multiprocessing start method the server runs its workers with."""
+    """The interpreter's default start method (Python 3.14 made it forkserver); workers fork regardless."""
     method: str = request.param
     return method
 
@@ -286,18 +285,16 @@ PROTOCOL_CASES = [
     ("payload", "reply"), [case[1:] for case in PROTOCOL_CASES], ids=[c[0] for c in PROTOCOL_CASES]
 )
 def test_reply_has_one_result_line_per_input_line_in_order(
-    start_server: StartServer, start_method: str, payload: bytes, reply: bytes
+    start_server: StartServer, payload: bytes, reply: bytes
 ) -> None:
-    server = start_server(start_method=start_method)
+    server = start_server()
 
     assert server.request(payload) == reply
 
 
 @pytest.mark.parametrize("half_close", [True, False], ids=["half_closed", "left_open"])
-def test_reply_arrives_whether_or_not_the_client_half_closes(
-    start_server: StartServer, start_method: str, half_close: bool
-) -> None:
-    server = start_server(start_method=start_method)
+def test_reply_arrives_whether_or_not_the_client_half_closes(start_server: StartServer, half_close: bool) -> None:
+    server = start_server()
 
     with server.connect() as sock:
         send_frame(sock, [MIXED_PAYLOAD])
@@ -317,18 +314,14 @@ def test_original_examples_give_the_original_results(start_server: StartServer, 
     assert reply.decode().splitlines() == [result for _, result in ORIGINAL_EXAMPLES]
 
 
-def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServer, start_method: str) -> None:
-    server = start_server("-n", "2", start_method=start_method)
+def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServer) -> None:
+    server = start_server("-n", "2")
     payloads = [varied_payload(20, seed) for seed in (1, 2, 3)]
     sockets = [server.connect() for _ in payloads]
     try:
         for sock, payload in zip(sockets, payloads):  # all three requests in flight at once
             sock.sendall(HEADER.pack(len(payload)) + payload[:5])
-        wait_until(
-            lambda: len(session_processes(server.process.pid)) >= 1 + len(sockets),
-            10,
-            "a handler process per connection",
-        )
+        wait_until(lambda: len(server.handlers()) == len(sockets), "a handler process per connection")
         for sock, payload in zip(sockets, payloads):
             sock.sendall(payload[5:])
         replies = [bytes(recv_frame(sock)) for sock in reversed(sockets)][::-1]  # no reply waits for another
@@ -379,19 +372,6 @@ def test_multi_megabyte_request_of_200k_lines_round_trips(start_server: StartSer
 # --- Logs. ----------------------------------------------------------------------------
 
 
-def test_verbose_log_lines_carry_uuid_pname_pid_and_event(start_server: StartServer) -> None:
-    server = start_server("-v")  # the default key=value format
-    server.request(MIXED_PAYLOAD)
-    server.stop()
-
-    events = parse_kv_log(server.output())
-
-    assert events
-    assert all({"uuid", "pname", "pid", "event"} <= event.keys() for event in events)
-    assert {event["pname"] for event in events} == {"'server'", "'handler'"}  # values are reprs
-    assert all(event["pid"].isdigit() for event in events)
-
-
 def test_request_served_event_sums_up_the_request(start_server: StartServer) -> None:
     server = start_server("-v", "-n", "2", *JSON_LOG)
     server.request(MIXED_PAYLOAD)
@@ -407,7 +387,6 @@ def test_request_served_event_sums_up_the_request(start_server: StartServer) -> 
         "workers": 2,
     }
     assert isinstance(served["seconds"], float)
-    assert served["seconds"] >= 0
 
 
 def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(start_server: StartServer) -> None:
@@ -428,8 +407,8 @@ def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(start_serv
     assert sorted(served.items()) == [(0, (0, 0)), (2, (1, 1)), (6, (2, 2)), (12, (3, 3)), (30, (4, 4))]
 
 
-def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: StartServer, start_method: str) -> None:
-    server = start_server("-vv", "-n", "2", *JSON_LOG, start_method=start_method)
+def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: StartServer) -> None:
+    server = start_server("-vv", "-n", "2", *JSON_LOG)
     server.request(b"1 + 1\nbad one\n2 * 2\n1/0\n")  # one bad line in each worker's half
     server.stop()
 
@@ -488,18 +467,12 @@ def test_rejected_lines_are_logged_only_with_vv(start_server: StartServer, verbo
 # --- Server command line and signals. -----------------------------------------------------
 
 
-def test_server_defaults_are_localhost_1982_2_workers_quiet() -> None:
-    args = bluserver.parse_args([])
-
-    assert (args.address, args.port, args.workers, args.verbose) == ("localhost", 1982, 2, 0)
-
-
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["-p", "0", "-n", "0"], "argument -n/--number-processes"),
-        (["-p", "0", "-n", "two"], "argument -n/--number-processes"),
-        (["-p", "0", "-n", "-3"], "argument -n/--number-processes"),
+        (["-p", "0", "-n", "0"], "argument -n/--workers"),
+        (["-p", "0", "-n", "two"], "argument -n/--workers"),
+        (["-p", "0", "-n", "-3"], "argument -n/--workers"),
         (["-p", "70000"], "argument -p/--port"),
         (["-p", "-1"], "argument -p/--port"),
         (["-p", "http"], "argument -p/--port"),
@@ -557,10 +530,10 @@ def test_request_in_flight_at_a_signal_is_answered_before_exit_0(
     server = start_server()
     with server.connect() as sock:
         sock.sendall(HEADER.pack(len(MIXED_PAYLOAD)) + MIXED_PAYLOAD[:4])
-        wait_until(lambda: len(session_processes(server.process.pid)) >= 2, 10, "the handler process")
+        wait_until(server.handlers, "the handler process")
 
         server.process.send_signal(signum)
-        wait_until(lambda: not accepts_connections(server.port), 10, "the server to stop accepting")
+        wait_until(lambda: not accepts_connections(server.port), "the server to stop accepting")
         sock.sendall(MIXED_PAYLOAD[4:])
         reply = recv_frame(sock)
 
@@ -581,12 +554,6 @@ def test_signal_during_a_burst_of_connections_still_stops_the_server(
 
 
 # --- The client. -------------------------------------------------------------------------
-
-
-def test_client_defaults_are_operations_txt_output_txt_localhost_1982() -> None:
-    args = client.parse_args([])
-
-    assert (args.input, args.output, args.address, args.port) == ("operations.txt", "output.txt", "localhost", 1982)
 
 
 def test_client_reads_stdin_writes_stdout_and_sums_up_on_stderr(server: ServerProcess) -> None:

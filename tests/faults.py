@@ -1,0 +1,78 @@
+"""Faults the tests install in a server process (through tests/launch.py), to drive it into
+states that real work reaches only by chance or by time: a worker that waits for the test,
+hangs, dies, cannot be started, or a handler that has not yet run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from multiprocessing import popen_fork
+
+import grammar
+
+
+def scripted_lines(_: str) -> None:
+    """Lines that script a worker; every other line is evaluated as usual.
+
+    ``gate PATH``       wait until the test opens and closes the FIFO at PATH; result 'released'
+    ``sleep SECONDS``   work that long; result 'slept'
+    ``hang-once PATH``  hang until killed if PATH does not exist (creating it); else 'resumed'
+    ``die-once PATH``   exit at once if PATH does not exist (creating it); else 'resumed'
+    ``count PATH``      append a byte to PATH, so the test can count evaluations; 'counted'
+    """
+    evaluate = grammar.evaluate_line
+
+    def scripted(line: str) -> str:
+        command, _, argument = line.partition(" ")
+        if command == "gate":
+            with open(argument) as fifo:
+                fifo.read()
+            return "released"
+        if command == "sleep":
+            time.sleep(float(argument))
+            return "slept"
+        if command in ("hang-once", "die-once") and not os.path.exists(argument):
+            open(argument, "w").close()
+            if command == "die-once":
+                os._exit(1)
+            signal.pause()
+        if command in ("hang-once", "die-once"):
+            return "resumed"
+        if command == "count":
+            with open(argument, "ab") as counter:
+                counter.write(b".")
+            return "counted"
+        return evaluate(line)
+
+    grammar.evaluate_line = scripted
+
+
+def failing_worker_starts(times: str) -> None:
+    """The first `times` worker starts of each handler fail as fork() does when out of processes."""
+    launch = popen_fork.Popen._launch
+    failures_left = [int(times)]
+
+    def failing_launch(self: popen_fork.Popen, process_object: object) -> None:
+        if failures_left[0] > 0:
+            failures_left[0] -= 1
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        launch(self, process_object)  # type: ignore[arg-type]
+
+    popen_fork.Popen._launch = failing_launch  # type: ignore[method-assign]
+
+
+def gated_handlers(path: str) -> None:
+    """Each handler waits, before it does anything, until the test opens and closes the FIFO at path."""
+    import bluserver  # noqa: PLC0415 (here: the faults before it must be in place when it imports worker)
+
+    setup = bluserver.RequestHandler.setup
+
+    def gated_setup(self: bluserver.RequestHandler) -> None:
+        with open(path) as fifo:
+            fifo.read()
+        setup(self)
+
+    bluserver.RequestHandler.setup = gated_setup  # type: ignore[method-assign]
