@@ -2,7 +2,7 @@
 
 The balancer tests run a real HAProxy on 127.0.0.1 with deploy/haproxy.cfg, its ports
 rewritten by tools.cluster.haproxy_config, in front of real servers (conftest.ServerProcess,
-run with -v so that their logs show which instance served which request). They are skipped
+run with -v and JSON logs, which show which instance served which request). They are skipped
 where haproxy is not installed; .ci/run installs it.
 """
 
@@ -22,13 +22,12 @@ from pathlib import Path
 import pytest
 
 from client import HEADER, recv_frame, send_frame
-from conftest import EXIT_TIMEOUT_S, ROOT, STARTUP_TIMEOUT_S, ServerProcess, session_processes, wait_until
+from conftest import EVENT_TIMEOUT_S, EXIT_TIMEOUT_S, ROOT, ServerProcess, session_processes, wait_until
 from tools.cluster import TEMPLATE, answers_empty_request, haproxy_config
 
 HAPROXY = shutil.which("haproxy")
 needs_haproxy = pytest.mark.skipif(not HAPROXY, reason="haproxy is not installed (sudo apt-get install haproxy)")
 INSTANCES = 3
-LOG_TIMEOUT_S = 10.0  # for a log line that is due: it comes in milliseconds
 
 
 def numbered_lines(count: int) -> tuple[bytes, bytes]:
@@ -53,57 +52,28 @@ def free_port(ports_after: int = 0) -> int:
         return port
 
 
-class Instance:
-    """One server behind the balancer, and what its log (-v) says it did."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        self.log = ""
-        assert server.process.stdout is not None
-        self.log_fd = server.process.stdout.fileno()
-        os.set_blocking(self.log_fd, False)
-
-    def read_log(self) -> str:
-        """Everything logged so far after the banner."""
-        while True:
-            try:
-                chunk = os.read(self.log_fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self.log += chunk.decode(errors="replace")
-        return self.log
-
-    def served(self) -> list[int]:
-        """The line counts of the requests it served, health checks (0 lines) left out."""
-        counts = [int(lines) for lines in re.findall(r"event='Request served' lines=(\d+)", self.read_log())]
-        return [count for count in counts if count]
-
-    def announced(self, size: int) -> bool:
-        """Whether a request of size bytes has started to arrive here."""
-        return f"event='Request announced' bytes={size}\n" in self.read_log()
+def served(server: ServerProcess) -> list[int]:
+    """The line counts of the requests the server logged as served, health checks (0 lines) left out."""
+    return [event["lines"] for event in server.events("Request served") if event["lines"]]
 
 
 class Balancer:
     """HAProxy with deploy/haproxy.cfg on a free port, in front of instances."""
 
-    def __init__(self, instances: list[Instance], config_path: Path) -> None:
+    def __init__(self, instances: list[ServerProcess], config_path: Path) -> None:
         assert HAPROXY
         self.instances = instances
         self.port = free_port()
-        ports = [instance.server.port for instance in instances]
+        ports = [instance.port for instance in instances]
         config_path.write_text(haproxy_config(TEMPLATE.read_text(), self.port, ports))
-        self.log_path = config_path.with_suffix(".log")
-        with self.log_path.open("wb") as log:
+        with config_path.with_suffix(".log").open("wb") as log:
             self.process = subprocess.Popen(
                 [HAPROXY, "-db", "-f", str(config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )  # fmt: skip
-        wait_until(lambda: answers_empty_request(self.port), STARTUP_TIMEOUT_S, "HAProxy to answer")
 
     def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=STARTUP_TIMEOUT_S)
+        return socket.create_connection(("127.0.0.1", self.port), timeout=EVENT_TIMEOUT_S)
 
     def request(self, payload: bytes) -> bytes:
         with self.connect() as sock:
@@ -111,21 +81,24 @@ class Balancer:
             return bytes(recv_frame(sock))
 
     def served(self) -> list[list[int]]:
-        return [instance.served() for instance in self.instances]
+        return [served(instance) for instance in self.instances]
 
     def cleanup(self) -> None:
         self.process.terminate()
         self.process.wait(EXIT_TIMEOUT_S)
-        wait_until(lambda: not session_processes(self.process.pid), EXIT_TIMEOUT_S, "HAProxy's processes to exit")
+        wait_until(lambda: not session_processes(self.process.pid), "HAProxy's processes to exit")
 
 
 @pytest.fixture
 def balancer(start_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Balancer]:
     """HAProxy in front of INSTANCES servers with one worker each."""
-    instances = [Instance(start_server("-v", "-n", "1")) for _ in range(INSTANCES)]
+    instances = [start_server("-v", "--log-format", "json", "-n", "1") for _ in range(INSTANCES)]
     balancer = Balancer(instances, tmp_path / "haproxy.cfg")
-    yield balancer
-    balancer.cleanup()
+    try:
+        wait_until(lambda: answers_empty_request(balancer.port), "HAProxy to answer")
+        yield balancer
+    finally:
+        balancer.cleanup()
 
 
 def test_shipped_config_is_what_make_cluster_runs_by_default() -> None:
@@ -149,15 +122,15 @@ def test_concurrent_clients_are_all_answered_right_and_spread_over_instances(bal
     with ThreadPoolExecutor(max_workers=len(requests)) as pool:
         replies = list(pool.map(balancer.request, [payload for payload, _ in requests]))
     assert replies == [expected for _, expected in requests]
-    wait_until(lambda: sum(map(len, balancer.served())) == len(sizes), LOG_TIMEOUT_S, "every request to be logged")
-    served = balancer.served()
-    assert sorted(count for counts in served for count in counts) == list(sizes)  # each by one instance
-    assert sum(1 for counts in served if counts) > 1, served
+    wait_until(lambda: sum(map(len, balancer.served())) == len(sizes), "every request to be logged")
+    by_instance = balancer.served()
+    assert sorted(count for counts in by_instance for count in counts) == list(sizes)  # each by one instance
+    assert sum(1 for counts in by_instance if counts) > 1, by_instance
 
 
 @needs_haproxy
 def test_requests_after_an_instance_is_killed_are_all_answered_right(balancer: Balancer) -> None:
-    victim = balancer.instances[0].server.process
+    victim = balancer.instances[0].process
     victim.kill()
     victim.wait()
     # HAProxy still takes it for alive until two health checks fail: with leastconn's round
@@ -173,23 +146,22 @@ def test_a_draining_instance_finishes_its_request_while_new_ones_go_to_the_other
     with balancer.connect() as in_flight:
         in_flight.sendall(HEADER.pack(len(payload)) + payload[:100])  # the request has begun, not ended
         wait_until(
-            lambda: any(instance.announced(len(payload)) for instance in balancer.instances),
-            LOG_TIMEOUT_S,
+            lambda: any(instance.events("Request announced", bytes=len(payload)) for instance in balancer.instances),
             "an instance to receive the request",
         )
-        draining = next(instance for instance in balancer.instances if instance.announced(len(payload)))
-        draining.server.process.send_signal(signal.SIGTERM)
-        wait_until(lambda: "event='Shutting down'" in draining.read_log(), LOG_TIMEOUT_S, "the instance to drain")
+        draining = next(i for i in balancer.instances if i.events("Request announced", bytes=len(payload)))
+        draining.process.send_signal(signal.SIGTERM)
+        draining.wait_for_event("Shutting down")
 
         new_requests = [numbered_lines(size) for size in range(10, 16)]
         assert [balancer.request(request) for request, _ in new_requests] == [reply for _, reply in new_requests]
 
         in_flight.sendall(payload[100:])
         assert recv_frame(in_flight) == expected
-    assert draining.server.process.wait(EXIT_TIMEOUT_S) == 0
-    assert draining.served() == [100]
+    assert draining.process.wait(EXIT_TIMEOUT_S) == 0
+    assert served(draining) == [100]
     others = [instance for instance in balancer.instances if instance is not draining]
-    wait_until(lambda: sum(len(other.served()) for other in others) == 6, LOG_TIMEOUT_S, "the new requests' logs")
+    wait_until(lambda: sum(len(served(other)) for other in others) == 6, "the new requests' logs")
 
 
 @needs_haproxy
@@ -201,12 +173,12 @@ def test_ctrl_c_stops_make_cluster_leaving_no_process(tmp_path: Path) -> None:
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
     try:
-        wait_until(lambda: answers_empty_request(port), STARTUP_TIMEOUT_S, "the cluster to answer")
+        wait_until(lambda: answers_empty_request(port), "the cluster to answer")
         processes = session_processes(cluster.pid)
         assert len(processes) >= 4  # the supervisor, HAProxy and two servers
         os.killpg(cluster.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
         assert cluster.wait(EXIT_TIMEOUT_S) == 0, (tmp_path / "cluster.log").read_text()
-        wait_until(lambda: not session_processes(cluster.pid), EXIT_TIMEOUT_S, "every process to exit")
+        wait_until(lambda: not session_processes(cluster.pid), "every process to exit")
     finally:
         for pid in session_processes(cluster.pid):
             os.kill(pid, signal.SIGKILL)
