@@ -1,7 +1,7 @@
 """bluserver: evaluates batches of arithmetic expressions sent over TCP, in worker processes.
 
-Usage: ``python bluserver.py -p 1982 -n 2``; ``--help`` lists the options, README.md
-explains the protocol, the limits and the reading order.  One request's path::
+Usage: ``python bluserver.py -p 1982 -n 2``.  README.md has the protocol, the limits and a
+reading guide; this is the path of one request through the three kinds of process::
 
     client ──[length, lines]──▶ BluServer                   server process: accepts, and
                                   │ ForkingMixIn              forks one handler per connection
@@ -13,13 +13,10 @@ explains the protocol, the limits and the reading order.  One request's path::
                        │                    │
                  worker.run           worker.run            worker processes: result blocks
                        │                    │                up the Pipe, b"" when done
-                 Slice.results        Slice.results         spooled to unlinked temporary files
+                 Slice.results        Slice.results         spooled to nameless temporary files
                        └─────────┬──────────┘
                                  ▼
     client ◀──[length, results]── RequestHandler.send_reply  sendfile() from the spools, in order
-
-The server never evaluates and never holds a request; a handler holds one request and
-joins every worker it starts; a worker holds one slice.
 """
 
 from __future__ import annotations
@@ -46,18 +43,16 @@ from typing import IO, Any
 import worker
 from client import HEADER, SEND_BYTES, Pace, port_number, positive_float, positive_int, recv_exactly, send_frame
 
-# Workers are forked from the handler, whatever the interpreter's default start method
-# (Python 3.14 made it forkserver): the handler is itself a fork of a server that has
-# imported everything, so a fork costs ~1 ms where spawn or forkserver cost ~100 ms per
-# request; and the worker can read its slice from the buffer it inherits.
+# Workers are forked, whatever the interpreter's default start method (Python 3.14 made it
+# forkserver): the handler is a fork of a server that has imported everything, so a fork
+# costs ~1 ms where spawn or forkserver cost ~100 ms, and the worker inherits the request.
 WORKERS = multiprocessing.get_context("fork")
 ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
 REAP_INTERVAL_S = 0.05  # how often the server reaps finished handlers and checks for a signal
 LINGER_S = 2.0  # how long to drain an oversized request so the client can read the reply
 WORKER_FAILED = b"error: worker failed\n"
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# What a client can do to its own connection: go silent or too slow (socket.timeout), or
-# close or reset it (ClosedEarly, from client.py, is a ConnectionError).
+# A client can go silent or too slow (socket.timeout), close or reset (ConnectionError).
 CLIENT_FAILURES = (socket.timeout, ConnectionError)
 
 logger = logging.getLogger("bluserver")
@@ -71,20 +66,15 @@ class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 class EventFormatter(logging.Formatter):
-    """One line per event, key=value pairs in the original's style, or one JSON object."""
+    """One line per event: key=value pairs in the original's style, or a JSON object."""
 
     def __init__(self, as_json: bool) -> None:
         super().__init__()
         self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            "uuid": getattr(record, "uuid", None),
-            "pname": record.processName,
-            "pid": record.process,
-            "event": record.getMessage(),
-            **getattr(record, "fields", {}),
-        }
+        fields = {"uuid": record.uuid, "pname": record.processName, "pid": record.process}  # type: ignore[attr-defined]
+        fields.update(event=record.getMessage(), **record.fields)  # type: ignore[attr-defined]
         if self.as_json:
             return json.dumps({"time": self.formatTime(record), "level": record.levelname, **fields}, default=str)
         pairs = " ".join(f"{key}={value!r}" for key, value in fields.items())
@@ -116,24 +106,20 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
 
 
 class Slice:
-    """One byte range of whole lines of a request, its worker, and its results so far.
+    """A byte range of whole lines of the request, its worker, and its results so far.
 
-    Results are spooled to an unlinked temporary file as they arrive: a reply of any size
-    costs the handler one block of memory, and the file vanishes with the process however
-    it ends.  ``start`` moves past the lines answered, so a rerun does only the rest.
+    Results go to a temporary file that has no name, as blocks arrive: a reply of any size
+    costs one block of memory, and the file vanishes with the process however it ends.
+    ``start`` moves past the lines answered, so that a rerun does only the rest.
     """
 
     def __init__(self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, name: str) -> None:
-        self.payload = payload
-        self.bounds = bounds
+        self.payload, self.bounds, self.name = payload, bounds, name
         self.start, self.end = bounds
         self.reply_limit = reply_limit
         self.reply_budget = reply_limit * (self.end - self.start) // len(payload)  # this slice's share
-        self.name = name
         self.results: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by evaluate_in_workers)
-        self.lines = self.error_lines = 0  # result lines spooled, and how many are errors
-        self.lines_this_attempt = 0
-        self.attempts = 0
+        self.lines = self.error_lines = self.lines_this_attempt = self.attempts = 0
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None  # the reading end of the worker's Pipe
         self.heard_at = 0.0  # when the worker last sent something (or started)
@@ -151,8 +137,9 @@ class Slice:
             except OSError as error:  # e.g. EAGAIN: too many processes
                 self.conn.close()
                 self.process = self.conn = None
-                reason = f"cannot start: {error}"
-                events.warning("Worker failed", worker=self.name, reason=reason, attempt=self.attempts)
+                events.warning(
+                    "Worker failed", worker=self.name, reason=f"cannot start: {error}", attempt=self.attempts
+                )
                 continue
             finally:
                 child_conn.close()  # so that the worker's death shows here as end of file
@@ -163,7 +150,7 @@ class Slice:
 
     def receive(self, events: EventLog) -> None:
         """Take every message the worker has sent so far; if it died, rerun what is left."""
-        assert self.conn is not None, "receive() is for a slice whose worker is running"
+        assert self.conn, "only a running worker sends"
         try:
             while not self.done and self.conn.poll():
                 self.take(self.conn.recv_bytes(), events)
@@ -171,20 +158,20 @@ class Slice:
             self.retry("died", events)
 
     def take(self, block: bytes, events: EventLog) -> None:
+        """Spool a result block; an empty one means the worker has answered every line."""
         self.heard_at = time.monotonic()
         if not block:
             self.done = True
             events.info("Worker finished", worker=self.name, lines=self.lines, attempt=self.attempts)
             return
         self.results.write(block)
-        lines = block.count(b"\n")
-        self.lines += lines
-        self.lines_this_attempt += lines
+        self.lines_this_attempt += block.count(b"\n")
+        self.lines += block.count(b"\n")
         self.error_lines += block.count(b"error: ")
         self.reply_budget -= len(block)
 
     def retry(self, reason: str, events: EventLog) -> None:
-        """Stop the worker and run the lines it has not answered once more, if attempts are left."""
+        """Stop the worker; run the lines it has not answered once more, if attempts are left."""
         self.stop_worker()
         events.warning("Worker failed", worker=self.name, reason=reason, attempt=self.attempts)
         for _ in range(self.lines_this_attempt):
@@ -198,17 +185,15 @@ class Slice:
             count += 1  # the request's last line, without a final newline
         for chunk in range(0, count, 10_000):  # in chunks: the lines may be millions
             self.results.write(WORKER_FAILED * min(10_000, count - chunk))
-        self.lines += count
-        self.error_lines += count
-        self.done = True
+        self.lines, self.error_lines, self.done = self.lines + count, self.error_lines + count, True
 
     def stop_worker(self) -> None:
         """Kill the worker unless it has finished its slice, then reap it."""
         if self.conn:
             self.conn.close()
+        if self.process and not self.done:
+            self.process.kill()
         if self.process:
-            if not self.done:
-                self.process.kill()
             self.process.join()
         self.process = self.conn = None
 
@@ -216,9 +201,9 @@ class Slice:
 def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float, events: EventLog) -> None:
     """Wait until a worker sends something or is silent too long, or the client hangs up.
 
-    The client's socket is in `client` until it first becomes readable: a reset raises
-    ConnectionResetError (the evaluation is for nobody); end of file is a half-close
-    after sending, as the original's client does, and the request is served.
+    The client's socket is watched until it first becomes readable: a reset raises
+    ConnectionResetError, since the work is for nobody; end of file is a half-close after
+    sending (as the original's client does), and the request is served.
     """
     running = {slice_.conn: slice_ for slice_ in slices if slice_.conn and not slice_.done}
     silent_s = time.monotonic() - min(slice_.heard_at for slice_ in running.values())
@@ -241,13 +226,10 @@ def evaluate_in_workers(
 ) -> Iterator[list[Slice]]:
     """Evaluate payload in up to options.workers workers; yield its slices, results spooled.
 
-    Every worker is joined when the with-block ends: after the reply has gone out, so that
-    reaping them costs the client nothing.
+    Workers are joined when the with-block ends, after the reply: reaping costs the client nothing.
     """
-    slices = [
-        Slice(payload, bounds, options.max_reply_bytes, f"worker-{number}")
-        for number, bounds in enumerate(slice_bounds(payload, options.workers), 1)
-    ]
+    bounds = slice_bounds(payload, options.workers)
+    slices = [Slice(payload, bound, options.max_reply_bytes, f"worker-{n}") for n, bound in enumerate(bounds, 1)]
     try:
         for slice_ in slices:
             slice_.start_worker(events)
@@ -275,9 +257,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def setup(self) -> None:
-        # Own process group (the server sets it too: whichever runs first): a terminal's
-        # Ctrl-C reaches only the server, which lets this request finish, and the server
-        # can end this handler and its workers with one killpg().
+        # Own process group (the server sets it too): a terminal's Ctrl-C reaches only the
+        # server, which lets this request finish, and one killpg() ends it and its workers.
         os.setpgid(0, 0)
         for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -307,23 +288,16 @@ class RequestHandler(socketserver.BaseRequestHandler):
         except CLIENT_FAILURES as error:
             self.events.warning("Client failed after sending", reason=str(error) or "timed out")
             return
-        self.events.info(
-            "Request served",
-            lines=sum(slice_.lines for slice_ in slices),
-            error_lines=sum(slice_.error_lines for slice_ in slices),
-            bytes_in=len(payload),
-            bytes_out=bytes_out,
-            workers=len(slices),
-            seconds=round(time.monotonic() - started, 6),
-        )
+        lines, error_lines = sum(slice_.lines for slice_ in slices), sum(slice_.error_lines for slice_ in slices)
+        seconds = round(time.monotonic() - started, 6)
+        self.events.info("Request served", lines=lines, error_lines=error_lines, bytes_in=len(payload),
+                         bytes_out=bytes_out, workers=len(slices), seconds=seconds)  # fmt: skip
 
     def pace(self) -> Pace:
-        """A transfer's pace, as Apache's mod_reqtimeout has it: --client-timeout to start,
-        one more second per --min-rate bytes moved, and no single wait longer than
-        --client-timeout.  A steady client is served however large its request; one that
-        trickles is cut off."""
-        timeout_s, min_rate = self.options.client_timeout_s, self.options.min_rate
-        started = time.monotonic()
+        """Apache mod_reqtimeout's rule for a transfer: --client-timeout seconds, plus one per
+        --min-rate bytes moved; no wait longer than --client-timeout.  A steady client is
+        served however large its request; one that trickles is cut off."""
+        timeout_s, min_rate, started = self.options.client_timeout_s, self.options.min_rate, time.monotonic()
 
         def before_wait(moved: int) -> None:
             left_s = started + timeout_s + moved / min_rate - time.monotonic()
@@ -365,13 +339,13 @@ class RequestHandler(socketserver.BaseRequestHandler):
                     self.events.debug("Line rejected", line=repr(line)[:80], reason=reason)
 
     def reply_and_linger(self, reply: bytes) -> None:
-        """Send reply, then discard what the client still sends for a while.
+        """Send reply, then discard what the client still sends, for LINGER_S at most.
 
-        Closing a socket with unread data makes the kernel send a reset, which can
-        destroy the reply before the client reads it (nginx calls this lingering close).
+        Closing a socket with unread data makes the kernel send a reset, which can destroy
+        the reply before the client reads it (nginx calls this a lingering close).
         """
         deadline = time.monotonic() + LINGER_S
-        with contextlib.suppress(*CLIENT_FAILURES):  # the client is gone or silent: nothing left to do
+        with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
             send_frame(self.request, [reply], self.pace())
             self.request.shutdown(socket.SHUT_WR)
             self.request.settimeout(LINGER_S)
@@ -390,14 +364,12 @@ class BluServer(socketserver.ForkingTCPServer):
     """Listens, and forks one RequestHandler process per connection.
 
     The ForkingMixIn settings, and what each buys:
-
-    - ``max_children`` (``--max-children``): at most this many handlers at once.  When all
-      are busy, ``collect_children`` waits for one to exit before the next accept, so
-      further connections wait in the listen backlog;
-    - ``request_queue_size = SOMAXCONN``: that backlog, as long as the kernel allows, so
-      that waiting is all they do: none is refused;
-    - ``block_on_close = False``: shutdown waits for the handlers itself
-      (``serve_until_signalled``), so that a second signal can still stop them.
+    - ``max_children`` (--max-children): handlers at once.  When all are busy,
+      ``collect_children`` waits for one to exit before the next accept;
+    - ``request_queue_size = SOMAXCONN``: meanwhile further connections wait in a backlog
+      as long as the kernel allows, so none is refused;
+    - ``block_on_close = False``: ``serve_until_signalled`` waits for the handlers itself,
+      so that a second signal can still stop them.
     """
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
@@ -411,11 +383,8 @@ class BluServer(socketserver.ForkingTCPServer):
         super().__init__((options.address, options.port), RequestHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Fork a handler, and put it in a process group of its own from this side too.
-
-        The handler does it as well, but only once it runs: a second signal in between
-        would find no group to kill (shells do both, for the same reason).
-        """
+        """Fork a handler and put it in its own process group from this side too, as shells
+        do: the handler does it once it runs, and a second signal before that finds no group."""
         before = set(self.active_children or ())
         super().process_request(request, client_address)
         for pid in set(self.active_children or ()) - before:
@@ -423,12 +392,11 @@ class BluServer(socketserver.ForkingTCPServer):
                 os.setpgid(pid, pid)
 
     def collect_children(self, *, blocking: bool = False) -> None:
-        """Reap finished handlers; while all max_children are busy, wait for one or a signal.
+        """Reap finished handlers; while all max_children are busy, wait for one, or a signal.
 
-        ForkingMixIn's own wait, os.waitpid(-1, 0), is resumed after a signal (PEP 475),
-        so while full the server would not notice SIGTERM.  sigwait() returns for SIGCHLD
-        and for the shutdown signals alike; they are blocked before reaping, so one that
-        comes in between is kept pending for sigwait rather than missed.
+        ForkingMixIn's own wait, os.waitpid(-1, 0), resumes after a signal (PEP 475): while
+        full it would not notice SIGTERM.  sigwait() returns for SIGCHLD and SIGTERM alike;
+        blocked before the reaping, a signal that comes in between waits for it, not lost.
         """
         wake_signals = {signal.SIGCHLD, *SHUTDOWN_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
@@ -451,11 +419,8 @@ class BluServer(socketserver.ForkingTCPServer):
             self.active_children.discard(pid)  # type: ignore[union-attr]
 
     def service_actions(self) -> None:
-        """Between requests (every REAP_INTERVAL_S): reap handlers; leave serve_forever once signalled.
-
-        Leaving by an exception, not shutdown(): shutdown() waits for serve_forever to
-        return, which from inside serve_forever's own thread never happens.
-        """
+        """Between requests (every REAP_INTERVAL_S): reap; once signalled, leave serve_forever
+        by an exception, since shutdown() called from the serving thread waits for itself."""
         super().service_actions()
         if self.shutdown_signal:
             raise ShutdownRequested(self.shutdown_signal)
@@ -502,7 +467,7 @@ def serve_until_signalled(server: BluServer) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Evaluate batches of arithmetic expressions sent over TCP, in worker processes.\n"
-        "The protocol, every limit and the logs are described in README.md.",
+        "README.md describes the protocol, the limits and the logs.",
         epilog="examples:\n"
         "  python bluserver.py                  # localhost:1982, 2 workers per request\n"
         "  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v --log-format json\n"
@@ -517,17 +482,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("-n", "--workers", type=positive_int, default=2, help="worker processes per request (default: %(default)s)")
     add("-v", "--verbose", action="count", default=0, help="log events to stdout; -vv also each rejected line")
     add("--log-format", choices=("kv", "json"), default="kv", help="key=value lines or JSON (default: %(default)s)")
-    limits = parser.add_argument_group("limits (what happens at each: README.md, 'Limits')")
-    limit = limits.add_argument
+    limit = parser.add_argument_group("limits (README.md, 'Limits', says what happens at each)").add_argument
     limit("--max-bytes", type=positive_int, default=256 * 2**20, metavar="BYTES", help="largest request (256 MiB)")
     limit("--max-reply-bytes", type=positive_int, default=2**30, metavar="BYTES", help="reply budget (1 GiB)")
-    limit("--max-children", type=positive_int, default=16, metavar="N", help="requests at once (%(default)s)")
+    limit("--max-children", type=positive_int, default=16, metavar="N", help="requests handled at once (16)")
     limit("--client-timeout", dest="client_timeout_s", type=positive_float, default=30.0, metavar="SECONDS",
-          help="longest client silence, and the start of its allowance (%(default)s)")  # fmt: skip
+          help="longest silence of a client, and its initial allowance (30)")  # fmt: skip
     limit("--min-rate", type=positive_int, default=16384, metavar="BYTES_PER_S",
-          help="slowest steady transfer once the allowance is spent (%(default)s)")  # fmt: skip
+          help="slowest steady transfer, past the allowance (16384)")  # fmt: skip
     limit("--worker-timeout", dest="worker_timeout_s", type=positive_float, default=60.0, metavar="SECONDS",
-          help="longest a worker may go without reporting (%(default)s)")  # fmt: skip
+          help="longest silence of a worker (60; workers report every 0.5 s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -541,16 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = BluServer(options)
     except OSError as error:
-        print(f"bluserver: {describe_bind_error(error, options.address, options.port)}", file=sys.stderr)
+        where = f"port {options.port} is already in use (try -p)" if error.errno == errno.EADDRINUSE else (
+            f"cannot listen on {options.address}:{options.port}: {error.strerror or error}")  # fmt: skip
+        print(f"bluserver: {where}", file=sys.stderr)
         return 1
     serve_until_signalled(server)
     return 0
-
-
-def describe_bind_error(error: OSError, address: str, port: int) -> str:
-    if error.errno == errno.EADDRINUSE:
-        return f"port {port} is already in use (try -p)"
-    return f"cannot listen on {address}:{port}: {error.strerror or error}"
 
 
 if __name__ == "__main__":
