@@ -17,7 +17,7 @@ import grammar
 def scripted_lines(_: str) -> None:
     """Lines that script a worker; every other line is evaluated as usual.
 
-    ``gate PATH``       wait until the test opens and closes the FIFO at PATH; result 'released'
+    ``gate PATH``       wait until the test creates the file PATH; result 'released'
     ``sleep SECONDS``   work that long; result 'slept'
     ``hang-once PATH``  hang until killed if PATH does not exist (creating it); else 'resumed'
     ``die-once PATH``   exit at once if PATH does not exist (creating it); else 'resumed'
@@ -28,8 +28,7 @@ def scripted_lines(_: str) -> None:
     def scripted(line: str) -> str:
         command, _, argument = line.partition(" ")
         if command == "gate":
-            with open(argument) as fifo:
-                fifo.read()
+            wait_for(argument)
             return "released"
         if command == "sleep":
             time.sleep(float(argument))
@@ -65,14 +64,19 @@ def failing_worker_starts(times: str) -> None:
 
 
 def gated_handlers(path: str) -> None:
-    """Each handler waits, before it does anything, until the test opens and closes the FIFO at path."""
+    """Each handler waits, before it does anything, until the test creates the file at path."""
     import bluserver  # noqa: PLC0415 (here: the faults before it must be in place when it imports worker)
 
     setup = bluserver.RequestHandler.setup
 
     def gated_setup(self: bluserver.RequestHandler) -> None:
-        with open(path) as fifo:
-            fifo.read()
+        wait_for(path)
         setup(self)
 
     bluserver.RequestHandler.setup = gated_setup  # type: ignore[method-assign]
+
+
+def wait_for(path: str) -> None:
+    """Return once the file at path exists (the test's signal to go on)."""
+    while not os.path.exists(path):
+        time.sleep(0.01)

@@ -4,7 +4,7 @@ Every test runs real servers (conftest.start_server) on ephemeral 127.0.0.1 port
 JSON object per line, and waits for logged events or for /proc to show a state, never for
 time to pass.  Where a test needs a worker in a given state (waiting, hung, dead, not started)
 it scripts one with tests/faults.py: a line ``gate PATH`` holds its worker until the test
-opens and closes the FIFO at PATH.
+creates the file PATH.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -37,18 +35,9 @@ SHUTDOWN_SIGNALS = [signal.SIGTERM, signal.SIGINT]
 # --- Helpers. ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def gate(tmp_path: Path, name: str = "gate") -> Iterator[Path]:
-    """A FIFO that a scripted ``gate PATH`` line waits on; open() it for writing to release it."""
-    path = tmp_path / name
-    os.mkfifo(path)
-    yield path
-
-
 def release(path: Path) -> None:
-    """Let every worker (or handler) waiting on the FIFO at path go on."""
-    descriptor = os.open(path, os.O_WRONLY)  # blocks until a waiter has opened it
-    os.close(descriptor)
+    """Let every worker (or handler) waiting on the gate at path go on, now and from now on."""
+    path.touch()
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -265,12 +254,12 @@ def test_client_resetting_during_evaluation_ends_its_handler_and_workers(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server(*LOG, **SCRIPTED)
-    with gate(tmp_path) as path:
-        sock = server.connect()
-        send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
-        server.wait_for_event("Worker started", worker="worker-2")
-        reset(sock)
-        server.wait_until_idle()
+    path = tmp_path / "gate"
+    sock = server.connect()
+    send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
+    server.wait_for_event("Worker started", worker="worker-2")
+    reset(sock)
+    server.wait_until_idle()
     assert server.wait_for_event("Client failed after sending")["reason"].startswith(f"[Errno {errno.ECONNRESET}]")
 
 
@@ -323,7 +312,8 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
-    with gate(tmp_path) as path, server.connect() as sock:
+    path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
+    with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n".encode()])
         started = server.wait_for_event("Worker started")
         os.kill(started["pid"], signal.SIGSTOP)  # the handler: it cannot read what the worker sends
@@ -341,7 +331,8 @@ def test_workers_are_forked_from_the_handler_and_hold_only_their_pipe_whatever_t
     start_server: StartServer, tmp_path: Path, start_method: str
 ) -> None:
     server = start_server(*LOG, "-n", "1", start_method=start_method, **SCRIPTED)
-    with gate(tmp_path) as path, server.connect() as sock:
+    path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
+    with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n".encode()])
         started = server.wait_for_event("Worker started")
         worker = started["worker_pid"]
@@ -370,18 +361,15 @@ def test_max_children_bounds_the_handlers_while_every_waiting_connection_is_serv
     start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server(*LOG, "--max-children", "2", **SCRIPTED)
-    with gate(tmp_path) as path:
-        sockets = [server.connect() for _ in range(3)]  # all three connect: none is refused
-        for sock in sockets:
-            send_frame(sock, [f"gate {path}\n".encode()])
-        wait_until(lambda: len(server.events("Worker started")) == 2, "two requests in flight")
-        release(path)
-        replies = [recv_frame(sock) for sock in sockets[:2]]
-        wait_until(lambda: len(server.events("Worker started")) == 3, "the third request, once a slot is free")
-        release(path)
-        replies.append(recv_frame(sockets[2]))
-        for sock in sockets:
-            sock.close()
+    path = tmp_path / "gate"
+    sockets = [server.connect() for _ in range(3)]  # all three connect: none is refused
+    for sock in sockets:
+        send_frame(sock, [f"gate {path}\n".encode()])
+    wait_until(lambda: len(server.events("Worker started")) == 2, "two requests in flight")
+    release(path)
+    replies = [recv_frame(sock) for sock in sockets]
+    for sock in sockets:
+        sock.close()
     assert replies == [b"released\n"] * 3
     events = [event["event"] for event in server.events()]
     assert events[: events.index("Request served")].count("Incoming connection") == 2
@@ -396,7 +384,8 @@ def test_shutdown_signal_refuses_new_connections_and_finishes_the_request_in_fli
     start_server: StartServer, tmp_path: Path, signum: signal.Signals, max_children: str
 ) -> None:
     server = start_server(*LOG, "--max-children", max_children, **SCRIPTED)
-    with gate(tmp_path) as path, server.connect() as sock:
+    path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
+    with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
         server.wait_for_event("Worker started", worker="worker-1")
         server.process.send_signal(signum)
@@ -414,7 +403,8 @@ def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
     start_server: StartServer, tmp_path: Path, max_children: str
 ) -> None:
     server = start_server(*LOG, "--max-children", max_children, **SCRIPTED)
-    with gate(tmp_path) as path, server.connect() as sock:
+    path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
+    with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
         server.wait_for_event("Worker started", worker="worker-2")
         server.process.send_signal(signal.SIGTERM)
@@ -428,15 +418,15 @@ def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
 
 
 def test_second_signal_ends_a_handler_that_has_not_started_running(start_server: StartServer, tmp_path: Path) -> None:
-    with gate(tmp_path) as path:
-        server = start_server(*LOG, faults=[f"gated_handlers:{path}"])
-        with server.connect():
-            wait_until(server.handlers, "the handler to be forked")
-            server.process.send_signal(signal.SIGTERM)
-            server.wait_for_event("Shutting down")
-            server.process.send_signal(signal.SIGTERM)
-            assert server.process.wait(EVENT_TIMEOUT_S) == 1
-            wait_until(lambda: not session_processes(server.pid), "the handler, still gated, to be killed")
+    path = tmp_path / "gate"
+    server = start_server(*LOG, faults=[f"gated_handlers:{path}"])
+    with server.connect():
+        wait_until(server.handlers, "the handler to be forked")
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for_event("Shutting down")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(EVENT_TIMEOUT_S) == 1
+        wait_until(lambda: not session_processes(server.pid), "the handler, still gated, to be killed")
 
 
 @pytest.mark.slow
