@@ -346,7 +346,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         """
         deadline = time.monotonic() + LINGER_S
         with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
-            send_frame(self.request, [reply], self.pace())
+            send_frame(self.request, [reply])
             self.request.shutdown(socket.SHUT_WR)
             self.request.settimeout(LINGER_S)
             while time.monotonic() < deadline and self.request.recv(1024 * 1024):

@@ -17,18 +17,16 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
-from typing import Callable, TypeVar
+from typing import Callable
 
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
 RECV_BYTES = 1024 * 1024  # upper bound on one recv() call
 SEND_BYTES = 1024 * 1024  # upper bound on one send() call
 PROGRESS_MIN_BYTES = 1024 * 1024  # smaller inputs finish before a progress line helps
-KEEPALIVE_IDLE_S = 60  # a silent server is probed after this long, then every ...
-KEEPALIVE_INTERVAL_S = 10  # ... this long, and declared dead after KEEPALIVE_PROBES misses
-KEEPALIVE_PROBES = 6
+# TCP keepalive: a silent server is probed after 60 s, every 10 s, and is dead after 6 misses.
+KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
 
 Pace = Callable[[int], None]  # called with the bytes moved so far, before each wait
-Number = TypeVar("Number", int, float)
 
 
 class ClosedEarly(ConnectionError):
@@ -59,20 +57,16 @@ def recv_frame(sock: socket.socket, pace: Pace | None = None) -> bytearray:
     return recv_exactly(sock, size, pace)
 
 
-def send_frame(sock: socket.socket, blocks: Sequence[bytes], pace: Pace | None = None) -> None:
+def send_frame(sock: socket.socket, blocks: Sequence[bytes]) -> None:
     """Send the concatenation of blocks as one length-prefixed message.
 
     Not sendall(): its timeout bounds the whole message, which would cut off a slow but
     steady reader of a large one.  Here the socket's timeout bounds each wait for room.
     """
-    sent = 0
     for block in (HEADER.pack(sum(len(block) for block in blocks)), *blocks):
         unsent = memoryview(block)
         while unsent:
-            if pace:
-                pace(sent)
-            count = sock.send(unsent[:SEND_BYTES])
-            unsent, sent = unsent[count:], sent + count
+            unsent = unsent[sock.send(unsent[:SEND_BYTES]) :]
 
 
 def count_lines(data: bytes | bytearray) -> int:
@@ -91,18 +85,19 @@ def port_number(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    return _positive(int(text), text)
-
-
 def positive_float(text: str) -> float:
-    return _positive(float(text), text)
-
-
-def _positive(value: Number, text: str) -> Number:
+    """argparse type for a number greater than 0."""
+    value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a whole number greater than 0."""
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number greater than 0, not {text}")
+    return int(text)
 
 
 def read_input(path: str) -> bytes:
@@ -142,10 +137,9 @@ def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
     # the body back until the header is acknowledged (~40 ms).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):  # not on every platform; the OS defaults apply there
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    for option, value in KEEPALIVE.items():
+        if hasattr(socket, option):  # not on every platform; the OS defaults apply there
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return sock
 
 
