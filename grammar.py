@@ -1,8 +1,7 @@
 """The arithmetic language: one pyparsing grammar, its evaluation, and fast paths.
 
-A worker (worker.py) calls ``evaluate_line`` once per line and gets the text of its result:
-a number, ``""`` for a blank line, or ``error: <reason>``.  No line can make this module
-raise, hang or exhaust memory: each limit is checked before the costly work.
+A worker (worker.py) calls ``evaluate_line`` per line for its result: a number, ``""`` for a
+blank line, or ``error: <reason>``.  No line makes it raise, hang or exhaust memory.
 
 The language is Python's arithmetic on non-negative literals.  Its grammar, top-down; each
 rule is the pyparsing element of the same name (the last three: pieces of its regexes)::
@@ -25,11 +24,10 @@ signs (``-2 ** 2`` is -4, ``2 ** -1`` is 0.5).
 ``run``, ``opening`` and ``operator`` are each one regular expression, and so is a line or
 a group without parentheses inside (``UNNESTED``): pyparsing only walks real nesting.
 Parsing yields tokens (numbers, operators with signs, a ``Parenthesized`` list per group);
-``evaluate`` folds them by precedence, computing each operation when Python would with
-Python's operators, so results, and which of several faults is reported, are Python's.
-``evaluate_flat`` is a faster path for the original's flat form: ``1 + 2 * 3 / 4``.
-test_grammar.py proves the paths equal to each other and to the grammar before its
-optimisation (tests/grammar_oracle.py).
+``evaluate`` folds them by precedence, computing each operation when Python would, so the
+results, and which of several faults is reported, are Python's.  ``evaluate_flat`` is a
+faster path for the original's flat form (``1 + 2 * 3``).  test_grammar.py proves all paths
+equal, and equal to the grammar before its optimisation (tests/grammar_oracle.py).
 """
 
 from __future__ import annotations
@@ -148,9 +146,7 @@ line.parse_with_tabs()  # report columns in the line as sent, not with tabs expa
 
 def evaluate(tokens: list[Token]) -> Number:
     """The value of an expr's tokens; raises EvaluationError, ZeroDivisionError or OverflowError.
-
-    An operator waits on a stack until the next one binds no tighter, so each is computed
-    when Python computes it."""
+    Each operator waits on a stack until the next binds no tighter: Python's order."""
     values: list[Number] = []
     waiting: list[str] = []
     operand_next = True
@@ -214,9 +210,8 @@ def parsed_tokens(text: str) -> list[Token]:
 # The flat form as the original's files write it: integers and + - * / with single
 # spaces between, so that its tokens are line.split(" ").  Other spacing is unnested.
 FLAT = re.compile(r"[0-9]+(?: [-+*/] [0-9]+)*")
-# No integer in a flat line this short can reach MAX_INT_DIGITS: a product has at most
-# as many digits as its factors together, and each sum adds at most one digit per term
-# count's decade.  So the fast path needs no size checks at all.
+# No integer in a flat line this short reaches MAX_INT_DIGITS (a product has at most the
+# digits of its factors, a sum of n terms log10(n) more): the flat path checks no sizes.
 FLAT_MAX_CHARS = 4000
 
 

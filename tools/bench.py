@@ -450,6 +450,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.setrecursionlimit(grammar.RECURSION_LIMIT)  # as a worker does, for the in-process evaluators
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     if args.repeats:
         plan = dataclasses.replace(plan, repeats=args.repeats)
