@@ -12,7 +12,7 @@ WORKERS ?= 2
 INSTANCES ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help run cluster test coverage bench load lint dist clean
+.PHONY: help run cluster test coverage bench limits load lint dist clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,6 +43,9 @@ coverage: $(VENV)/.dev ## run the tests measuring every process (server, handler
 
 bench: $(VENV)/.dev ## measure evaluation and end-to-end speed and memory (tools/bench.py)
 	$(BIN)/python -m tools.bench
+
+limits: $(VENV)/.dev ## measure what the README's limits promise, against real servers (tools/limits.py)
+	$(BIN)/python -m tools.limits
 
 load: $(VENV)/.dev ## 50 concurrent clients x 2,000 lines, every reply verified (tools/load.py)
 	$(BIN)/python -m tools.load
