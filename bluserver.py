@@ -84,14 +84,8 @@ class EventFormatter(logging.Formatter):
 server_events = EventLog(logger, {})  # the server's own events, outside any request
 
 
-# --- The handler's side of the workers. ------------------------------------------------------
-
-
 def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]]:
-    """Cut payload into at most count byte ranges of whole lines and about equal size.
-
-    Never more ranges than lines, none for an empty payload.
-    """
+    """At most count byte ranges of whole lines of about equal size; none for no payload."""
     bounds: list[tuple[int, int]] = []
     start, size = 0, len(payload)
     for number in range(1, count + 1):
@@ -149,26 +143,22 @@ class Slice:
         self.fail_the_rest()
 
     def receive(self, events: EventLog) -> None:
-        """Take every message the worker has sent so far; if it died, rerun what is left."""
+        """Spool every result block the worker has sent so far, up to its b"" (done); if it
+        died, rerun what is left."""
         assert self.conn, "only a running worker sends"
         try:
             while not self.done and self.conn.poll():
-                self.take(self.conn.recv_bytes(), events)
+                block = self.conn.recv_bytes()
+                self.heard_at, self.done = time.monotonic(), not block
+                if self.done:
+                    events.info("Worker finished", worker=self.name, lines=self.lines, attempt=self.attempts)
+                self.results.write(block)
+                self.lines_this_attempt += block.count(b"\n")
+                self.lines += block.count(b"\n")
+                self.error_lines += block.count(b"error: ")
+                self.reply_budget -= len(block)
         except (EOFError, OSError):
             self.retry("died", events)
-
-    def take(self, block: bytes, events: EventLog) -> None:
-        """Spool a result block; an empty one means the worker has answered every line."""
-        self.heard_at = time.monotonic()
-        if not block:
-            self.done = True
-            events.info("Worker finished", worker=self.name, lines=self.lines, attempt=self.attempts)
-            return
-        self.results.write(block)
-        self.lines_this_attempt += block.count(b"\n")
-        self.lines += block.count(b"\n")
-        self.error_lines += block.count(b"error: ")
-        self.reply_budget -= len(block)
 
     def retry(self, reason: str, events: EventLog) -> None:
         """Stop the worker; run the lines it has not answered once more, if attempts are left."""
@@ -189,22 +179,19 @@ class Slice:
 
     def stop_worker(self) -> None:
         """Kill the worker unless it has finished its slice, then reap it."""
-        if self.conn:
+        if self.conn and self.process:
             self.conn.close()
-        if self.process and not self.done:
-            self.process.kill()
-        if self.process:
+            if not self.done:
+                self.process.kill()
             self.process.join()
         self.process = self.conn = None
 
 
 def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float, events: EventLog) -> None:
-    """Wait until a worker sends something or is silent too long, or the client hangs up.
-
-    The client's socket is watched until it first becomes readable: a reset raises
-    ConnectionResetError, since the work is for nobody; end of file is a half-close after
-    sending (as the original's client does), and the request is served.
-    """
+    """Wait until a worker sends something or is silent too long, or the client hangs up:
+    the client's socket is watched until it first becomes readable.  A reset raises
+    ConnectionResetError (the work is for nobody); end of file is a half-close after sending,
+    as the original's client does, and the request is served."""
     running = {slice_.conn: slice_ for slice_ in slices if slice_.conn and not slice_.done}
     silent_s = time.monotonic() - min(slice_.heard_at for slice_ in running.values())
     for ready in wait([*running, *client], timeout=max(0.0, worker_timeout_s - silent_s)):
@@ -225,9 +212,7 @@ def evaluate_in_workers(
     payload: bytearray, client: socket.socket, options: argparse.Namespace, events: EventLog
 ) -> Iterator[list[Slice]]:
     """Evaluate payload in up to options.workers workers; yield its slices, results spooled.
-
-    Workers are joined when the with-block ends, after the reply: reaping costs the client nothing.
-    """
+    Workers are joined when the with-block ends, after the reply: reaping costs the client nothing."""
     bounds = slice_bounds(payload, options.workers)
     slices = [Slice(payload, bound, options.max_reply_bytes, f"worker-{n}") for n, bound in enumerate(bounds, 1)]
     try:
@@ -243,11 +228,12 @@ def evaluate_in_workers(
             slice_.results.close()
 
 
-# --- The handler process: one per connection. ------------------------------------------------
-
-
 class RequestTooLarge(Exception):
     """A request declared more bytes than --max-bytes allows."""
+
+
+class ShutdownRequested(Exception):
+    """Leaves serve_forever after the first SIGINT or SIGTERM."""
 
 
 class RequestHandler(socketserver.BaseRequestHandler):
@@ -339,11 +325,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
                     self.events.debug("Line rejected", line=repr(line)[:80], reason=reason)
 
     def reply_and_linger(self, reply: bytes) -> None:
-        """Send reply, then discard what the client still sends, for LINGER_S at most.
-
-        Closing a socket with unread data makes the kernel send a reset, which can destroy
-        the reply before the client reads it (nginx calls this a lingering close).
-        """
+        """Send reply, then discard what the client still sends, for LINGER_S at most: closing
+        with unread data sends a reset, which can destroy the reply before the client reads it
+        (nginx calls this a lingering close)."""
         deadline = time.monotonic() + LINGER_S
         with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
             send_frame(self.request, [reply])
@@ -351,13 +335,6 @@ class RequestHandler(socketserver.BaseRequestHandler):
             self.request.settimeout(LINGER_S)
             while time.monotonic() < deadline and self.request.recv(1024 * 1024):
                 pass
-
-
-# --- The server process. ---------------------------------------------------------------------
-
-
-class ShutdownRequested(Exception):
-    """Leaves serve_forever after the first SIGINT or SIGTERM."""
 
 
 class BluServer(socketserver.ForkingTCPServer):
@@ -393,11 +370,9 @@ class BluServer(socketserver.ForkingTCPServer):
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap finished handlers; while all max_children are busy, wait for one, or a signal.
-
-        ForkingMixIn's own wait, os.waitpid(-1, 0), resumes after a signal (PEP 475): while
-        full it would not notice SIGTERM.  sigwait() returns for SIGCHLD and SIGTERM alike;
-        blocked before the reaping, a signal that comes in between waits for it, not lost.
-        """
+        ForkingMixIn's own wait, os.waitpid(-1, 0), resumes after a signal (PEP 475): full, it
+        would not notice SIGTERM.  sigwait() returns for SIGCHLD and SIGTERM alike; blocked
+        before the reaping, a signal that comes in between waits for it instead of being lost."""
         wake_signals = {signal.SIGCHLD, *SHUTDOWN_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
         try:
@@ -459,9 +434,6 @@ def serve_until_signalled(server: BluServer) -> None:
             except ChildProcessError:
                 break
         server_events.warning("Server stopped")
-
-
-# --- Command line. ---------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

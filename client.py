@@ -1,12 +1,9 @@
 """bluserver's client, and the wire protocol both sides speak.
 
-One file, standard library only: copy it anywhere next to a Python 3.9+ and run
-
-    python client.py operations.txt output.txt -a localhost -p 1982
-
-It sends the input file as one request and writes one result line per input line.  The
-framing functions below are the protocol itself (README.md, "The protocol"); bluserver.py
-imports them, so the two sides cannot drift apart.
+One file, standard library only: ``python client.py operations.txt output.txt`` sends the
+input as one request and writes one result line per input line.  The framing functions
+below are the protocol (README.md, "The protocol"); bluserver.py imports them, so the two
+sides cannot drift apart.
 """
 
 from __future__ import annotations
@@ -74,11 +71,9 @@ def count_lines(data: bytes | bytearray) -> int:
     return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
 
-# --- The command line (port_number and the positive types serve bluserver.py too). ---------
-
-
 def port_number(text: str) -> int:
-    """argparse type for a TCP port; 0 lets the server pick any free port."""
+    """argparse type for a TCP port; 0 lets the server pick any free port.  (This and the
+    two below serve bluserver.py's command line too.)"""
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0-65535, not {text}")
@@ -102,9 +97,7 @@ def positive_int(text: str) -> int:
 
 def read_input(path: str) -> bytes:
     """The request payload: a file, or stdin for '-'."""
-    if path == "-":
-        return sys.stdin.buffer.read()
-    with open(path, "rb") as stream:
+    with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as stream:
         return stream.read()
 
 
@@ -121,17 +114,13 @@ def format_output(payload: bytes, reply: bytes, style: str) -> bytes:
 
 
 def show_progress(message: str) -> None:
-    sys.stderr.write(f"\r\x1b[Kclient: {message}")
-    sys.stderr.flush()
+    print(f"\r\x1b[Kclient: {message}", end="", file=sys.stderr, flush=True)
 
 
 def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
-    """A connection to the server that waits as long as the server lives, or timeout_s.
-
-    The server sends nothing until the whole reply is ready, which for a large request
-    can take minutes: silence alone says nothing.  TCP keepalive probes tell a dead
-    server (or a broken network) from a busy one.
-    """
+    """A connection that waits as long as the server lives, or timeout_s: the server sends
+    nothing until the reply is ready, which can take minutes, so silence alone says
+    nothing.  TCP keepalive probes tell a dead server (or network) from a busy one."""
     sock = socket.create_connection((address, port), timeout=timeout_s)
     # Header and body are separate writes: without NODELAY, Nagle's algorithm would hold
     # the body back until the header is acknowledged (~40 ms).
@@ -175,14 +164,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("output", nargs="?", default="output.txt", help="where to write results; '-' is stdout (default: %(default)s)")
     add("-a", "--address", default="localhost", help="server address (default: %(default)s)")
     add("-p", "--port", type=port_number, default=1982, help="server port (default: %(default)s)")
-    add(
-        "--timeout", type=positive_float, metavar="SECONDS",
-        help="give up when the server is silent this long (default: wait while the server is alive)",
-    )  # fmt: skip
-    add(
-        "--format", choices=("plain", "equation"), default="plain",
-        help="plain: the results as sent; equation: 'expression = result' (default: %(default)s)",
-    )  # fmt: skip
+    add("--timeout", type=positive_float, metavar="SECONDS",
+        help="give up when the server is silent this long (default: wait while the server is alive)")  # fmt: skip
+    add("--format", choices=("plain", "equation"), default="plain",
+        help="plain: the results as sent; equation: 'expression = result' (default: %(default)s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -213,11 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_output(path: str, output: bytes) -> None:
-    if path == "-":
-        sys.stdout.buffer.write(output)
-        sys.stdout.buffer.flush()
-        return
-    with open(path, "wb") as stream:
+    with open(sys.stdout.fileno() if path == "-" else path, "wb", closefd=path != "-") as stream:
         stream.write(output)
 
 

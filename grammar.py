@@ -50,6 +50,7 @@ INT_LIMIT = 10**MAX_INT_DIGITS  # the smallest integer with too many digits
 RECURSION_LIMIT = 6000
 
 NOT_UTF8 = "error: not valid UTF-8"
+NOT_UTF8_BYTE = re.compile("[\udc80-\udcff]")  # how worker.py decodes a byte that is not UTF-8
 FLOAT_OVERFLOW = "number too large for a float"
 TOO_MANY_DIGITS = f"number too large (over {MAX_INT_DIGITS} digits)"
 
@@ -247,8 +248,8 @@ def evaluate_line(line: str) -> str:
         if not line.strip(" \t"):
             return ""
         return format_number(evaluate_expression(line))
-    except EvaluationError as error:
-        return f"error: {error}"
+    except EvaluationError as error:  # which a line with a byte that is not UTF-8 always is
+        return NOT_UTF8 if NOT_UTF8_BYTE.search(line) else f"error: {error}"
     except ZeroDivisionError:
         return "error: division by zero"
     except OverflowError:

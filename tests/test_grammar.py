@@ -201,10 +201,9 @@ def test_first_error_in_python_evaluation_order_is_reported() -> None:
     assert evaluate_line("1 / 0 * (-8) ** 0.5") == DIVISION_BY_ZERO
 
 
-def test_lone_surrogate_gives_an_error_instead_of_raising() -> None:
-    # A str that cannot be encoded as UTF-8: worker.py never passes one, but the
-    # contract of evaluate_line is "never raises" for any str.
-    assert evaluate_line("1 + \udcff").startswith("error: ")
+def test_byte_that_is_not_utf8_decoded_as_a_lone_surrogate_gives_the_not_utf8_error() -> None:
+    # worker.py decodes with surrogateescape: b"1 + \xff" arrives as "1 + \udcff".
+    assert evaluate_line(b"1 + \xff".decode("utf-8", "surrogateescape")) == "error: not valid UTF-8"
 
 
 # --- Limits. ---------------------------------------------------------------------------
