@@ -356,15 +356,16 @@ class BluServer(socketserver.ForkingTCPServer):
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
         self.max_children = options.max_children
+        self.active_children: set[int] = set()  # the handlers' pids
         self.shutdown_signal: str | None = None  # set by the first SIGINT or SIGTERM
         super().__init__((options.address, options.port), RequestHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Fork a handler and put it in its own process group from this side too, as shells
         do: the handler does it once it runs, and a second signal before that finds no group."""
-        before = set(self.active_children or ())
+        before = set(self.active_children)
         super().process_request(request, client_address)
-        for pid in set(self.active_children or ()) - before:
+        for pid in self.active_children - before:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.setpgid(pid, pid)
 
@@ -377,7 +378,7 @@ class BluServer(socketserver.ForkingTCPServer):
         signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
         try:
             self.reap_finished()
-            while len(self.active_children or ()) >= self.max_children and not self.shutdown_signal:
+            while len(self.active_children) >= self.max_children and not self.shutdown_signal:
                 signum = signal.sigwait(wake_signals)
                 if signum == signal.SIGCHLD:
                     self.reap_finished()
@@ -387,11 +388,9 @@ class BluServer(socketserver.ForkingTCPServer):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, wake_signals)
 
     def reap_finished(self) -> None:
-        for pid in list(self.active_children or ()):
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue  # still running
-            self.active_children.discard(pid)  # type: ignore[union-attr]
+        with contextlib.suppress(ChildProcessError):  # no child left
+            while pid := os.waitpid(-1, os.WNOHANG)[0]:  # 0: none has finished
+                self.active_children.discard(pid)
 
     def service_actions(self) -> None:
         """Between requests (every REAP_INTERVAL_S): reap; once signalled, leave serve_forever
@@ -409,7 +408,7 @@ def serve_until_signalled(server: BluServer) -> None:
         server.shutdown_signal = signal.Signals(signum).name
 
     def stop_now(signum: int, frame: object) -> None:
-        for pid in list(server.active_children or ()):
+        for pid in list(server.active_children):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # the handler's group: it and its workers
         server_events.warning("Stopped at once", signal=signal.Signals(signum).name)
@@ -426,7 +425,7 @@ def serve_until_signalled(server: BluServer) -> None:
         for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, stop_now)
         server.server_close()  # stop accepting: new connections are refused from here on
-        in_flight = server.active_children or set()
+        in_flight = server.active_children
         server_events.warning("Shutting down", signal=str(signalled), requests_in_flight=len(in_flight))
         while in_flight:
             try:

@@ -1,10 +1,9 @@
 """The arithmetic language: one pyparsing grammar, its evaluation, and fast paths.
 
 A worker (worker.py) calls ``evaluate_line`` per line for its result: a number, ``""`` for a
-blank line, or ``error: <reason>``.  No line makes it raise, hang or exhaust memory.
-
-The language is Python's arithmetic on non-negative literals.  Its grammar, top-down; each
-rule is the pyparsing element of the same name (the last three: pieces of its regexes)::
+blank line, or ``error: <reason>``; no line makes it raise, hang or exhaust memory.  The
+grammar, top-down; each rule is the pyparsing element of that name (the last three: pieces
+of its regexes)::
 
     line      ::= signs expr end_of_line
     expr      ::= operand (operator operand)*
@@ -17,17 +16,12 @@ rule is the pyparsing element of the same name (the last three: pieces of its re
     binary    ::= '+' | '-' | '*' | '//' | '/' | '%' | '**'
     number    ::= digit+ ['.' digit+]          digit: ASCII 0-9 only
 
-Spaces and tabs may stand between tokens.  Operators bind as in Python, loosest first:
-binary ``+ -``; ``* / // %``; a sign; ``**``, right to left, its right operand may carry
-signs (``-2 ** 2`` is -4, ``2 ** -1`` is 0.5).
-
-``run``, ``opening`` and ``operator`` are each one regular expression, and so is a line or
-a group without parentheses inside (``UNNESTED``): pyparsing only walks real nesting.
-Parsing yields tokens (numbers, operators with signs, a ``Parenthesized`` list per group);
-``evaluate`` folds them by precedence, computing each operation when Python would, so the
-results, and which of several faults is reported, are Python's.  ``evaluate_flat`` is a
-faster path for the original's flat form (``1 + 2 * 3``).  test_grammar.py proves all paths
-equal, and equal to the grammar before its optimisation (tests/grammar_oracle.py).
+Spaces and tabs may stand between tokens; operators bind as in Python (PRECEDENCE).  A line
+or group without parentheses inside is one regular expression (UNNESTED): pyparsing walks
+only real nesting.  Parsing yields tokens; ``evaluate`` folds them by precedence, computing
+each operation when Python would, so the results, and which of several faults is reported,
+are Python's.  ``evaluate_flat`` is a faster path for the original's flat form
+(``1 + 2 * 3``); tests/test_grammar.py proves every path equal to the others.
 """
 
 from __future__ import annotations
@@ -75,7 +69,8 @@ BINARY_OPERATORS: dict[str, Callable[[Number, Number], Number | complex]] = {
     "+": add, "-": sub, "*": mul, "/": truediv, "//": floordiv, "%": mod, "**": _power
 }  # fmt: skip
 NEGATE = "negate"  # a unary minus waiting for its operand's value
-# Higher binds tighter; see the table in the module docstring.
+# Higher binds tighter, as in Python: a sign binds looser than a '**' on its right (-2 ** 2
+# is -4), which groups right to left (2 ** 3 ** 2 is 512).
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, NEGATE: 3, "**": 4}
 
 
