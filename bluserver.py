@@ -107,10 +107,9 @@ class Slice:
     ``start`` moves past the lines answered, so that a rerun does only the rest.
     """
 
-    def __init__(self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, name: str) -> None:
-        self.payload, self.bounds, self.name = payload, bounds, name
+    def __init__(self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, events: EventLog) -> None:
+        self.payload, self.bounds, self.reply_limit, self.events = payload, bounds, reply_limit, events
         self.start, self.end = bounds
-        self.reply_limit = reply_limit
         self.reply_budget = reply_limit * (self.end - self.start) // len(payload)  # this slice's share
         self.results: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by evaluate_in_workers)
         self.lines = self.error_lines = self.lines_this_attempt = self.attempts = 0
@@ -119,54 +118,56 @@ class Slice:
         self.heard_at = 0.0  # when the worker last sent something (or started)
         self.done = False
 
-    def start_worker(self, events: EventLog) -> None:
+    def start_worker(self, name: str) -> None:
         """Start a worker on the lines not yet answered; once out of attempts, fail them."""
         while self.attempts < ATTEMPTS:
             self.attempts += 1
             self.conn, child_conn = WORKERS.Pipe(duplex=False)
             args = (child_conn, self.payload, (self.start, self.end), self.reply_budget, self.reply_limit)
-            self.process = WORKERS.Process(target=worker.run, args=args, name=self.name)
+            self.process = WORKERS.Process(target=worker.run, args=args, name=name)
             try:
                 self.process.start()
             except OSError as error:  # e.g. EAGAIN: too many processes
                 self.conn.close()
                 self.process = self.conn = None
-                events.warning(
-                    "Worker failed", worker=self.name, reason=f"cannot start: {error}", attempt=self.attempts
+                self.events.warning(
+                    "Worker failed", worker=name, reason=f"cannot start: {error}", attempt=self.attempts
                 )
                 continue
             finally:
                 child_conn.close()  # so that the worker's death shows here as end of file
             self.heard_at, self.lines_this_attempt = time.monotonic(), 0
-            events.info("Worker started", worker=self.name, worker_pid=self.process.pid, attempt=self.attempts)
+            self.events.info("Worker started", worker=name, worker_pid=self.process.pid, attempt=self.attempts)
             return
         self.fail_the_rest()
 
-    def receive(self, events: EventLog) -> None:
-        """Spool every result block the worker has sent so far, up to its b"" (done); if it
-        died, rerun what is left."""
-        assert self.conn, "only a running worker sends"
+    def receive(self) -> None:
+        """Spool every block the worker has sent so far, up to b"" (done); if it died, rerun the rest."""
+        assert self.conn and self.process, "only a running worker sends"
         try:
             while not self.done and self.conn.poll():
                 block = self.conn.recv_bytes()
                 self.heard_at, self.done = time.monotonic(), not block
-                if self.done:
-                    events.info("Worker finished", worker=self.name, lines=self.lines, attempt=self.attempts)
                 self.results.write(block)
                 self.lines_this_attempt += block.count(b"\n")
                 self.lines += block.count(b"\n")
                 self.error_lines += block.count(b"error: ")
                 self.reply_budget -= len(block)
         except (EOFError, OSError):
-            self.retry("died", events)
+            self.retry("died")
+            return
+        if self.done:
+            self.events.info("Worker finished", worker=self.process.name, lines=self.lines, attempt=self.attempts)
 
-    def retry(self, reason: str, events: EventLog) -> None:
+    def retry(self, reason: str) -> None:
         """Stop the worker; run the lines it has not answered once more, if attempts are left."""
+        assert self.process, "only a running worker fails"
+        name = self.process.name
         self.stop_worker()
-        events.warning("Worker failed", worker=self.name, reason=reason, attempt=self.attempts)
+        self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
         for _ in range(self.lines_this_attempt):
             self.start = self.payload.index(b"\n", self.start) + 1
-        self.start_worker(events)
+        self.start_worker(name)
 
     def fail_the_rest(self) -> None:
         """Answer every line not yet answered with an error line."""
@@ -187,7 +188,7 @@ class Slice:
         self.process = self.conn = None
 
 
-def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float, events: EventLog) -> None:
+def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float) -> None:
     """Wait until a worker sends something or is silent too long, or the client hangs up:
     the client's socket is watched until it first becomes readable.  A reset raises
     ConnectionResetError (the work is for nobody); end of file is a half-close after sending,
@@ -199,12 +200,12 @@ def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeo
             ready.recv(1)
             client.clear()
         else:
-            running[ready].receive(events)  # type: ignore[index]
+            running[ready].receive()  # type: ignore[index]
     for slice_ in running.values():
         if not slice_.done and time.monotonic() - slice_.heard_at >= worker_timeout_s:
-            slice_.receive(events)  # it may have reported since the wait ended
+            slice_.receive()  # it may have reported since the wait ended
             if not slice_.done and time.monotonic() - slice_.heard_at >= worker_timeout_s:
-                slice_.retry("stuck", events)
+                slice_.retry("stuck")
 
 
 @contextlib.contextmanager
@@ -213,14 +214,15 @@ def evaluate_in_workers(
 ) -> Iterator[list[Slice]]:
     """Evaluate payload in up to options.workers workers; yield its slices, results spooled.
     Workers are joined when the with-block ends, after the reply: reaping costs the client nothing."""
-    bounds = slice_bounds(payload, options.workers)
-    slices = [Slice(payload, bound, options.max_reply_bytes, f"worker-{n}") for n, bound in enumerate(bounds, 1)]
+    slices = [
+        Slice(payload, bounds, options.max_reply_bytes, events) for bounds in slice_bounds(payload, options.workers)
+    ]
     try:
-        for slice_ in slices:
-            slice_.start_worker(events)
+        for number, slice_ in enumerate(slices, 1):
+            slice_.start_worker(f"worker-{number}")
         watched_client = [client]
         while not all(slice_.done for slice_ in slices):
-            await_workers(slices, watched_client, options.worker_timeout_s, events)
+            await_workers(slices, watched_client, options.worker_timeout_s)
         yield slices
     finally:
         for slice_ in slices:
@@ -377,20 +379,16 @@ class BluServer(socketserver.ForkingTCPServer):
         wake_signals = {signal.SIGCHLD, *SHUTDOWN_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
         try:
-            self.reap_finished()
-            while len(self.active_children) >= self.max_children and not self.shutdown_signal:
-                signum = signal.sigwait(wake_signals)
-                if signum == signal.SIGCHLD:
-                    self.reap_finished()
-                else:
+            while True:
+                with contextlib.suppress(ChildProcessError):  # no child left
+                    while pid := os.waitpid(-1, os.WNOHANG)[0]:  # 0: none has finished
+                        self.active_children.discard(pid)
+                if len(self.active_children) < self.max_children or self.shutdown_signal:
+                    return
+                if (signum := signal.sigwait(wake_signals)) != signal.SIGCHLD:
                     self.shutdown_signal = signal.Signals(signum).name
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, wake_signals)
-
-    def reap_finished(self) -> None:
-        with contextlib.suppress(ChildProcessError):  # no child left
-            while pid := os.waitpid(-1, os.WNOHANG)[0]:  # 0: none has finished
-                self.active_children.discard(pid)
 
     def service_actions(self) -> None:
         """Between requests (every REAP_INTERVAL_S): reap; once signalled, leave serve_forever
