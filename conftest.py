@@ -189,7 +189,9 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
         server.cleanup()
 
 
-@pytest.fixture
-def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """A server with default options."""
-    return start_server()
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    """A server with default options, shared by a module's tests that only send it requests."""
+    shared = ServerProcess([])
+    yield shared
+    shared.cleanup()

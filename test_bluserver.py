@@ -284,17 +284,13 @@ PROTOCOL_CASES = [
 @pytest.mark.parametrize(
     ("payload", "reply"), [case[1:] for case in PROTOCOL_CASES], ids=[c[0] for c in PROTOCOL_CASES]
 )
-def test_reply_has_one_result_line_per_input_line_in_order(
-    start_server: StartServer, payload: bytes, reply: bytes
-) -> None:
-    server = start_server()
+def test_reply_has_one_result_line_per_input_line_in_order(server: ServerProcess, payload: bytes, reply: bytes) -> None:
 
     assert server.request(payload) == reply
 
 
 @pytest.mark.parametrize("half_close", [True, False], ids=["half_closed", "left_open"])
-def test_reply_arrives_whether_or_not_the_client_half_closes(start_server: StartServer, half_close: bool) -> None:
-    server = start_server()
+def test_reply_arrives_whether_or_not_the_client_half_closes(server: ServerProcess, half_close: bool) -> None:
 
     with server.connect() as sock:
         send_frame(sock, [MIXED_PAYLOAD])
