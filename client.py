@@ -19,6 +19,7 @@ from typing import Callable
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
 RECV_BYTES = 1024 * 1024  # upper bound on one recv() call
 SEND_BYTES = 1024 * 1024  # upper bound on one send() call
+PROGRESS_MIN_BYTES = 1024 * 1024  # smaller inputs finish before a progress line helps
 # TCP keepalive: a silent server is probed after 60 s, every 10 s, and is dead after 6 misses.
 KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
 
@@ -100,6 +101,22 @@ def read_input(path: str) -> bytes:
         return stream.read()
 
 
+def format_output(payload: bytes, reply: bytes, style: str) -> bytes:
+    """The output file: the reply itself, or 'expression = result' lines."""
+    if style == "plain":
+        return reply
+    expressions = payload.decode("utf-8", "replace").split("\n")
+    lines = [
+        f"{expression.rstrip(chr(13))} = {result}" if expression.strip() else ""
+        for expression, result in zip(expressions, reply.decode("utf-8").splitlines())
+    ]
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def show_progress(message: str) -> None:
+    print(f"\r\x1b[Kclient: {message}", end="", file=sys.stderr, flush=True)
+
+
 def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
     """A connection that waits as long as the server lives, or timeout_s: the server sends
     nothing until the reply is ready, which can take minutes, so silence alone says
@@ -115,11 +132,18 @@ def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
     return sock
 
 
-def request(payload: bytes, address: str, port: int, timeout_s: float | None) -> bytearray:
+def request(payload: bytes, address: str, port: int, timeout_s: float | None, progress: bool) -> bytearray:
     """Send payload as one request and return the reply's bytes."""
     with connect(address, port, timeout_s) as sock:
+        if progress:
+            show_progress(f"sending {len(payload) / 1e6:.1f} MB")
         send_frame(sock, [payload])
-        return recv_frame(sock)
+        if progress:
+            show_progress("waiting for the results")
+        reply = recv_frame(sock)
+        if progress:
+            show_progress(f"received {len(reply) / 1e6:.1f} MB\n")
+        return reply
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -130,6 +154,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog="examples:\n"
         "  python client.py                                  # operations.txt -> output.txt\n"
         "  zcat big.txt.gz | python client.py - - -p 2000    # stdin to stdout\n"
+        "  printf '1 + 2\\n3 / 0\\n' | python client.py - - --format equation\n"
         "\nexit status: 0 on success; 1 if the input cannot be read, the server cannot be\n"
         "reached, closes early or answers with a different number of lines; 2 on bad arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -141,6 +166,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("-p", "--port", type=port_number, default=1982, help="server port (default: %(default)s)")
     add("--timeout", type=positive_float, metavar="SECONDS",
         help="give up when the server is silent this long (default: wait while the server is alive)")  # fmt: skip
+    add("--format", choices=("plain", "equation"), default="plain",
+        help="plain: the results as sent; equation: 'expression = result' (default: %(default)s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -153,14 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"cannot read {args.input}: {error.strerror or error}")
     server = f"{args.address}:{args.port}"
     try:
-        reply = request(payload, args.address, args.port, args.timeout)
+        progress = sys.stderr.isatty() and len(payload) >= PROGRESS_MIN_BYTES
+        reply = request(payload, args.address, args.port, args.timeout, progress)
     except OSError as error:
         return fail(describe_connection_failure(error, server))
     expected, received = count_lines(payload), count_lines(reply)
     if received != expected:
         return fail(f"{server} answered {received} lines for {expected} input lines")
+    output = format_output(payload, bytes(reply), args.format)
     try:
-        write_output(args.output, reply)
+        write_output(args.output, output)
     except OSError as error:
         return fail(f"cannot write {args.output}: {error.strerror or error}")
     seconds = time.monotonic() - started
@@ -168,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def write_output(path: str, output: bytes | bytearray) -> None:
+def write_output(path: str, output: bytes) -> None:
     with open(sys.stdout.fileno() if path == "-" else path, "wb", closefd=path != "-") as stream:
         stream.write(output)
 
