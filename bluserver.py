@@ -123,6 +123,7 @@ class Slice:
         while self.attempts < ATTEMPTS:
             self.attempts += 1
             self.conn, child_conn = WORKERS.Pipe(duplex=False)
+            # The whole buffer and a range, not payload[start:end]: a slice of it would be a copy.
             args = (child_conn, self.payload, (self.start, self.end), self.reply_budget, self.reply_limit)
             self.process = WORKERS.Process(target=worker.run, args=args, name=name)
             try:

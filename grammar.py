@@ -118,9 +118,13 @@ def _unnested_tokens(match: re.Match[str]) -> list[Token]:
 
 
 def _missing_closing_parenthesis(line: str, loc: int, element: object, error: Exception) -> None:
+    """Fail action of ')': an exception that is no ParseException ends the whole parse at once,
+    with this message, instead of letting pyparsing backtrack to a vaguer one."""
     raise EvaluationError(f"missing ')' at column {loc + 1}")
 
 
+# Global to pyparsing, for elements created after it: set before any, and only spaces and
+# tabs, since a line never holds a newline and '\f' or '\v' are not blanks here.
 pp.ParserElement.set_default_whitespace_chars(" \t")
 
 expr = pp.Forward()
@@ -223,7 +227,7 @@ def evaluate_flat(tokens: list[str]) -> Number:
     pending_sign = "+"
     term: Number = int(tokens[0])
     rest = iter(tokens[1:])
-    for operator_token, literal in zip(rest, rest):
+    for operator_token, literal in zip(rest, rest):  # one iterator twice: (operator, literal) pairs
         if operator_token == "*":
             term *= int(literal)
         elif operator_token == "/":
