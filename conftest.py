@@ -73,6 +73,17 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = EV
         time.sleep(POLL_S)
 
 
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=EVENT_TIMEOUT_S)
+
+
+def request(port: int, payload: bytes) -> bytes:
+    """Send one request with the wire protocol to 127.0.0.1:port; return the reply's bytes."""
+    with connect(port) as sock:
+        send_frame(sock, [payload])
+        return bytes(recv_frame(sock))
+
+
 class ServerProcess:
     """A running bluserver on 127.0.0.1 and an ephemeral port."""
 
@@ -137,13 +148,10 @@ class ServerProcess:
         wait_until(lambda: session_processes(self.pid) == [self.pid], "the server's children to exit")
 
     def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=EVENT_TIMEOUT_S)
+        return connect(self.port)
 
     def request(self, payload: bytes) -> bytes:
-        """Send one request with the wire protocol; return the reply's bytes."""
-        with self.connect() as sock:
-            send_frame(sock, [payload])
-            return bytes(recv_frame(sock))
+        return request(self.port, payload)
 
     def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
         """Send signum (unless it has exited), wait, and return the exit status."""

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from client import HEADER, recv_frame, send_frame
-from conftest import EVENT_TIMEOUT_S, EXIT_TIMEOUT_S, ROOT, ServerProcess, session_processes, wait_until
+from client import HEADER, recv_frame
+from conftest import (
+    EXIT_TIMEOUT_S,
+    ROOT,
+    ServerProcess,
+    connect,
+    request,
+    session_processes,
+    wait_until,
+)
 from tools.cluster import TEMPLATE, answers_empty_request, haproxy_config
 
 HAPROXY = shutil.which("haproxy")
@@ -73,12 +81,10 @@ class Balancer:
             )  # fmt: skip
 
     def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=EVENT_TIMEOUT_S)
+        return connect(self.port)
 
     def request(self, payload: bytes) -> bytes:
-        with self.connect() as sock:
-            send_frame(sock, [payload])
-            return bytes(recv_frame(sock))
+        return request(self.port, payload)
 
     def served(self) -> list[list[int]]:
         return [served(instance) for instance in self.instances]
