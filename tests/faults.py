@@ -17,7 +17,7 @@ import grammar
 def scripted_lines(_: str) -> None:
     """Lines that script a worker; every other line is evaluated as usual.
 
-    ``gate PATH``       wait until the test creates the file PATH; result 'released'
+    ``gate PATH``       create PATH.waiting, then wait until the test creates PATH; 'released'
     ``sleep SECONDS``   work that long; result 'slept'
     ``hang-once PATH``  hang until killed if PATH does not exist (creating it); else 'resumed'
     ``die-once PATH``   exit at once if PATH does not exist (creating it); else 'resumed'
@@ -28,6 +28,7 @@ def scripted_lines(_: str) -> None:
     def scripted(line: str) -> str:
         command, _, argument = line.partition(" ")
         if command == "gate":
+            open(f"{argument}.waiting", "w").close()
             wait_for(argument)
             return "released"
         if command == "sleep":

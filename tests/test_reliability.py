@@ -335,6 +335,7 @@ def test_workers_are_forked_from_the_handler_and_hold_only_their_pipe_whatever_t
     with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n".encode()])
         started = server.wait_for_event("Worker started")
+        wait_until((tmp_path / "gate.waiting").exists, "the worker to reach its first line")
         worker = started["worker_pid"]
         parent = next(row.ppid for row in process_table() if row.pid == worker)
         command_line = Path(f"/proc/{worker}/cmdline").read_bytes()
