@@ -36,6 +36,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from functools import partial
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import IO, Any
@@ -306,17 +307,14 @@ class RequestHandler(socketserver.BaseRequestHandler):
         return recv_exactly(self.request, size, pace)
 
     def send_reply(self, slices: list[Slice]) -> int:
-        """Send the slices' spooled results as one frame, in order; return its length."""
-        sizes = [slice_.results.seek(0, os.SEEK_END) for slice_ in slices]
-        pace = self.pace()
-        pace(0)
-        self.request.sendall(HEADER.pack(sum(sizes)))
-        moved = HEADER.size
-        for slice_, size in zip(slices, sizes):
-            for offset in range(0, size, SEND_BYTES):
-                pace(moved)
-                moved += self.request.sendfile(slice_.results, offset, min(SEND_BYTES, size - offset))
-        return sum(sizes)
+        """Send the slices' spooled results as one frame, in order, read as it goes; its length."""
+        length = 0
+        for slice_ in slices:
+            length += slice_.results.seek(0, os.SEEK_END)
+            slice_.results.seek(0)
+        spooled = (block for slice_ in slices for block in iter(partial(slice_.results.read, SEND_BYTES), b""))
+        send_frame(self.request, spooled, length, self.pace())
+        return length
 
     def log_rejected_lines(self, payload: bytearray, slices: list[Slice]) -> None:
         """One DEBUG event per error line, with a bounded excerpt of the line (-vv only)."""

@@ -9,11 +9,12 @@ sides cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import itertools
 import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Callable
 
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
@@ -54,16 +55,24 @@ def recv_frame(sock: socket.socket, pace: Pace | None = None) -> bytearray:
     return recv_exactly(sock, size, pace)
 
 
-def send_frame(sock: socket.socket, blocks: Sequence[bytes]) -> None:
+def send_frame(
+    sock: socket.socket, blocks: Iterable[bytes], length: int | None = None, pace: Pace | None = None
+) -> None:
     """Send the concatenation of blocks as one length-prefixed message.
 
-    Not sendall(): its timeout bounds the whole message, which would cut off a slow but
-    steady reader of a large one.  Here the socket's timeout bounds each wait for room.
+    blocks may be read as they are sent (the server's spooled reply), if length gives
+    their total.  Not sendall(): its timeout bounds the whole message, which would cut off
+    a slow but steady reader of a large one; the socket's timeout bounds each wait here.
     """
-    for block in (HEADER.pack(sum(len(block) for block in blocks)), *blocks):
+    blocks = blocks if length is not None else list(blocks)
+    sent = 0
+    for block in itertools.chain([HEADER.pack(sum(map(len, blocks)) if length is None else length)], blocks):
         unsent = memoryview(block)
         while unsent:
-            unsent = unsent[sock.send(unsent[:SEND_BYTES]) :]
+            if pace:
+                pace(sent)
+            count = sock.send(unsent[:SEND_BYTES])
+            unsent, sent = unsent[count:], sent + count
 
 
 def count_lines(data: bytes | bytearray) -> int:
