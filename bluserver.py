@@ -16,7 +16,7 @@ reading guide; this is the path of one request through the three kinds of proces
                  Slice.results        Slice.results         spooled to nameless temporary files
                        └─────────┬──────────┘
                                  ▼
-    client ◀──[length, results]── RequestHandler.send_reply  sendfile() from the spools, in order
+    client ◀──[length, results]── RequestHandler.send_reply  read back from the spools, in order
 """
 
 from __future__ import annotations
