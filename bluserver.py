@@ -151,8 +151,9 @@ class Slice:
                 block = self.conn.recv_bytes()
                 self.heard_at, self.done = time.monotonic(), not block
                 self.results.write(block)
-                self.lines_this_attempt += block.count(b"\n")
-                self.lines += block.count(b"\n")
+                lines = block.count(b"\n")
+                self.lines_this_attempt += lines
+                self.lines += lines
                 self.error_lines += block.count(b"error: ")
                 self.reply_budget -= len(block)
         except (EOFError, OSError):
