@@ -64,9 +64,11 @@ def send_frame(
     their total.  Not sendall(): its timeout bounds the whole message, which would cut off
     a slow but steady reader of a large one; the socket's timeout bounds each wait here.
     """
-    blocks = blocks if length is not None else list(blocks)
+    if length is None:
+        blocks = list(blocks)
+        length = sum(map(len, blocks))
     sent = 0
-    for block in itertools.chain([HEADER.pack(sum(map(len, blocks)) if length is None else length)], blocks):
+    for block in itertools.chain([HEADER.pack(length)], blocks):
         unsent = memoryview(block)
         while unsent:
             if pace:
