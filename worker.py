@@ -35,7 +35,7 @@ def run(conn: Connection, payload: bytearray, bounds: tuple[int, int], reply_bud
     results_bytes, reported_at = 0, time.monotonic()
     for line in slice_lines(payload, *bounds):
         result = evaluate_line(line)
-        size = len(result.encode()) + 1
+        size = (len(result) if result.isascii() else len(result.encode())) + 1  # '\n' included
         if size > reply_budget:
             result, size = too_large, len(too_large) + 1
         else:
