@@ -42,19 +42,17 @@ from multiprocessing.process import BaseProcess
 from typing import IO, Any
 
 import worker
-from client import HEADER, SEND_BYTES, Pace, port_number, positive_float, positive_int, recv_exactly, send_frame
+from client import HEADER, Pace, count_lines, port_number, positive_float, positive_int, recv_exactly, send_frame
 
-# Workers are forked, whatever the interpreter's default start method (Python 3.14 made it
-# forkserver): the handler is a fork of a server that has imported everything, so a fork
-# costs ~1 ms where spawn or forkserver cost ~100 ms, and the worker inherits the request.
+# Workers are forked, whatever the default start method (forkserver since Python 3.14): the
+# handler has imported everything, so a fork costs ~1 ms where spawn or forkserver cost ~100 ms.
 WORKERS = multiprocessing.get_context("fork")
 ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
 REAP_INTERVAL_S = 0.05  # how often the server reaps finished handlers and checks for a signal
 LINGER_S = 2.0  # how long to drain an oversized request so the client can read the reply
 WORKER_FAILED = b"error: worker failed\n"
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# A client can go silent or too slow (socket.timeout), close or reset (ConnectionError).
-CLIENT_FAILURES = (socket.timeout, ConnectionError)
+CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; closed or reset
 
 logger = logging.getLogger("bluserver")
 
@@ -101,19 +99,16 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
 
 
 class Slice:
-    """A byte range of whole lines of the request, its worker, and its results so far.
-
-    Results go to a temporary file that has no name, as blocks arrive: a reply of any size
-    costs one block of memory, and the file vanishes with the process however it ends.
-    ``start`` moves past the lines answered, so that a rerun does only the rest.
-    """
+    """A byte range of whole lines of the request, its worker, and its results so far: spooled
+    to a file with no name, which costs no memory and vanishes with the process however it
+    ends.  ``start`` moves past the lines answered, so that a rerun does only the rest."""
 
     def __init__(self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, events: EventLog) -> None:
         self.payload, self.bounds, self.reply_limit, self.events = payload, bounds, reply_limit, events
         self.start, self.end = bounds
         self.reply_budget = reply_limit * (self.end - self.start) // len(payload)  # this slice's share
         self.results: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by evaluate_in_workers)
-        self.lines = self.error_lines = self.lines_this_attempt = self.attempts = 0
+        self.error_lines = self.answered = self.attempts = 0  # answered: lines, in this attempt
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None  # the reading end of the worker's Pipe
         self.heard_at = 0.0  # when the worker last sent something (or started)
@@ -129,18 +124,17 @@ class Slice:
             self.process = WORKERS.Process(target=worker.run, args=args, name=name)
             try:
                 self.process.start()
+                self.heard_at, self.answered = time.monotonic(), 0
+                self.events.info("Worker started", worker=name, worker_pid=self.process.pid, attempt=self.attempts)
+                return
             except OSError as error:  # e.g. EAGAIN: too many processes
                 self.conn.close()
                 self.process = self.conn = None
                 self.events.warning(
                     "Worker failed", worker=name, reason=f"cannot start: {error}", attempt=self.attempts
                 )
-                continue
             finally:
                 child_conn.close()  # so that the worker's death shows here as end of file
-            self.heard_at, self.lines_this_attempt = time.monotonic(), 0
-            self.events.info("Worker started", worker=name, worker_pid=self.process.pid, attempt=self.attempts)
-            return
         self.fail_the_rest()
 
     def receive(self) -> None:
@@ -151,16 +145,14 @@ class Slice:
                 block = self.conn.recv_bytes()
                 self.heard_at, self.done = time.monotonic(), not block
                 self.results.write(block)
-                lines = block.count(b"\n")
-                self.lines_this_attempt += lines
-                self.lines += lines
+                self.answered += block.count(b"\n")
                 self.error_lines += block.count(b"error: ")
                 self.reply_budget -= len(block)
         except (EOFError, OSError):
             self.retry("died")
             return
         if self.done:
-            self.events.info("Worker finished", worker=self.process.name, lines=self.lines, attempt=self.attempts)
+            self.events.info("Worker finished", worker=self.process.name, lines=self.answered, attempt=self.attempts)
 
     def retry(self, reason: str) -> None:
         """Stop the worker; run the lines it has not answered once more, if attempts are left."""
@@ -168,7 +160,7 @@ class Slice:
         name = self.process.name
         self.stop_worker()
         self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
-        for _ in range(self.lines_this_attempt):
+        for _ in range(self.answered):
             self.start = self.payload.index(b"\n", self.start) + 1
         self.start_worker(name)
 
@@ -179,7 +171,7 @@ class Slice:
             count += 1  # the request's last line, without a final newline
         for chunk in range(0, count, 10_000):  # in chunks: the lines may be millions
             self.results.write(WORKER_FAILED * min(10_000, count - chunk))
-        self.lines, self.error_lines, self.done = self.lines + count, self.error_lines + count, True
+        self.error_lines, self.done = self.error_lines + count, True
 
     def stop_worker(self) -> None:
         """Kill the worker unless it has finished its slice, then reap it."""
@@ -192,10 +184,9 @@ class Slice:
 
 
 def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float) -> None:
-    """Wait until a worker sends something or is silent too long, or the client hangs up:
-    the client's socket is watched until it first becomes readable.  A reset raises
-    ConnectionResetError (the work is for nobody); end of file is a half-close after sending,
-    as the original's client does, and the request is served."""
+    """Wait until a worker sends something or is silent too long, or the client hangs up: its
+    socket is watched until first readable.  A reset raises ConnectionResetError (the work is
+    for nobody); end of file is a half-close after sending, and the request is served."""
     running = {slice_.conn: slice_ for slice_ in slices if slice_.conn and not slice_.done}
     silent_s = time.monotonic() - min(slice_.heard_at for slice_ in running.values())
     for ready in wait([*running, *client], timeout=max(0.0, worker_timeout_s - silent_s)):
@@ -279,10 +270,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
         except CLIENT_FAILURES as error:
             self.events.warning("Client failed after sending", reason=str(error) or "timed out")
             return
-        lines, error_lines = sum(slice_.lines for slice_ in slices), sum(slice_.error_lines for slice_ in slices)
-        seconds = round(time.monotonic() - started, 6)
-        self.events.info("Request served", lines=lines, error_lines=error_lines, bytes_in=len(payload),
-                         bytes_out=bytes_out, workers=len(slices), seconds=seconds)  # fmt: skip
+        error_lines, seconds = sum(slice_.error_lines for slice_ in slices), round(time.monotonic() - started, 6)
+        self.events.info("Request served", lines=count_lines(payload), error_lines=error_lines,
+                         bytes_in=len(payload), bytes_out=bytes_out, workers=len(slices), seconds=seconds)  # fmt: skip
 
     def pace(self) -> Pace:
         """Apache mod_reqtimeout's rule for a transfer: --client-timeout seconds, plus one per
@@ -309,11 +299,10 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     def send_reply(self, slices: list[Slice]) -> int:
         """Send the slices' spooled results as one frame, in order, read as it goes; its length."""
-        length = 0
+        length = sum(slice_.results.seek(0, os.SEEK_END) for slice_ in slices)
         for slice_ in slices:
-            length += slice_.results.seek(0, os.SEEK_END)
             slice_.results.seek(0)
-        spooled = (block for slice_ in slices for block in iter(partial(slice_.results.read, SEND_BYTES), b""))
+        spooled = (block for slice_ in slices for block in iter(partial(slice_.results.read, worker.BLOCK_BYTES), b""))
         send_frame(self.request, spooled, length, self.pace())
         return length
 
@@ -425,11 +414,9 @@ def serve_until_signalled(server: BluServer) -> None:
         server.server_close()  # stop accepting: new connections are refused from here on
         in_flight = server.active_children
         server_events.warning("Shutting down", signal=str(signalled), requests_in_flight=len(in_flight))
-        while in_flight:
-            try:
+        with contextlib.suppress(ChildProcessError):  # none left
+            while in_flight:
                 in_flight.discard(os.waitpid(-1, 0)[0])  # forgotten once reaped: its pid may be reused
-            except ChildProcessError:
-                break
         server_events.warning("Server stopped")
 
 

@@ -1,9 +1,8 @@
 """bluserver's client, and the wire protocol both sides speak.
 
-One file, standard library only: ``python client.py operations.txt output.txt`` sends the
-input as one request and writes one result line per input line.  The framing functions
-below are the protocol (README.md, "The protocol"); bluserver.py imports them, so the two
-sides cannot drift apart.
+One file, standard library only: ``python client.py operations.txt output.txt`` sends the input
+as one request and writes one result line per input line.  The framing functions are the
+protocol (README.md, "The protocol"); bluserver.py imports them, so the sides cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Callable
+from typing import IO, Callable
 
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
 RECV_BYTES = 1024 * 1024  # upper bound on one recv() call
@@ -34,9 +33,8 @@ class ClosedEarly(ConnectionError):
 def recv_exactly(sock: socket.socket, size: int, pace: Pace | None = None) -> bytearray:
     """Receive exactly size bytes; raise ClosedEarly if the peer stops short.
 
-    The buffer grows as bytes arrive: a length header is a claim, not a commitment, so a
-    peer that announces a gigabyte and sends nothing costs nothing.  pace, if given, is
-    called with the count received so far before each wait (the server's --min-rate).
+    The buffer grows as bytes arrive: a length header is a claim, not a commitment, so a peer
+    that announces a gigabyte and sends nothing costs nothing.
     """
     buffer = bytearray()
     while len(buffer) < size:
@@ -58,12 +56,9 @@ def recv_frame(sock: socket.socket, pace: Pace | None = None) -> bytearray:
 def send_frame(
     sock: socket.socket, blocks: Iterable[bytes], length: int | None = None, pace: Pace | None = None
 ) -> None:
-    """Send the concatenation of blocks as one length-prefixed message.
-
-    blocks may be read as they are sent (the server's spooled reply), if length gives
-    their total.  Not sendall(): its timeout bounds the whole message, which would cut off
-    a slow but steady reader of a large one; the socket's timeout bounds each wait here.
-    """
+    """Send the concatenation of blocks as one length-prefixed message; blocks may be read as
+    they go if length gives their total.  Not sendall(): its timeout bounds the whole message
+    and would cut off a slow but steady reader; the socket's timeout bounds each wait here."""
     if length is None:
         blocks = list(blocks)
         length = sum(map(len, blocks))
@@ -82,56 +77,30 @@ def count_lines(data: bytes | bytearray) -> int:
     return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
 
+# argparse types, for bluserver.py's command line too.
 def port_number(text: str) -> int:
-    """argparse type for a TCP port; 0 lets the server pick any free port.  (This and the
-    two below serve bluserver.py's command line too.)"""
-    value = int(text)
-    if not 0 <= value <= 65535:
+    """A TCP port; 0 lets the server pick any free one."""
+    if not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0-65535, not {text}")
-    return value
+    return int(text)
 
 
 def positive_float(text: str) -> float:
-    """argparse type for a number greater than 0."""
-    value = float(text)
-    if not value > 0:
+    if not float(text) > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
-    return value
+    return float(text)
 
 
 def positive_int(text: str) -> int:
-    """argparse type for a whole number greater than 0."""
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"must be a whole number greater than 0, not {text}")
     return int(text)
 
 
-def read_input(path: str) -> bytes:
-    """The request payload: a file, or stdin for '-'."""
-    with open(sys.stdin.fileno() if path == "-" else path, "rb", closefd=path != "-") as stream:
-        return stream.read()
-
-
-def format_output(payload: bytes, reply: bytes, style: str) -> bytes:
-    """The output file: the reply itself, or 'expression = result' lines."""
-    if style == "plain":
-        return reply
-    expressions = payload.decode("utf-8", "replace").split("\n")
-    lines = [
-        f"{expression.rstrip(chr(13))} = {result}" if expression.strip() else ""
-        for expression, result in zip(expressions, reply.decode("utf-8").splitlines())
-    ]
-    return "".join(line + "\n" for line in lines).encode("utf-8")
-
-
-def show_progress(message: str) -> None:
-    print(f"\r\x1b[Kclient: {message}", end="", file=sys.stderr, flush=True)
-
-
 def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
     """A connection that waits as long as the server lives, or timeout_s: the server sends
-    nothing until the reply is ready, which can take minutes, so silence alone says
-    nothing.  TCP keepalive probes tell a dead server (or network) from a busy one."""
+    nothing until the reply is ready, which can take minutes.  TCP keepalive probes tell a
+    dead server (or network) from a busy one."""
     sock = socket.create_connection((address, port), timeout=timeout_s)
     # Header and body are separate writes: without NODELAY, Nagle's algorithm would hold
     # the body back until the header is acknowledged (~40 ms).
@@ -144,28 +113,40 @@ def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
 
 
 def request(payload: bytes, address: str, port: int, timeout_s: float | None, progress: bool) -> bytearray:
-    """Send payload as one request and return the reply's bytes."""
+    """Send payload as one request and return the reply's bytes; progress: say each step on stderr."""
+    show = show_progress if progress else lambda message: None
     with connect(address, port, timeout_s) as sock:
-        if progress:
-            show_progress(f"sending {len(payload) / 1e6:.1f} MB")
+        show(f"sending {len(payload) / 1e6:.1f} MB")
         send_frame(sock, [payload])
-        if progress:
-            show_progress("waiting for the results")
+        show("waiting for the results")
         reply = recv_frame(sock)
-        if progress:
-            show_progress(f"received {len(reply) / 1e6:.1f} MB\n")
+        show(f"received {len(reply) / 1e6:.1f} MB\n")
         return reply
+
+
+def show_progress(message: str) -> None:
+    print(f"\r\x1b[Kclient: {message}", end="", file=sys.stderr, flush=True)
+
+
+def format_output(payload: bytes, reply: bytes, style: str) -> bytes:
+    """The output file: the reply itself, or 'expression = result' lines."""
+    if style == "plain":
+        return reply
+    expressions = payload.decode("utf-8", "replace").split("\n")
+    lines = (
+        f"{expression.rstrip(chr(13))} = {result}\n" if expression.strip() else "\n"
+        for expression, result in zip(expressions, reply.decode("utf-8").splitlines())
+    )
+    return "".join(lines).encode("utf-8")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Send a file of arithmetic expressions, one per line, to a bluserver and write\n"
-        "one result line per input line: the value, an empty line for a blank line, or\n"
-        "'error: <reason>'.",
+        description="Send a file of arithmetic expressions, one per line, to a bluserver; write one\n"
+        "result line per input line: the value, an empty line for a blank one, or 'error: <reason>'.",
         epilog="examples:\n"
         "  python client.py                                  # operations.txt -> output.txt\n"
         "  zcat big.txt.gz | python client.py - - -p 2000    # stdin to stdout\n"
-        "  printf '1 + 2\\n3 / 0\\n' | python client.py - - --format equation\n"
         "\nexit status: 0 on success; 1 if the input cannot be read, the server cannot be\n"
         "reached, closes early or answers with a different number of lines; 2 on bad arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -184,12 +165,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
+    started, server = time.monotonic(), f"{args.address}:{args.port}"
     try:
-        payload = read_input(args.input)
+        with open_path(args.input, "rb") as source:
+            payload = source.read()
     except OSError as error:
         return fail(f"cannot read {args.input}: {error.strerror or error}")
-    server = f"{args.address}:{args.port}"
     try:
         progress = sys.stderr.isatty() and len(payload) >= PROGRESS_MIN_BYTES
         reply = request(payload, args.address, args.port, args.timeout, progress)
@@ -198,9 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected, received = count_lines(payload), count_lines(reply)
     if received != expected:
         return fail(f"{server} answered {received} lines for {expected} input lines")
-    output = format_output(payload, bytes(reply), args.format)
     try:
-        write_output(args.output, output)
+        with open_path(args.output, "wb") as output:
+            output.write(format_output(payload, bytes(reply), args.format))
     except OSError as error:
         return fail(f"cannot write {args.output}: {error.strerror or error}")
     seconds = time.monotonic() - started
@@ -208,9 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def write_output(path: str, output: bytes) -> None:
-    with open(sys.stdout.fileno() if path == "-" else path, "wb", closefd=path != "-") as stream:
-        stream.write(output)
+def open_path(path: str, mode: str) -> IO[bytes]:
+    """The file at path; '-' is stdin (mode "rb") or stdout ("wb"), which closing leaves open."""
+    standard = sys.stdin if mode == "rb" else sys.stdout
+    return open(standard.fileno() if path == "-" else path, mode, closefd=path != "-")
 
 
 def fail(message: str) -> int:

@@ -16,12 +16,11 @@ of its regexes)::
     binary    ::= '+' | '-' | '*' | '//' | '/' | '%' | '**'
     number    ::= digit+ ['.' digit+]          digit: ASCII 0-9 only
 
-Spaces and tabs may stand between tokens; operators bind as in Python (PRECEDENCE).  A line
-or group without parentheses inside is one regular expression (UNNESTED): pyparsing walks
-only real nesting.  Parsing yields tokens; ``evaluate`` folds them by precedence, computing
-each operation when Python would, so the results, and which of several faults is reported,
-are Python's.  ``evaluate_flat`` is a faster path for the original's flat form
-(``1 + 2 * 3``); tests/test_grammar.py proves every path equal to the others.
+Spaces and tabs may stand between tokens; operators bind as in Python (PRECEDENCE).  A line or
+group without parentheses inside is one regular expression (UNNESTED), so pyparsing walks only
+real nesting.  ``evaluate`` folds the tokens, computing each operation when Python would: the
+results, and which fault is reported, are Python's.  ``evaluate_flat`` is a faster path for the
+original's flat form (``1 + 2 * 3``); tests/test_grammar.py proves the paths equal.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ Number = Union[int, float]
 MAX_LINE_BYTES = 10_000
 MAX_INT_DIGITS = 4300  # Python's own limit for printing an int (sys.int_info)
 INT_LIMIT = 10**MAX_INT_DIGITS  # the smallest integer with too many digits
-# Set by the worker: pyparsing recurses ~9 frames per level of parentheses, so a few
-# hundred levels parse and deeper ones end in a quick RecursionError, not a crash.
+# Set by the worker: pyparsing recurses ~9 frames per level of parentheses; a few hundred
+# levels parse, deeper ones end in a quick RecursionError, not a crash.
 RECURSION_LIMIT = 6000
 
 NOT_UTF8 = "error: not valid UTF-8"
@@ -56,8 +55,8 @@ class EvaluationError(Exception):
 def _power(base: Number, exponent: Number) -> Number:
     """base ** exponent, refusing before computing an integer of over MAX_INT_DIGITS digits."""
     if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0:
-        # |base| >= 2: over 0.3 * exponent digits; about exponent * log10(|base|), with a
-        # margin of one digit that leaves the exact boundary to the check of the result (_apply).
+        # About exponent * log10(|base|) digits (over 0.3 * exponent); the margin of one digit
+        # leaves the exact boundary to the check of the result (_apply).
         digits_over = exponent > 4 * MAX_INT_DIGITS or exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
         if digits_over:
             raise EvaluationError(TOO_MANY_DIGITS)
@@ -242,11 +241,9 @@ def evaluate_line(line: str) -> str:
     """The result text for one line (without newline); never raises."""
     try:
         tokens = flat_tokens(line)
-        if tokens is not None:
-            return format_number(evaluate_flat(tokens))
-        if not line.strip(" \t"):
+        if tokens is None and not line.strip(" \t"):
             return ""
-        return format_number(evaluate_expression(line))
+        return format_number(evaluate_flat(tokens) if tokens is not None else evaluate_expression(line))
     except EvaluationError as error:  # which a line with a byte that is not UTF-8 always is
         return NOT_UTF8 if NOT_UTF8_BYTE.search(line) else f"error: {error}"
     except ZeroDivisionError:

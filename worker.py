@@ -1,11 +1,11 @@
 """What runs in a worker process: evaluate one slice of a request, report results as they come.
 
 The handler (bluserver.py, ``Slice.start_worker``) forks ``run`` with the request's buffer and
-the slice's byte range: the worker reads the buffer it inherited, shared copy-on-write, never
-a copy.  Up its Pipe go result blocks, then one empty message: done.  Only that message marks
-success, so a worker that dies cannot pass off part of its slice as all of it.  A block goes
-up at BLOCK_BYTES of results or REPORT_INTERVAL_S of work, whichever comes first: neither side
-holds more than a block, and the handler tells a slow worker (reporting) from a stuck one.
+the slice's byte range: the worker reads the buffer it inherited, shared copy-on-write, never a
+copy.  Up its Pipe go result blocks, then one empty message: done, so a worker that dies cannot
+pass off part of its slice as all of it.  A block goes up at BLOCK_BYTES of results or
+REPORT_INTERVAL_S of work: neither side holds more than a block, and the handler tells a slow
+worker (reporting) from a stuck one.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ REPORT_INTERVAL_S = 0.5  # the longest a worker works without sending what it ha
 
 def run(conn: Connection, payload: bytearray, bounds: tuple[int, int], reply_budget: int, reply_limit: int) -> None:
     """Worker process entry point: evaluate the lines of payload[start:end], send the results.
-
-    A result that would take the slice past reply_budget bytes (its share of reply_limit,
-    --max-reply-bytes) is replaced by an error line: no content makes a reply unbounded.
-    """
+    A result that would take the slice past reply_budget bytes (its share of --max-reply-bytes,
+    reply_limit) is an error line instead: no content makes a reply unbounded."""
     hold_only(conn)
     too_large = f"error: reply too large (limit {reply_limit} bytes)"
     results: list[str] = []
@@ -51,28 +49,21 @@ def run(conn: Connection, payload: bytearray, bounds: tuple[int, int], reply_bud
 
 
 def hold_only(conn: Connection) -> None:
-    """Make the worker independent of what it inherited by fork, and of the environment.
-
-    It would otherwise keep the client's socket and the server's stdout open after its
-    handler is gone.  stderr stays: a worker's traceback is the one clue to why it died.
-    """
+    """Close what fork inherited (the client's socket, the server's stdout) but conn and stderr,
+    whose tracebacks are the one clue to why a worker died; set the language's limits."""
     os.closerange(3, conn.fileno())
     os.closerange(conn.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
     os.dup2(os.open(os.devnull, os.O_RDWR), 0)
     os.dup2(0, 1)
     sys.setrecursionlimit(RECURSION_LIMIT)
     if hasattr(sys, "set_int_max_str_digits"):  # Python 3.11+, 3.10.7+, 3.9.14+
-        # The language's limit, not whatever PYTHONINTMAXSTRDIGITS says.
-        sys.set_int_max_str_digits(MAX_INT_DIGITS)
+        sys.set_int_max_str_digits(MAX_INT_DIGITS)  # whatever PYTHONINTMAXSTRDIGITS says
 
 
 def slice_lines(payload: bytearray, start: int, end: int) -> Iterator[str]:
     """The lines of payload[start:end] as text, decoded READ_BYTES of whole lines at a time.
-
-    A '\\r' before '\\n' is dropped, and a final newline ends the last line rather than
-    starting an empty one.  Bytes that are not UTF-8 become lone surrogates
-    (surrogateescape), which grammar.evaluate_line answers with 'not valid UTF-8'.
-    """
+    '\\r\\n' ends a line as '\\n' does; a final newline is optional.  A byte that is not UTF-8
+    becomes a lone surrogate, which grammar.evaluate_line answers with 'not valid UTF-8'."""
     while start < end:
         # From one byte before the nominal end: a run of exactly READ_BYTES ending in '\n'
         # is found there, not one line later.
