@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import multiprocessing
@@ -48,7 +49,6 @@ from client import HEADER, Pace, count_lines, port_number, positive_float, posit
 # handler has imported everything, so a fork costs ~1 ms where spawn or forkserver cost ~100 ms.
 WORKERS = multiprocessing.get_context("fork")
 ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
-REAP_INTERVAL_S = 0.05  # how often the server reaps finished handlers and checks for a signal
 LINGER_S = 2.0  # how long to drain an oversized request so the client can read the reply
 WORKER_FAILED = b"error: worker failed\n"
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -85,17 +85,12 @@ server_events = EventLog(logger, {})  # the server's own events, outside any req
 
 def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]]:
     """At most count byte ranges of whole lines of about equal size; none for no payload."""
-    bounds: list[tuple[int, int]] = []
-    start, size = 0, len(payload)
-    for number in range(1, count + 1):
-        if start >= size:
-            break
+    cuts = [0]
+    for number in range(1, count):
         # From one byte before the nominal cut: a line ending exactly there ends this range.
-        newline = payload.find(b"\n", max(start, size * number // count - 1))
-        end = size if newline < 0 or number == count else newline + 1
-        bounds.append((start, end))
-        start = end
-    return bounds
+        newline = payload.find(b"\n", max(cuts[-1], len(payload) * number // count - 1))
+        cuts.append(len(payload) if newline < 0 else newline + 1)
+    return [(start, end) for start, end in zip(cuts, [*cuts[1:], len(payload)]) if start < end]
 
 
 class Slice:
@@ -129,10 +124,8 @@ class Slice:
                 return
             except OSError as error:  # e.g. EAGAIN: too many processes
                 self.conn.close()
-                self.process = self.conn = None
-                self.events.warning(
-                    "Worker failed", worker=name, reason=f"cannot start: {error}", attempt=self.attempts
-                )
+                self.process, self.conn, reason = None, None, f"cannot start: {error}"
+                self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
             finally:
                 child_conn.close()  # so that the worker's death shows here as end of file
         self.fail_the_rest()
@@ -166,9 +159,8 @@ class Slice:
 
     def fail_the_rest(self) -> None:
         """Answer every line not yet answered with an error line."""
-        count = self.payload.count(b"\n", self.start, self.end)
-        if self.start < self.end and self.payload[self.end - 1] != ord("\n"):
-            count += 1  # the request's last line, without a final newline
+        unterminated = self.start < self.end and self.payload[self.end - 1] != ord("\n")  # the last line
+        count = self.payload.count(b"\n", self.start, self.end) + unterminated
         for chunk in range(0, count, 10_000):  # in chunks: the lines may be millions
             self.results.write(WORKER_FAILED * min(10_000, count - chunk))
         self.error_lines, self.done = self.error_lines + count, True
@@ -193,13 +185,11 @@ def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeo
         if isinstance(ready, socket.socket):
             ready.recv(1)
             client.clear()
-        else:
-            running[ready].receive()  # type: ignore[index]
     for slice_ in running.values():
+        if not slice_.done:
+            slice_.receive()  # all it has sent, also since the wait ended
         if not slice_.done and time.monotonic() - slice_.heard_at >= worker_timeout_s:
-            slice_.receive()  # it may have reported since the wait ended
-            if not slice_.done and time.monotonic() - slice_.heard_at >= worker_timeout_s:
-                slice_.retry("stuck")
+            slice_.retry("stuck")
 
 
 @contextlib.contextmanager
@@ -208,9 +198,8 @@ def evaluate_in_workers(
 ) -> Iterator[list[Slice]]:
     """Evaluate payload in up to options.workers workers; yield its slices, results spooled.
     Workers are joined when the with-block ends, after the reply: reaping costs the client nothing."""
-    slices = [
-        Slice(payload, bounds, options.max_reply_bytes, events) for bounds in slice_bounds(payload, options.workers)
-    ]
+    ranges = slice_bounds(payload, options.workers)
+    slices = [Slice(payload, bounds, options.max_reply_bytes, events) for bounds in ranges]
     try:
         for number, slice_ in enumerate(slices, 1):
             slice_.start_worker(f"worker-{number}")
@@ -228,10 +217,6 @@ class RequestTooLarge(Exception):
     """A request declared more bytes than --max-bytes allows."""
 
 
-class ShutdownRequested(Exception):
-    """Leaves serve_forever after the first SIGINT or SIGTERM."""
-
-
 class RequestHandler(socketserver.BaseRequestHandler):
     """Receives one request, evaluates it in workers, sends the reply.  Runs in its own process."""
 
@@ -239,8 +224,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def setup(self) -> None:
-        # Own process group (the server sets it too): a terminal's Ctrl-C reaches only the
-        # server, which lets this request finish, and one killpg() ends it and its workers.
+        # Own process group: a terminal's Ctrl-C reaches only the server, which lets this
+        # request finish, and one killpg() ends this handler's workers.
         os.setpgid(0, 0)
         for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -275,9 +260,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
                          bytes_in=len(payload), bytes_out=bytes_out, workers=len(slices), seconds=seconds)  # fmt: skip
 
     def pace(self) -> Pace:
-        """Apache mod_reqtimeout's rule for a transfer: --client-timeout seconds, plus one per
-        --min-rate bytes moved; no wait longer than --client-timeout.  A steady client is
-        served however large its request; one that trickles is cut off."""
+        """Apache mod_reqtimeout's rule: --client-timeout seconds plus one per --min-rate bytes moved,
+        no wait longer than --client-timeout.  A steady client is served; one that trickles is cut off."""
         timeout_s, min_rate, started = self.options.client_timeout_s, self.options.min_rate, time.monotonic()
 
         def before_wait(moved: int) -> None:
@@ -312,13 +296,12 @@ class RequestHandler(socketserver.BaseRequestHandler):
             slice_.results.seek(0)
             for line, result in zip(worker.slice_lines(payload, *slice_.bounds), slice_.results):
                 if result.startswith(b"error: "):
-                    reason = result[len(b"error: ") : -1].decode()
+                    reason = result.decode()[len("error: ") : -1]
                     self.events.debug("Line rejected", line=repr(line)[:80], reason=reason)
 
     def reply_and_linger(self, reply: bytes) -> None:
-        """Send reply, then discard what the client still sends, for LINGER_S at most: closing
-        with unread data sends a reset, which can destroy the reply before the client reads it
-        (nginx calls this a lingering close)."""
+        """Send reply, then discard what the client still sends for LINGER_S at most (nginx's lingering
+        close): closing with unread data sends a reset, which can destroy the reply before it is read."""
         deadline = time.monotonic() + LINGER_S
         with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
             send_frame(self.request, [reply])
@@ -329,20 +312,14 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
 
 class BluServer(socketserver.ForkingTCPServer):
-    """Listens, and forks one RequestHandler process per connection.
-
-    The ForkingMixIn settings, and what each buys:
-    - ``max_children`` (--max-children): handlers at once.  When all are busy,
-      ``collect_children`` waits for one to exit before the next accept;
-    - ``request_queue_size = SOMAXCONN``: meanwhile further connections wait in a backlog
-      as long as the kernel allows, so none is refused;
-    - ``block_on_close = False``: ``serve_until_signalled`` waits for the handlers itself,
-      so that a second signal can still stop them.
-    """
+    """Listens, and forks one RequestHandler process per connection.  The ForkingMixIn settings:
+    ``max_children`` (--max-children) handlers at once; when all are busy, ``collect_children``
+    waits for one to exit before the next accept, and further connections wait in the backlog."""
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
-    request_queue_size = socket.SOMAXCONN
-    block_on_close = False
+    request_queue_size = socket.SOMAXCONN  # as long a backlog as the kernel allows: none is refused
+    block_on_close = False  # serve_until_signalled waits for the handlers, so a second signal can stop them
+    timeout = 0.05  # seconds handle_request waits for a connection: how often a signal is checked
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
@@ -351,20 +328,10 @@ class BluServer(socketserver.ForkingTCPServer):
         self.shutdown_signal: str | None = None  # set by the first SIGINT or SIGTERM
         super().__init__((options.address, options.port), RequestHandler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Fork a handler and put it in its own process group from this side too, as shells
-        do: the handler does it once it runs, and a second signal before that finds no group."""
-        before = set(self.active_children)
-        super().process_request(request, client_address)
-        for pid in self.active_children - before:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.setpgid(pid, pid)
-
     def collect_children(self, *, blocking: bool = False) -> None:
-        """Reap finished handlers; while all max_children are busy, wait for one, or a signal.
-        ForkingMixIn's own wait, os.waitpid(-1, 0), resumes after a signal (PEP 475): full, it
-        would not notice SIGTERM.  sigwait() returns for SIGCHLD and SIGTERM alike; blocked
-        before the reaping, a signal that comes in between waits for it instead of being lost."""
+        """Reap finished handlers; while all are busy, wait for one or a signal.  Not ForkingMixIn's
+        os.waitpid(-1, 0), which resumes after a signal (PEP 475) and would not notice SIGTERM.
+        Blocked before the reaping, a signal that comes in between waits for sigwait()."""
         wake_signals = {signal.SIGCHLD, *SHUTDOWN_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
         try:
@@ -379,13 +346,6 @@ class BluServer(socketserver.ForkingTCPServer):
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, wake_signals)
 
-    def service_actions(self) -> None:
-        """Between requests (every REAP_INTERVAL_S): reap; once signalled, leave serve_forever
-        by an exception, since shutdown() called from the serving thread waits for itself."""
-        super().service_actions()
-        if self.shutdown_signal:
-            raise ShutdownRequested(self.shutdown_signal)
-
 
 def serve_until_signalled(server: BluServer) -> None:
     """Serve until SIGINT or SIGTERM, then let requests in flight finish; a second signal kills them."""
@@ -395,9 +355,9 @@ def serve_until_signalled(server: BluServer) -> None:
         server.shutdown_signal = signal.Signals(signum).name
 
     def stop_now(signum: int, frame: object) -> None:
-        for pid in list(server.active_children):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)  # the handler's group: it and its workers
+        for pid, kill in itertools.product(list(server.active_children), (os.kill, os.killpg)):
+            with contextlib.suppress(ProcessLookupError):  # killpg: no group yet, before setup
+                kill(pid, signal.SIGKILL)  # the handler, then its group: its workers
         server_events.warning("Stopped at once", signal=signal.Signals(signum).name)
         raise SystemExit(1)
 
@@ -406,18 +366,19 @@ def serve_until_signalled(server: BluServer) -> None:
     host, port = server.socket.getsockname()[:2]
     print(f"bluserver: serving on {host}:{port} with up to {server.options.workers} workers per request", flush=True)
     server_events.info("Server started", **{**vars(server.options), "address": host, "port": port})
-    try:
-        server.serve_forever(poll_interval=REAP_INTERVAL_S)
-    except ShutdownRequested as signalled:
-        for signum in SHUTDOWN_SIGNALS:
-            signal.signal(signum, stop_now)
-        server.server_close()  # stop accepting: new connections are refused from here on
-        in_flight = server.active_children
-        server_events.warning("Shutting down", signal=str(signalled), requests_in_flight=len(in_flight))
-        with contextlib.suppress(ChildProcessError):  # none left
-            while in_flight:
-                in_flight.discard(os.waitpid(-1, 0)[0])  # forgotten once reaped: its pid may be reused
-        server_events.warning("Server stopped")
+    # Not serve_forever(): leaving it takes shutdown(), which waits for it, from another thread.
+    while not server.shutdown_signal:
+        server.handle_request()  # one connection, or none within server.timeout
+        server.collect_children()
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, stop_now)
+    server.server_close()  # stop accepting: new connections are refused from here on
+    in_flight = server.active_children
+    server_events.warning("Shutting down", signal=server.shutdown_signal, requests_in_flight=len(in_flight))
+    with contextlib.suppress(ChildProcessError):  # none left
+        while in_flight:
+            in_flight.discard(os.waitpid(-1, 0)[0])  # forgotten once reaped: its pid may be reused
+    server_events.warning("Server stopped")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -451,7 +412,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv)
     multiprocessing.current_process().name = "server"
     handler = logging.StreamHandler(sys.stdout)
@@ -463,11 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         where = f"port {options.port} is already in use (try -p)" if error.errno == errno.EADDRINUSE else (
             f"cannot listen on {options.address}:{options.port}: {error.strerror or error}")  # fmt: skip
-        print(f"bluserver: {where}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"bluserver: {where}") from None  # exit status 1
     serve_until_signalled(server)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,9 +1,6 @@
-"""bluserver's client, and the wire protocol both sides speak.
-
-One file, standard library only: ``python client.py operations.txt output.txt`` sends the input
-as one request and writes one result line per input line.  The framing functions are the
-protocol (README.md, "The protocol"); bluserver.py imports them, so the sides cannot drift apart.
-"""
+"""bluserver's client, standard library only, and the wire protocol: ``python client.py
+operations.txt output.txt``.  bluserver.py imports the framing functions (README.md, "The
+protocol"), so the two sides cannot drift apart."""
 
 from __future__ import annotations
 
@@ -19,7 +16,6 @@ from typing import IO, Callable
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
 RECV_BYTES = 1024 * 1024  # upper bound on one recv() call
 SEND_BYTES = 1024 * 1024  # upper bound on one send() call
-PROGRESS_MIN_BYTES = 1024 * 1024  # smaller inputs finish before a progress line helps
 # TCP keepalive: a silent server is probed after 60 s, every 10 s, and is dead after 6 misses.
 KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
 
@@ -31,11 +27,8 @@ class ClosedEarly(ConnectionError):
 
 
 def recv_exactly(sock: socket.socket, size: int, pace: Pace | None = None) -> bytearray:
-    """Receive exactly size bytes; raise ClosedEarly if the peer stops short.
-
-    The buffer grows as bytes arrive: a length header is a claim, not a commitment, so a peer
-    that announces a gigabyte and sends nothing costs nothing.
-    """
+    """Receive exactly size bytes, or raise ClosedEarly.  The buffer grows as bytes arrive: a
+    length header is a claim, not a commitment; announcing a gigabyte and sending nothing is free."""
     buffer = bytearray()
     while len(buffer) < size:
         if pace:
@@ -112,32 +105,11 @@ def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
     return sock
 
 
-def request(payload: bytes, address: str, port: int, timeout_s: float | None, progress: bool) -> bytearray:
-    """Send payload as one request and return the reply's bytes; progress: say each step on stderr."""
-    show = show_progress if progress else lambda message: None
+def request(payload: bytes, address: str, port: int, timeout_s: float | None) -> bytearray:
+    """Send payload as one request and return the reply's bytes."""
     with connect(address, port, timeout_s) as sock:
-        show(f"sending {len(payload) / 1e6:.1f} MB")
         send_frame(sock, [payload])
-        show("waiting for the results")
-        reply = recv_frame(sock)
-        show(f"received {len(reply) / 1e6:.1f} MB\n")
-        return reply
-
-
-def show_progress(message: str) -> None:
-    print(f"\r\x1b[Kclient: {message}", end="", file=sys.stderr, flush=True)
-
-
-def format_output(payload: bytes, reply: bytes, style: str) -> bytes:
-    """The output file: the reply itself, or 'expression = result' lines."""
-    if style == "plain":
-        return reply
-    expressions = payload.decode("utf-8", "replace").split("\n")
-    lines = (
-        f"{expression.rstrip(chr(13))} = {result}\n" if expression.strip() else "\n"
-        for expression, result in zip(expressions, reply.decode("utf-8").splitlines())
-    )
-    return "".join(lines).encode("utf-8")
+        return recv_frame(sock)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -158,46 +130,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("-p", "--port", type=port_number, default=1982, help="server port (default: %(default)s)")
     add("--timeout", type=positive_float, metavar="SECONDS",
         help="give up when the server is silent this long (default: wait while the server is alive)")  # fmt: skip
-    add("--format", choices=("plain", "equation"), default="plain",
-        help="plain: the results as sent; equation: 'expression = result' (default: %(default)s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Exit status 1 with a one-line message (SystemExit prints it) if anything goes wrong."""
     args = parse_args(argv)
     started, server = time.monotonic(), f"{args.address}:{args.port}"
     try:
         with open_path(args.input, "rb") as source:
             payload = source.read()
     except OSError as error:
-        return fail(f"cannot read {args.input}: {error.strerror or error}")
+        raise SystemExit(f"client: cannot read {args.input}: {error.strerror or error}") from None
     try:
-        progress = sys.stderr.isatty() and len(payload) >= PROGRESS_MIN_BYTES
-        reply = request(payload, args.address, args.port, args.timeout, progress)
+        reply = request(payload, args.address, args.port, args.timeout)
     except OSError as error:
-        return fail(describe_connection_failure(error, server))
+        raise SystemExit(f"client: {describe_connection_failure(error, server)}") from None
     expected, received = count_lines(payload), count_lines(reply)
     if received != expected:
-        return fail(f"{server} answered {received} lines for {expected} input lines")
+        raise SystemExit(f"client: {server} answered {received} lines for {expected} input lines")
     try:
         with open_path(args.output, "wb") as output:
-            output.write(format_output(payload, bytes(reply), args.format))
+            output.write(reply)
     except OSError as error:
-        return fail(f"cannot write {args.output}: {error.strerror or error}")
+        raise SystemExit(f"client: cannot write {args.output}: {error.strerror or error}") from None
     seconds = time.monotonic() - started
     print(f"client: {expected} lines, {reply.count(b'error: ')} error lines, {seconds:.2f} s", file=sys.stderr)
-    return 0
 
 
 def open_path(path: str, mode: str) -> IO[bytes]:
     """The file at path; '-' is stdin (mode "rb") or stdout ("wb"), which closing leaves open."""
     standard = sys.stdin if mode == "rb" else sys.stdout
     return open(standard.fileno() if path == "-" else path, mode, closefd=path != "-")
-
-
-def fail(message: str) -> int:
-    print(f"client: {message}", file=sys.stderr)
-    return 1
 
 
 def describe_connection_failure(error: OSError, server: str) -> str:
@@ -212,4 +176,4 @@ def describe_connection_failure(error: OSError, server: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

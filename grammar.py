@@ -1,9 +1,8 @@
 """The arithmetic language: one pyparsing grammar, its evaluation, and fast paths.
 
-A worker (worker.py) calls ``evaluate_line`` per line for its result: a number, ``""`` for a
-blank line, or ``error: <reason>``; no line makes it raise, hang or exhaust memory.  The
-grammar, top-down; each rule is the pyparsing element of that name (the last three: pieces
-of its regexes)::
+worker.py calls ``evaluate_line`` per line: a number, ``""`` for a blank line, or ``error:
+<reason>``; no line makes it raise, hang or exhaust memory.  Each rule is the pyparsing
+element of that name (the last three: pieces of its regexes)::
 
     line      ::= signs expr end_of_line
     expr      ::= operand (operator operand)*
@@ -16,11 +15,10 @@ of its regexes)::
     binary    ::= '+' | '-' | '*' | '//' | '/' | '%' | '**'
     number    ::= digit+ ['.' digit+]          digit: ASCII 0-9 only
 
-Spaces and tabs may stand between tokens; operators bind as in Python (PRECEDENCE).  A line or
-group without parentheses inside is one regular expression (UNNESTED), so pyparsing walks only
-real nesting.  ``evaluate`` folds the tokens, computing each operation when Python would: the
-results, and which fault is reported, are Python's.  ``evaluate_flat`` is a faster path for the
-original's flat form (``1 + 2 * 3``); tests/test_grammar.py proves the paths equal.
+Spaces and tabs may stand between tokens; operators bind as in Python.  ``evaluate`` computes
+each operation when Python would, so results and faults are Python's.  A line or group without
+parentheses is one regex (UNNESTED), and ``evaluate_flat`` a faster path for the original's form
+(``1 + 2 * 3``); tests/test_grammar.py proves all paths equal.
 """
 
 from __future__ import annotations
@@ -38,9 +36,7 @@ Number = Union[int, float]
 MAX_LINE_BYTES = 10_000
 MAX_INT_DIGITS = 4300  # Python's own limit for printing an int (sys.int_info)
 INT_LIMIT = 10**MAX_INT_DIGITS  # the smallest integer with too many digits
-# Set by the worker: pyparsing recurses ~9 frames per level of parentheses; a few hundred
-# levels parse, deeper ones end in a quick RecursionError, not a crash.
-RECURSION_LIMIT = 6000
+RECURSION_LIMIT = 6000  # set by worker.py: ~9 frames per '(', so deep nesting is no crash
 
 NOT_UTF8 = "error: not valid UTF-8"
 NOT_UTF8_BYTE = re.compile("[\udc80-\udcff]")  # how worker.py decodes a byte that is not UTF-8
@@ -55,8 +51,7 @@ class EvaluationError(Exception):
 def _power(base: Number, exponent: Number) -> Number:
     """base ** exponent, refusing before computing an integer of over MAX_INT_DIGITS digits."""
     if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0:
-        # About exponent * log10(|base|) digits (over 0.3 * exponent); the margin of one digit
-        # leaves the exact boundary to the check of the result (_apply).
+        # About exponent * log10(|base|) digits; _apply checks the exact boundary in the result.
         digits_over = exponent > 4 * MAX_INT_DIGITS or exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
         if digits_over:
             raise EvaluationError(TOO_MANY_DIGITS)
@@ -73,16 +68,13 @@ NEGATE = "negate"  # a unary minus waiting for its operand's value
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, NEGATE: 3, "**": 4}
 
 
-# --- The grammar, top-down as in the BNF above, and the tokens it yields. ------------
-
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 BINARY = r"\*\*|//|[-+*/%]"
 SIGNS = r"(?:[ \t]*[+-])*"
 OPERATOR = rf"(?:{BINARY}){SIGNS}"
 RUN = rf"{NUMBER}(?:[ \t]*{OPERATOR}[ \t]*{NUMBER})*"
 RUN_TOKEN = re.compile(rf"{NUMBER}|{OPERATOR}")
-# A line, or the inside of a group, without parentheses: signs and a run.  The grammar's
-# own regexes take it whole, ~20x faster than pyparsing's walk over it (measured).
+# A line or group without parentheses inside: ~20x faster whole than in pyparsing's walk.
 UNNESTED = rf"({SIGNS})[ \t]*({RUN})[ \t]*"
 UNNESTED_LINE = re.compile(UNNESTED)
 
@@ -117,13 +109,11 @@ def _unnested_tokens(match: re.Match[str]) -> list[Token]:
 
 
 def _missing_closing_parenthesis(line: str, loc: int, element: object, error: Exception) -> None:
-    """Fail action of ')': an exception that is no ParseException ends the whole parse at once,
-    with this message, instead of letting pyparsing backtrack to a vaguer one."""
+    """Fail action of ')': raising no ParseException ends the parse here, not in vaguer backtracking."""
     raise EvaluationError(f"missing ')' at column {loc + 1}")
 
 
-# Global to pyparsing, for elements created after it: set before any, and only spaces and
-# tabs, since a line never holds a newline and '\f' or '\v' are not blanks here.
+# Global to pyparsing, for elements created after it: set first.  '\f' and '\v' are no blanks here.
 pp.ParserElement.set_default_whitespace_chars(" \t")
 
 expr = pp.Forward()
@@ -134,8 +124,7 @@ opening = pp.Regex(rf"\({SIGNS}")
 closing = pp.Literal(")").set_fail_action(_missing_closing_parenthesis)
 unnested_group = pp.Regex(rf"\({UNNESTED}\)", as_match=True)  # a group with no nesting inside
 unnested_group.set_parse_action(lambda tokens: Parenthesized(_unnested_tokens(tokens[0])))
-# '-' (not '+') between elements means: once the left part matched, the right part
-# must follow; a failure there is reported where it happened, with no backtracking.
+# '-' (not '+'): once the left part matched, the right must follow; a failure is reported there.
 group = (opening - expr - closing).set_parse_action(lambda tokens: Parenthesized(tokens[:-1]))
 operand = unnested_group | run | group
 expr <<= operand + (operator - operand)[...]
@@ -148,14 +137,12 @@ def evaluate(tokens: list[Token]) -> Number:
     Each operator waits on a stack until the next binds no tighter: Python's order."""
     values: list[Number] = []
     waiting: list[str] = []
-    operand_next = True
-    for token in tokens:
+    for position, token in enumerate(tokens):  # signs, operand, then (operator, operand) pairs
         if not isinstance(token, str):
             values.append(evaluate(token.tokens) if isinstance(token, Parenthesized) else token)
-            operand_next = False
             continue
         signs_start = 0
-        if not operand_next:  # the token starts with the operator after an operand
+        if position:  # the token starts with the operator after an operand
             symbol = token[:2] if token[:2] in PRECEDENCE else token[0]  # '**' and '//'
             signs_start = len(symbol)
             if symbol != "**":  # right to left: '**' waits for its whole right operand
@@ -164,7 +151,6 @@ def evaluate(tokens: list[Token]) -> Number:
             waiting.append(symbol)
         if token.count("-", signs_start) % 2:
             waiting.append(NEGATE)
-        operand_next = True
     while waiting:
         _apply(waiting.pop(), values)
     return values[0]
@@ -204,14 +190,9 @@ def parsed_tokens(text: str) -> list[Token]:
         raise EvaluationError("too deeply nested") from None
 
 
-# --- The faster path: the original's flat form. ---------------------------------------
-
-# The flat form as the original's files write it: integers and + - * / with single
-# spaces between, so that its tokens are line.split(" ").  Other spacing is unnested.
+# The original's flat form: integers and + - * / between single spaces, split(" ") its tokens.
 FLAT = re.compile(r"[0-9]+(?: [-+*/] [0-9]+)*")
-# No integer in a flat line this short reaches MAX_INT_DIGITS (a product has at most the
-# digits of its factors, a sum of n terms log10(n) more): the flat path checks no sizes.
-FLAT_MAX_CHARS = 4000
+FLAT_MAX_CHARS = 4000  # too short for an integer of MAX_INT_DIGITS: the flat path checks no sizes
 
 
 def flat_tokens(line: str) -> list[str] | None:
@@ -220,8 +201,7 @@ def flat_tokens(line: str) -> list[str] | None:
 
 
 def evaluate_flat(tokens: list[str]) -> Number:
-    """Value of a flat line's tokens: products and quotients are folded left to right into
-    a term, each finished term added to or subtracted from the total, as Python does."""
+    """Value of a flat line's tokens: * and / fold into a term, which + and - fold into the total."""
     total: Number = 0
     pending_sign = "+"
     term: Number = int(tokens[0])

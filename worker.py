@@ -1,11 +1,9 @@
 """What runs in a worker process: evaluate one slice of a request, report results as they come.
 
-The handler (bluserver.py, ``Slice.start_worker``) forks ``run`` with the request's buffer and
-the slice's byte range: the worker reads the buffer it inherited, shared copy-on-write, never a
-copy.  Up its Pipe go result blocks, then one empty message: done, so a worker that dies cannot
-pass off part of its slice as all of it.  A block goes up at BLOCK_BYTES of results or
-REPORT_INTERVAL_S of work: neither side holds more than a block, and the handler tells a slow
-worker (reporting) from a stuck one.
+``Slice.start_worker`` (bluserver.py) forks ``run`` with the request's buffer, shared copy-on-
+write, and the slice's byte range.  Up its Pipe go result blocks, then b"": done, so a worker
+that dies cannot pass off part of its slice as all of it.  A block goes up at least every
+REPORT_INTERVAL_S: the handler tells a slow worker (reporting) from a stuck one.
 """
 
 from __future__ import annotations
@@ -24,9 +22,8 @@ REPORT_INTERVAL_S = 0.5  # the longest a worker works without sending what it ha
 
 
 def run(conn: Connection, payload: bytearray, bounds: tuple[int, int], reply_budget: int, reply_limit: int) -> None:
-    """Worker process entry point: evaluate the lines of payload[start:end], send the results.
-    A result that would take the slice past reply_budget bytes (its share of --max-reply-bytes,
-    reply_limit) is an error line instead: no content makes a reply unbounded."""
+    """Evaluate the lines of payload[start:end] and send the results; one that would take the slice
+    past reply_budget bytes (its share of --max-reply-bytes, reply_limit) is an error line instead."""
     hold_only(conn)
     too_large = f"error: reply too large (limit {reply_limit} bytes)"
     results: list[str] = []

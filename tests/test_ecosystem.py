@@ -142,7 +142,7 @@ HELP_OPTIONS = {
         "-a", "-p", "-n", "-v", "--log-format", "--max-bytes", "--max-reply-bytes", "--max-children",
         "--client-timeout", "--min-rate", "--worker-timeout",
     ],
-    "client.py": ["input", "output", "-a", "-p", "--timeout", "--format"],
+    "client.py": ["input", "output", "-a", "-p", "--timeout"],
 }  # fmt: skip
 
 
@@ -237,45 +237,3 @@ def test_client_timeout_that_is_not_a_positive_number_is_a_usage_error(timeout: 
     result = run_client("-", "-", "--timeout", timeout)
     assert result.returncode == 2
     assert b"argument --timeout" in result.stderr.splitlines()[-1]
-
-
-LARGE_INPUT = b"1 + 1\n" * 200_000  # over client.PROGRESS_MIN_BYTES
-
-
-def test_large_input_with_stderr_a_pipe_shows_only_the_summary(server: ServerProcess) -> None:
-    result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(server.port), stdin=LARGE_INPUT)
-    assert result.returncode == 0
-    assert re.fullmatch(rb"client: 200000 lines, 0 error lines, [\d.]+ s\n", result.stderr)
-
-
-def test_large_input_with_stderr_a_terminal_shows_progress(server: ServerProcess, tmp_path: Path) -> None:
-    source = tmp_path / "large.txt"
-    source.write_bytes(LARGE_INPUT)
-    command = [sys.executable, str(ROOT / "client.py"), str(source), os.devnull, "-a", "127.0.0.1"]
-    terminal, terminal_side = os.openpty()
-    try:
-        with open(terminal_side, "wb") as client_stderr:  # closed here so only the client holds it
-            client = subprocess.Popen(
-                [*command, "-p", str(server.port), "--timeout", str(RUN_TIMEOUT_S)], stderr=client_stderr
-            )
-        shown = read_until_closed(terminal)
-        assert client.wait(RUN_TIMEOUT_S) == 0
-    finally:
-        os.close(terminal)
-    assert b"client: sending 1.2 MB" in shown
-    assert b"client: waiting for the results" in shown
-    assert b"client: 200000 lines, 0 error lines" in shown
-
-
-def read_until_closed(terminal: int) -> bytes:
-    """Everything written to a pseudo-terminal until the last process holding its other side exits."""
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(terminal, 65536)
-        except OSError:  # EIO: nobody holds the other side any more
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
