@@ -45,8 +45,7 @@ from typing import IO, Any
 import worker
 from client import HEADER, Pace, count_lines, port_number, positive_float, positive_int, recv_exactly, send_frame
 
-# Workers are forked, whatever the default start method (forkserver since Python 3.14): the
-# handler has imported everything, so a fork costs ~1 ms where spawn or forkserver cost ~100 ms.
+# Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms.
 WORKERS = multiprocessing.get_context("fork")
 ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
 LINGER_S = 2.0  # how long to drain an oversized request so the client can read the reply
@@ -94,9 +93,8 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
 
 
 class Slice:
-    """A byte range of whole lines of the request, its worker, and its results so far: spooled
-    to a file with no name, which costs no memory and vanishes with the process however it
-    ends.  ``start`` moves past the lines answered, so that a rerun does only the rest."""
+    """A byte range of whole lines, its worker, and its results so far, spooled to a nameless file
+    (no memory; it vanishes however the process ends).  A rerun starts past the lines answered."""
 
     def __init__(self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, events: EventLog) -> None:
         self.payload, self.bounds, self.reply_limit, self.events = payload, bounds, reply_limit, events
@@ -176,15 +174,14 @@ class Slice:
 
 
 def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float) -> None:
-    """Wait until a worker sends something or is silent too long, or the client hangs up: its
-    socket is watched until first readable.  A reset raises ConnectionResetError (the work is
-    for nobody); end of file is a half-close after sending, and the request is served."""
+    """Wait for a worker's news or long silence, or the client's hang-up: a reset raises ConnectionResetError
+    (the work is for nobody); end of file is a half-close after sending, and the request is served."""
     running = {slice_.conn: slice_ for slice_ in slices if slice_.conn and not slice_.done}
     silent_s = time.monotonic() - min(slice_.heard_at for slice_ in running.values())
     for ready in wait([*running, *client], timeout=max(0.0, worker_timeout_s - silent_s)):
         if isinstance(ready, socket.socket):
             ready.recv(1)
-            client.clear()
+            client.clear()  # watched until first readable
     for slice_ in running.values():
         if not slice_.done:
             slice_.receive()  # all it has sent, also since the wait ended
@@ -196,8 +193,7 @@ def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeo
 def evaluate_in_workers(
     payload: bytearray, client: socket.socket, options: argparse.Namespace, events: EventLog
 ) -> Iterator[list[Slice]]:
-    """Evaluate payload in up to options.workers workers; yield its slices, results spooled.
-    Workers are joined when the with-block ends, after the reply: reaping costs the client nothing."""
+    """Evaluate payload in workers; yield its slices, results spooled.  Join the workers after the reply."""
     ranges = slice_bounds(payload, options.workers)
     slices = [Slice(payload, bounds, options.max_reply_bytes, events) for bounds in ranges]
     try:
@@ -224,8 +220,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def setup(self) -> None:
-        # Own process group: a terminal's Ctrl-C reaches only the server, which lets this
-        # request finish, and one killpg() ends this handler's workers.
+        # Own process group: a terminal's Ctrl-C reaches only the server; killpg() ends the workers.
         os.setpgid(0, 0)
         for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -240,20 +235,16 @@ class RequestHandler(socketserver.BaseRequestHandler):
         self.events.info("Incoming connection", peer=self.client_address)
         try:
             payload = self.receive_request()
+            with evaluate_in_workers(payload, self.request, self.options, self.events) as slices:
+                bytes_out = self.send_reply(slices)
+                if self.events.isEnabledFor(logging.DEBUG):
+                    self.log_rejected_lines(payload, slices)
         except RequestTooLarge as error:
             self.events.warning("Request refused", reason=str(error))
             self.reply_and_linger(f"error: {error}\n".encode())
             return
         except CLIENT_FAILURES as error:
-            self.events.warning("Client failed while sending", reason=str(error) or "timed out")
-            return
-        try:
-            with evaluate_in_workers(payload, self.request, self.options, self.events) as slices:
-                bytes_out = self.send_reply(slices)
-                if self.events.isEnabledFor(logging.DEBUG):
-                    self.log_rejected_lines(payload, slices)
-        except CLIENT_FAILURES as error:
-            self.events.warning("Client failed after sending", reason=str(error) or "timed out")
+            self.events.warning("Client failed", reason=str(error) or "timed out")
             return
         error_lines, seconds = sum(slice_.error_lines for slice_ in slices), round(time.monotonic() - started, 6)
         self.events.info("Request served", lines=count_lines(payload), error_lines=error_lines,
@@ -312,9 +303,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
 
 class BluServer(socketserver.ForkingTCPServer):
-    """Listens, and forks one RequestHandler process per connection.  The ForkingMixIn settings:
-    ``max_children`` (--max-children) handlers at once; when all are busy, ``collect_children``
-    waits for one to exit before the next accept, and further connections wait in the backlog."""
+    """Listens, and forks a RequestHandler process per connection, ``max_children`` at once: when all
+    are busy, ``collect_children`` waits for one to exit, and new connections wait in the backlog."""
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
     request_queue_size = socket.SOMAXCONN  # as long a backlog as the kernel allows: none is refused
@@ -329,9 +319,8 @@ class BluServer(socketserver.ForkingTCPServer):
         super().__init__((options.address, options.port), RequestHandler)
 
     def collect_children(self, *, blocking: bool = False) -> None:
-        """Reap finished handlers; while all are busy, wait for one or a signal.  Not ForkingMixIn's
-        os.waitpid(-1, 0), which resumes after a signal (PEP 475) and would not notice SIGTERM.
-        Blocked before the reaping, a signal that comes in between waits for sigwait()."""
+        """Reap finished handlers; while all are busy, wait for one or a signal: ForkingMixIn's waitpid()
+        resumes after a signal (PEP 475).  Blocked before reaping, no signal is lost before sigwait()."""
         wake_signals = {signal.SIGCHLD, *SHUTDOWN_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
         try:
@@ -383,8 +372,7 @@ def serve_until_signalled(server: BluServer) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Evaluate batches of arithmetic expressions sent over TCP, in worker processes.\n"
-        "README.md describes the protocol, the limits and the logs.",
+        description="Evaluate batches of arithmetic expressions sent over TCP, in worker processes.",
         epilog="examples:\n"
         "  python bluserver.py                  # localhost:1982, 2 workers per request\n"
         "  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v --log-format json\n"

@@ -14,8 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import IO, Callable
 
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
-RECV_BYTES = 1024 * 1024  # upper bound on one recv() call
-SEND_BYTES = 1024 * 1024  # upper bound on one send() call
+CHUNK_BYTES = 1024 * 1024  # upper bound on one recv() or send() call
 # TCP keepalive: a silent server is probed after 60 s, every 10 s, and is dead after 6 misses.
 KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
 
@@ -27,13 +26,12 @@ class ClosedEarly(ConnectionError):
 
 
 def recv_exactly(sock: socket.socket, size: int, pace: Pace | None = None) -> bytearray:
-    """Receive exactly size bytes, or raise ClosedEarly.  The buffer grows as bytes arrive: a
-    length header is a claim, not a commitment; announcing a gigabyte and sending nothing is free."""
+    """Exactly size bytes, or ClosedEarly; the buffer grows as they arrive: a header is only a claim."""
     buffer = bytearray()
     while len(buffer) < size:
         if pace:
             pace(len(buffer))
-        chunk = sock.recv(min(size - len(buffer), RECV_BYTES))
+        chunk = sock.recv(min(size - len(buffer), CHUNK_BYTES))
         if not chunk:
             raise ClosedEarly(f"connection closed after {len(buffer)} of {size} bytes")
         buffer += chunk
@@ -49,9 +47,8 @@ def recv_frame(sock: socket.socket, pace: Pace | None = None) -> bytearray:
 def send_frame(
     sock: socket.socket, blocks: Iterable[bytes], length: int | None = None, pace: Pace | None = None
 ) -> None:
-    """Send the concatenation of blocks as one length-prefixed message; blocks may be read as
-    they go if length gives their total.  Not sendall(): its timeout bounds the whole message
-    and would cut off a slow but steady reader; the socket's timeout bounds each wait here."""
+    """Send blocks as one message, read as they go if length gives their total.  Not sendall(): its
+    timeout would bound the whole message, and cut off a slow but steady reader, not each wait."""
     if length is None:
         blocks = list(blocks)
         length = sum(map(len, blocks))
@@ -61,7 +58,7 @@ def send_frame(
         while unsent:
             if pace:
                 pace(sent)
-            count = sock.send(unsent[:SEND_BYTES])
+            count = sock.send(unsent[:CHUNK_BYTES])
             unsent, sent = unsent[count:], sent + count
 
 
@@ -70,9 +67,8 @@ def count_lines(data: bytes | bytearray) -> int:
     return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
 
-# argparse types, for bluserver.py's command line too.
 def port_number(text: str) -> int:
-    """A TCP port; 0 lets the server pick any free one."""
+    """argparse type (this and the next two serve bluserver.py too): a TCP port, 0 for any free one."""
     if not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0-65535, not {text}")
     return int(text)
@@ -91,12 +87,10 @@ def positive_int(text: str) -> int:
 
 
 def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
-    """A connection that waits as long as the server lives, or timeout_s: the server sends
-    nothing until the reply is ready, which can take minutes.  TCP keepalive probes tell a
-    dead server (or network) from a busy one."""
+    """A connection that waits as long as the server lives, or timeout_s: a server is silent until
+    the reply is ready, maybe for minutes; TCP keepalive tells a dead server from a busy one."""
     sock = socket.create_connection((address, port), timeout=timeout_s)
-    # Header and body are separate writes: without NODELAY, Nagle's algorithm would hold
-    # the body back until the header is acknowledged (~40 ms).
+    # Header and body are two writes: without NODELAY, Nagle's algorithm holds the body ~40 ms.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in KEEPALIVE.items():

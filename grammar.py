@@ -63,8 +63,7 @@ BINARY_OPERATORS: dict[str, Callable[[Number, Number], Number | complex]] = {
     "+": add, "-": sub, "*": mul, "/": truediv, "//": floordiv, "%": mod, "**": _power
 }  # fmt: skip
 NEGATE = "negate"  # a unary minus waiting for its operand's value
-# Higher binds tighter, as in Python: a sign binds looser than a '**' on its right (-2 ** 2
-# is -4), which groups right to left (2 ** 3 ** 2 is 512).
+# Higher binds tighter, as in Python: -2 ** 2 is -4, and 2 ** 3 ** 2 is 512 ('**' groups right to left).
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, NEGATE: 3, "**": 4}
 
 
@@ -86,8 +85,7 @@ class Parenthesized:
     tokens: list[Token]
 
 
-# A number, a Parenthesized, or text: the signs before an operand ('', '-', '- +', '(-'),
-# or an operator after one with the signs of the next operand ('*', '* -', '**+').
+# A number, a Parenthesized, or text: signs before an operand ('', '- +', '(-'), or an operator and signs ('* -').
 Token = Union[int, float, str, Parenthesized]
 
 

@@ -62,8 +62,7 @@ def slice_lines(payload: bytearray, start: int, end: int) -> Iterator[str]:
     '\\r\\n' ends a line as '\\n' does; a final newline is optional.  A byte that is not UTF-8
     becomes a lone surrogate, which grammar.evaluate_line answers with 'not valid UTF-8'."""
     while start < end:
-        # From one byte before the nominal end: a run of exactly READ_BYTES ending in '\n'
-        # is found there, not one line later.
+        # From one byte before the nominal end: a run of READ_BYTES ending in '\n' ends there.
         newline = payload.find(b"\n", min(start + READ_BYTES, end) - 1, end)
         stop = end if newline < 0 else newline + 1
         text = bytes(payload[start:stop]).replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape")

@@ -60,7 +60,7 @@ def trickle() -> str:
                 except (BrokenPipeError, ConnectionResetError):
                     break
                 time.sleep(1.0)  # the client's pace: one byte a second
-        server.wait_for_event("Client failed while sending")
+        server.wait_for_event("Client failed")
         return f"dropped after {time.monotonic() - started:.1f} s"
     finally:
         server.cleanup()

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-from client import HEADER, RECV_BYTES
+from client import CHUNK_BYTES, HEADER
 from conftest import ServerProcess
 from grammar import evaluate_line
 from tools.bench import HOST, HOSTILE_LINES, SEED, seed_like_lines, to_payload
@@ -101,7 +101,7 @@ class LoadClient:
         return selectors.EVENT_WRITE if self.outgoing else selectors.EVENT_READ
 
     def receive(self) -> int:
-        chunk = self.sock.recv(RECV_BYTES)
+        chunk = self.sock.recv(CHUNK_BYTES)
         if not chunk:
             raise ConnectionError(f"connection closed after {len(self.incoming)} bytes of the reply")
         self.incoming += chunk
