@@ -331,19 +331,34 @@ def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServe
 # --- Slicing across workers, and size. ---------------------------------------------------
 
 
-@pytest.mark.parametrize("line_count", [1, 2, 3, 1000])
-def test_reply_is_the_same_for_1_2_and_4_workers(start_server: StartServer, line_count: int) -> None:
-    payload = varied_payload(line_count, seed=line_count)
-    servers = [start_server("-n", workers) for workers in ("1", "2", "4")]
+@pytest.fixture(scope="module")
+def servers_with_1_2_and_4_workers(server: ServerProcess) -> Iterator[list[ServerProcess]]:
+    """Servers with -n 1, 2 (the default: the module's shared server) and 4, for requests only."""
+    one = ServerProcess(["-n", "1"])
+    try:
+        four = ServerProcess(["-n", "4"])
+        try:
+            yield [one, server, four]
+        finally:
+            four.cleanup()
+    finally:
+        one.cleanup()
 
-    replies = [server.request(payload) for server in servers]
+
+@pytest.mark.parametrize("line_count", [1, 2, 3, 1000])
+def test_reply_is_the_same_for_1_2_and_4_workers(
+    servers_with_1_2_and_4_workers: list[ServerProcess], line_count: int
+) -> None:
+    payload = varied_payload(line_count, seed=line_count)
+
+    replies = [server.request(payload) for server in servers_with_1_2_and_4_workers]
 
     assert replies == [expected_reply(payload)] * 3
     assert len(split_lines(replies[0])) == line_count
 
 
 @pytest.mark.slow
-def test_multi_megabyte_request_of_200k_lines_round_trips(start_server: StartServer) -> None:
+def test_multi_megabyte_request_of_200k_lines_round_trips(server: ServerProcess) -> None:
     line_count = 200_000
     lines, results = [], []
     for number in range(line_count):
@@ -357,8 +372,7 @@ def test_multi_megabyte_request_of_200k_lines_round_trips(start_server: StartSer
             ending = b"\r\n" if number % 2 else b"\n"
             lines.append(f"{number} + {number} * 3".encode() + ending)
             results.append(str(4 * number))
-    payload = b"".join(lines)  # 3.9 MB
-    server = start_server("-n", "2")
+    payload = b"".join(lines)  # 3.9 MB, to the shared server: 2 workers, the default
 
     reply = server.request(payload)
 
