@@ -334,10 +334,12 @@ def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServe
 @pytest.fixture(scope="module")
 def servers_with_1_2_and_4_workers(server: ServerProcess) -> Iterator[list[ServerProcess]]:
     """Servers with -n 1, 2 (the default: the module's shared server) and 4, for requests only."""
-    one = ServerProcess(["-n", "1"])
+    one = ServerProcess(["-n", "1"], wait=False)
     try:
-        four = ServerProcess(["-n", "4"])
+        four = ServerProcess(["-n", "4"], wait=False)
         try:
+            one.wait_until_serving()  # the two start at once
+            four.wait_until_serving()
             yield [one, server, four]
         finally:
             four.cleanup()
@@ -553,11 +555,9 @@ def test_request_in_flight_at_a_signal_is_answered_before_exit_0(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_a_burst_of_connections_still_stops_the_server(
-    start_server: StartServer, signum: signal.Signals
+    start_servers: Callable[..., list[ServerProcess]], signum: signal.Signals
 ) -> None:
-    for _ in range(BURST_ATTEMPTS):
-        server = start_server()
-
+    for server in start_servers(*[[]] * BURST_ATTEMPTS):  # started at once, each burst in turn
         connect_in_a_burst(server, signum)
 
         assert exit_status_within(server.process, DRAIN_TIMEOUT_S) == 0, "the server lost the signal"

@@ -96,9 +96,9 @@ class Balancer:
 
 
 @pytest.fixture
-def balancer(start_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Balancer]:
+def balancer(start_servers: Callable[..., list[ServerProcess]], tmp_path: Path) -> Iterator[Balancer]:
     """HAProxy in front of INSTANCES servers with one worker each."""
-    instances = [start_server("-v", "--log-format", "json", "-n", "1") for _ in range(INSTANCES)]
+    instances = start_servers(*[["-v", "--log-format", "json", "-n", "1"]] * INSTANCES)
     balancer = Balancer(instances, tmp_path / "haproxy.cfg")
     try:
         wait_until(lambda: answers_empty_request(balancer.port), "HAProxy to answer")
