@@ -73,6 +73,16 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = EV
         time.sleep(POLL_S)
 
 
+def wait_for_exit(process: subprocess.Popen[Any], timeout_s: float) -> int:
+    """process.wait(timeout_s), checking every POLL_S: Popen.wait with a timeout sleeps up to
+    50 ms between checks, which a test pays at every server it stops."""
+    try:
+        wait_until(lambda: process.poll() is not None, f"process {process.pid} to exit", timeout_s)
+    except AssertionError:
+        raise subprocess.TimeoutExpired(process.args, timeout_s) from None
+    return process.wait()  # at once: it has exited
+
+
 def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=EVENT_TIMEOUT_S)
 
@@ -168,7 +178,7 @@ class ServerProcess:
         """Send signum (unless it has exited), wait, and return the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signum)
-        return self.process.wait(EXIT_TIMEOUT_S)
+        return wait_for_exit(self.process, EXIT_TIMEOUT_S)
 
     def cleanup(self) -> None:
         """Stop the server and make sure nothing of its session outlives it."""
