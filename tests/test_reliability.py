@@ -206,15 +206,15 @@ def test_client_sending_slowly_but_steadily_is_served_although_it_takes_longer_t
     with server.connect() as sock:
         started = time.monotonic()
         sock.sendall(HEADER.pack(len(payload)))
-        for offset in range(0, len(payload), 30):
+        for offset in range(0, len(payload), 45):
             time.sleep(0.1)  # a slow client's pace, not synchronisation: never silent for 0.5 s
-            sock.sendall(payload[offset : offset + 30])
+            sock.sendall(payload[offset : offset + 45])
         assert time.monotonic() - started > 0.5
         assert recv_frame(sock) == b"2\n" * 45
 
 
 def test_client_that_stops_reading_the_reply_is_disconnected(start_server: StartServer) -> None:
-    server = start_server(*LOG, "--client-timeout", "0.5")
+    server = start_server(*LOG, "--client-timeout", "0.25")
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: a small window
         sock.connect(("127.0.0.1", server.port))
@@ -320,7 +320,7 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
         os.kill(started["pid"], signal.SIGSTOP)  # the handler: it cannot read what the worker sends
         release(path)
         wait_until(lambda: process_state(started["worker_pid"]) in ("Z", "gone"), "the worker to send all and exit")
-        time.sleep(1.0)  # not synchronisation: makes the handler's last news of the worker older than 0.5 s
+        time.sleep(0.75)  # not synchronisation: makes the handler's last news of the worker older than 0.5 s
         os.kill(started["pid"], signal.SIGCONT)
         assert recv_frame(sock) == b"released\n"
     server.wait_for_event("Request served")
