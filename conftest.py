@@ -180,10 +180,14 @@ class ServerProcess:
             self.process.send_signal(signum)
         return wait_for_exit(self.process, EXIT_TIMEOUT_S)
 
-    def cleanup(self) -> None:
-        """Stop the server and make sure nothing of its session outlives it."""
+    def cleanup(self, signalled: bool = False) -> None:
+        """Stop the server (if signalled, the caller has sent it SIGTERM: only wait for it) and
+        make sure nothing of its session outlives it."""
         try:
-            self.stop()
+            if signalled:
+                wait_for_exit(self.process, EXIT_TIMEOUT_S)
+            else:
+                self.stop()
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -219,8 +223,13 @@ class StartedServers:
         return launched
 
     def cleanup(self) -> None:
-        for server in self.servers:
-            server.cleanup()
+        """SIGTERM to every server still running, then each awaited: their exits overlap."""
+        running = [server.process.poll() is None for server in self.servers]
+        for server, signalled in zip(self.servers, running):
+            if signalled:
+                server.process.send_signal(signal.SIGTERM)
+        for server, signalled in zip(self.servers, running):
+            server.cleanup(signalled)
 
 
 @pytest.fixture

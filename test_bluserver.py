@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import bluserver
 from client import HEADER, recv_frame, send_frame
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, wait_for_exit, wait_until
 from grammar import evaluate_line
 
 StartServer = Callable[..., ServerProcess]
@@ -180,7 +180,7 @@ def connect_in_a_burst(server: ServerProcess, signum: signal.Signals) -> None:
 def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int | None:
     """The process's exit status, or None if it is still running after timeout_s."""
     try:
-        return process.wait(timeout_s)
+        return wait_for_exit(process, timeout_s)
     except subprocess.TimeoutExpired:
         return None
 
@@ -532,7 +532,7 @@ def test_signal_stops_the_server_with_exit_0(start_server: StartServer, signum: 
 
     server.process.send_signal(signum)
 
-    assert server.process.wait(SUBPROCESS_TIMEOUT_S) == 0
+    assert wait_for_exit(server.process, SUBPROCESS_TIMEOUT_S) == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -550,7 +550,7 @@ def test_request_in_flight_at_a_signal_is_answered_before_exit_0(
         reply = recv_frame(sock)
 
     assert reply == MIXED_REPLY
-    assert server.process.wait(SUBPROCESS_TIMEOUT_S) == 0
+    assert wait_for_exit(server.process, SUBPROCESS_TIMEOUT_S) == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -23,7 +23,15 @@ from typing import Callable
 import pytest
 
 from client import HEADER, recv_exactly, recv_frame, send_frame
-from conftest import EVENT_TIMEOUT_S, ROOT, ServerProcess, process_table, session_processes, wait_until
+from conftest import (
+    EVENT_TIMEOUT_S,
+    ROOT,
+    ServerProcess,
+    process_table,
+    session_processes,
+    wait_for_exit,
+    wait_until,
+)
 
 StartServer = Callable[..., ServerProcess]
 LOG = ("-v", "--log-format", "json")
@@ -396,7 +404,7 @@ def test_shutdown_signal_refuses_new_connections_and_finishes_the_request_in_fli
         assert (shutting_down["signal"], shutting_down["requests_in_flight"]) == (signum.name, 1)
         release(path)
         assert recv_frame(sock) == b"released\n2\n"
-    assert server.process.wait(EVENT_TIMEOUT_S) == 0
+    assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
     assert session_processes(server.pid) == [], "the server reaps every child before it exits"
 
 
@@ -412,7 +420,7 @@ def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("Shutting down")
         server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(EVENT_TIMEOUT_S) == 1
+        assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
         with pytest.raises(ConnectionError):  # closed without a reply
             recv_frame(sock)
     wait_until(lambda: not session_processes(server.pid), "the killed handler and workers to be gone")
@@ -427,7 +435,7 @@ def test_second_signal_ends_a_handler_that_has_not_started_running(start_server:
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("Shutting down")
         server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(EVENT_TIMEOUT_S) == 1
+        assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
         wait_until(lambda: not session_processes(server.pid), "the handler, still gated, to be killed")
 
 
