@@ -73,6 +73,16 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = EV
         time.sleep(POLL_S)
 
 
+def wait_for_exit(process: subprocess.Popen[Any], timeout_s: float) -> int:
+    """process.wait(timeout_s), checking every POLL_S: Popen.wait with a timeout sleeps up to
+    50 ms between checks, which a test pays at every server it stops."""
+    try:
+        wait_until(lambda: process.poll() is not None, f"process {process.pid} to exit", timeout_s)
+    except AssertionError:
+        raise subprocess.TimeoutExpired(process.args, timeout_s) from None
+    return process.wait()  # at once: it has exited
+
+
 def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=EVENT_TIMEOUT_S)
 
@@ -96,8 +106,13 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         command: Sequence[str] = (),
         cwd: Path = ROOT,
+        wait: bool = True,
     ) -> None:
-        """command, if given, runs instead of bluserver.py (e.g. the zipapp under another Python)."""
+        """command, if given, runs instead of bluserver.py (e.g. the zipapp under another Python).
+
+        wait=False returns as soon as the process is launched; call wait_until_serving before
+        using it.  Servers launched together start in parallel (start_servers).
+        """
         self.stdout = tempfile.TemporaryFile()  # noqa: SIM115 (closed by cleanup)
         self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by cleanup)
         program = ROOT / ("tests/launch.py" if start_method or faults else "bluserver.py")
@@ -110,6 +125,12 @@ class ServerProcess:
             start_new_session=True,
         )
         self.pid = self.process.pid  # also the id of the session its children live in
+        self.port = 0  # known once it serves
+        if wait:
+            self.wait_until_serving()
+
+    def wait_until_serving(self) -> None:
+        """Wait for the banner, and take the port from it."""
         wait_until(lambda: "\n" in self.output(banner=True) or self.process.poll() is not None, "the banner")
         match = re.search(r"serving on [^ ]+:(\d+)", self.output(banner=True))
         if not match:
@@ -157,12 +178,16 @@ class ServerProcess:
         """Send signum (unless it has exited), wait, and return the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signum)
-        return self.process.wait(EXIT_TIMEOUT_S)
+        return wait_for_exit(self.process, EXIT_TIMEOUT_S)
 
-    def cleanup(self) -> None:
-        """Stop the server and make sure nothing of its session outlives it."""
+    def cleanup(self, signalled: bool = False) -> None:
+        """Stop the server (if signalled, the caller has sent it SIGTERM: only wait for it) and
+        make sure nothing of its session outlives it."""
         try:
-            self.stop()
+            if signalled:
+                wait_for_exit(self.process, EXIT_TIMEOUT_S)
+            else:
+                self.stop()
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -180,21 +205,64 @@ class ServerProcess:
         assert not leftovers, f"processes outlived the server: {leftovers}"
 
 
+class StartedServers:
+    """The servers a test starts, all stopped after it (see the fixtures below)."""
+
+    def __init__(self) -> None:
+        self.servers: list[ServerProcess] = []
+
+    def start(self, arg_lists: Sequence[Sequence[str]], options: dict[str, Any]) -> list[ServerProcess]:
+        """A server per list of arguments: all launched, then each awaited, so that their
+        start-ups (a few hundred milliseconds of imports each) overlap."""
+        launched = []
+        for args in arg_lists:
+            launched.append(ServerProcess(args, wait=False, **options))
+            self.servers.append(launched[-1])
+        for server in launched:
+            server.wait_until_serving()
+        return launched
+
+    def cleanup(self) -> None:
+        """SIGTERM to every server still running, then each awaited: their exits overlap."""
+        running = [server.process.poll() is None for server in self.servers]
+        for server, signalled in zip(self.servers, running):
+            if signalled:
+                server.process.send_signal(signal.SIGTERM)
+        for server, signalled in zip(self.servers, running):
+            server.cleanup(signalled)
+
+
 @pytest.fixture
-def start_server() -> Iterator[Callable[..., ServerProcess]]:
+def started_servers() -> Iterator[StartedServers]:
+    """Every server started by start_server or start_servers, stopped after the test, which
+    fails if a process is left."""
+    started = StartedServers()
+    yield started
+    started.cleanup()
+
+
+@pytest.fixture
+def start_server(started_servers: StartedServers) -> Callable[..., ServerProcess]:
     """start_server(*args, **options) -> a running ServerProcess (options: see its __init__).
 
     Every server it started is stopped after the test, which fails if a process is left.
     """
-    servers: list[ServerProcess] = []
 
     def start(*args: str, **options: Any) -> ServerProcess:
-        servers.append(ServerProcess(args, **options))
-        return servers[-1]
+        return started_servers.start([args], options)[0]
 
-    yield start
-    for server in servers:
-        server.cleanup()
+    return start
+
+
+@pytest.fixture
+def start_servers(started_servers: StartedServers) -> Callable[..., list[ServerProcess]]:
+    """start_servers(args, args, ..., **options) -> running ServerProcesses, one per sequence of
+    arguments, started in parallel; stopped after the test as start_server's are."""
+
+    def start(*arg_lists: Sequence[str], **options: Any) -> list[ServerProcess]:
+        return started_servers.start(arg_lists, options)
+
+    return start
 
 
 @pytest.fixture(scope="module")

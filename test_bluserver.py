@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import bluserver
 from client import HEADER, recv_frame, send_frame
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, wait_for_exit, wait_until
 from grammar import evaluate_line
 
 StartServer = Callable[..., ServerProcess]
@@ -180,7 +180,7 @@ def connect_in_a_burst(server: ServerProcess, signum: signal.Signals) -> None:
 def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int | None:
     """The process's exit status, or None if it is still running after timeout_s."""
     try:
-        return process.wait(timeout_s)
+        return wait_for_exit(process, timeout_s)
     except subprocess.TimeoutExpired:
         return None
 
@@ -331,19 +331,36 @@ def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServe
 # --- Slicing across workers, and size. ---------------------------------------------------
 
 
-@pytest.mark.parametrize("line_count", [1, 2, 3, 1000])
-def test_reply_is_the_same_for_1_2_and_4_workers(start_server: StartServer, line_count: int) -> None:
-    payload = varied_payload(line_count, seed=line_count)
-    servers = [start_server("-n", workers) for workers in ("1", "2", "4")]
+@pytest.fixture(scope="module")
+def servers_with_1_2_and_4_workers(server: ServerProcess) -> Iterator[list[ServerProcess]]:
+    """Servers with -n 1, 2 (the default: the module's shared server) and 4, for requests only."""
+    one = ServerProcess(["-n", "1"], wait=False)
+    try:
+        four = ServerProcess(["-n", "4"], wait=False)
+        try:
+            one.wait_until_serving()  # the two start at once
+            four.wait_until_serving()
+            yield [one, server, four]
+        finally:
+            four.cleanup()
+    finally:
+        one.cleanup()
 
-    replies = [server.request(payload) for server in servers]
+
+@pytest.mark.parametrize("line_count", [1, 2, 3, 1000])
+def test_reply_is_the_same_for_1_2_and_4_workers(
+    servers_with_1_2_and_4_workers: list[ServerProcess], line_count: int
+) -> None:
+    payload = varied_payload(line_count, seed=line_count)
+
+    replies = [server.request(payload) for server in servers_with_1_2_and_4_workers]
 
     assert replies == [expected_reply(payload)] * 3
     assert len(split_lines(replies[0])) == line_count
 
 
 @pytest.mark.slow
-def test_multi_megabyte_request_of_200k_lines_round_trips(start_server: StartServer) -> None:
+def test_multi_megabyte_request_of_200k_lines_round_trips(server: ServerProcess) -> None:
     line_count = 200_000
     lines, results = [], []
     for number in range(line_count):
@@ -357,8 +374,7 @@ def test_multi_megabyte_request_of_200k_lines_round_trips(start_server: StartSer
             ending = b"\r\n" if number % 2 else b"\n"
             lines.append(f"{number} + {number} * 3".encode() + ending)
             results.append(str(4 * number))
-    payload = b"".join(lines)  # 3.9 MB
-    server = start_server("-n", "2")
+    payload = b"".join(lines)  # 3.9 MB, to the shared server: 2 workers, the default
 
     reply = server.request(payload)
 
@@ -516,7 +532,7 @@ def test_signal_stops_the_server_with_exit_0(start_server: StartServer, signum: 
 
     server.process.send_signal(signum)
 
-    assert server.process.wait(SUBPROCESS_TIMEOUT_S) == 0
+    assert wait_for_exit(server.process, SUBPROCESS_TIMEOUT_S) == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -534,16 +550,14 @@ def test_request_in_flight_at_a_signal_is_answered_before_exit_0(
         reply = recv_frame(sock)
 
     assert reply == MIXED_REPLY
-    assert server.process.wait(SUBPROCESS_TIMEOUT_S) == 0
+    assert wait_for_exit(server.process, SUBPROCESS_TIMEOUT_S) == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_a_burst_of_connections_still_stops_the_server(
-    start_server: StartServer, signum: signal.Signals
+    start_servers: Callable[..., list[ServerProcess]], signum: signal.Signals
 ) -> None:
-    for _ in range(BURST_ATTEMPTS):
-        server = start_server()
-
+    for server in start_servers(*[[]] * BURST_ATTEMPTS):  # started at once, each burst in turn
         connect_in_a_burst(server, signum)
 
         assert exit_status_within(server.process, DRAIN_TIMEOUT_S) == 0, "the server lost the signal"

@@ -29,6 +29,7 @@ from conftest import (
     connect,
     request,
     session_processes,
+    wait_for_exit,
     wait_until,
 )
 from tools.cluster import TEMPLATE, answers_empty_request, haproxy_config
@@ -91,14 +92,14 @@ class Balancer:
 
     def cleanup(self) -> None:
         self.process.terminate()
-        self.process.wait(EXIT_TIMEOUT_S)
+        wait_for_exit(self.process, EXIT_TIMEOUT_S)
         wait_until(lambda: not session_processes(self.process.pid), "HAProxy's processes to exit")
 
 
 @pytest.fixture
-def balancer(start_server: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Balancer]:
+def balancer(start_servers: Callable[..., list[ServerProcess]], tmp_path: Path) -> Iterator[Balancer]:
     """HAProxy in front of INSTANCES servers with one worker each."""
-    instances = [start_server("-v", "--log-format", "json", "-n", "1") for _ in range(INSTANCES)]
+    instances = start_servers(*[["-v", "--log-format", "json", "-n", "1"]] * INSTANCES)
     balancer = Balancer(instances, tmp_path / "haproxy.cfg")
     try:
         wait_until(lambda: answers_empty_request(balancer.port), "HAProxy to answer")
@@ -164,7 +165,7 @@ def test_a_draining_instance_finishes_its_request_while_new_ones_go_to_the_other
 
         in_flight.sendall(payload[100:])
         assert recv_frame(in_flight) == expected
-    assert draining.process.wait(EXIT_TIMEOUT_S) == 0
+    assert wait_for_exit(draining.process, EXIT_TIMEOUT_S) == 0
     assert served(draining) == [100]
     others = [instance for instance in balancer.instances if instance is not draining]
     wait_until(lambda: sum(len(served(other)) for other in others) == 6, "the new requests' logs")
@@ -183,7 +184,7 @@ def test_ctrl_c_stops_make_cluster_leaving_no_process(tmp_path: Path) -> None:
         processes = session_processes(cluster.pid)
         assert len(processes) >= 4  # the supervisor, HAProxy and two servers
         os.killpg(cluster.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
-        assert cluster.wait(EXIT_TIMEOUT_S) == 0, (tmp_path / "cluster.log").read_text()
+        assert wait_for_exit(cluster, EXIT_TIMEOUT_S) == 0, (tmp_path / "cluster.log").read_text()
         wait_until(lambda: not session_processes(cluster.pid), "every process to exit")
     finally:
         for pid in session_processes(cluster.pid):

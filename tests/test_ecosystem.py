@@ -29,7 +29,7 @@ PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
 REPLY = b"3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"
 ALL_REJECTED = b"(1\n7 / 0\n(2\n8 / 0\n"  # with -n 2, both workers reject lines
 SUPPORTED_EXTREMES = ("3.9", "3.13")  # the oldest and newest Python the zipapp must run on
-CLIENT_TIMEOUT_S = 1.0
+CLIENT_TIMEOUT_S = 0.5
 RUN_TIMEOUT_S = 30.0
 
 

@@ -350,7 +350,7 @@ def flat_lines(draw: st.DrawFn) -> str:
     return " ".join(tokens)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(flat_lines())
 @example("1 / 0")
 @example("7 / 2 * 0 / 0 - 1")
@@ -531,7 +531,7 @@ EXPRESSIONS = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(EXPRESSIONS, SPACES, SPACES)
 @example(Expression(Binary("**", Signed("-", Literal("8")), Literal("0.5")), "(-8)**0.5", POWER), "", "")
 @example(Expression(Binary("%", Literal("7"), Signed("-", Literal("3"))), "7 % -3", PRODUCT), " ", "\t")
@@ -572,7 +572,7 @@ def faulty_lines(draw: st.DrawFn) -> str:
     return line
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.one_of(EXPRESSIONS.map(lambda expression: expression.text), faulty_lines()))
 @example("(1 / 0) ^ 2")  # a syntax error anywhere comes before any evaluation error
 @example("1 / 0 + " + "1" * 4301)  # a literal too long is found while parsing
@@ -590,7 +590,7 @@ def test_any_line_of_the_grammar_characters_gives_what_it_gave_before_optimisati
     assert evaluate_line(line) == grammar_oracle.evaluate_line(line)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.one_of(
         EXPRESSIONS.map(lambda expression: expression.text),

@@ -23,7 +23,15 @@ from typing import Callable
 import pytest
 
 from client import HEADER, recv_exactly, recv_frame, send_frame
-from conftest import EVENT_TIMEOUT_S, ROOT, ServerProcess, process_table, session_processes, wait_until
+from conftest import (
+    EVENT_TIMEOUT_S,
+    ROOT,
+    ServerProcess,
+    process_table,
+    session_processes,
+    wait_for_exit,
+    wait_until,
+)
 
 StartServer = Callable[..., ServerProcess]
 LOG = ("-v", "--log-format", "json")
@@ -130,15 +138,16 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
     start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server("-n", "2", "--max-bytes", "1000000", *LOG, env={"TMPDIR": str(tmp_path)})
-    lines = 10_000
+    lines = 40_000
     with server.connect() as sock:
-        send_frame(sock, [b"10 ** 4000\n" * lines])  # 110 KB in, 40 MB out
+        # 440 KB in, 40 MB out; 1,001-digit results cost a worker 2.5x less than 4,001-digit ones.
+        send_frame(sock, [b"10 ** 1000\n" * lines])
         wait_until(lambda: len(server.events("Worker finished")) == 2, "both workers to finish")
         handler = server.events("Worker finished")[0]["pid"]
         peak_kib = proc_status(handler, "VmHWM")  # the reply waits, unread, in the spool files
         assert os.listdir(tmp_path) == [], "a spool file must have no name, so that it vanishes with its process"
         (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
-        assert size == lines * 4002
+        assert size == lines * 1002
         received = 0
         while received < size:
             received += len(sock.recv(1024 * 1024))
@@ -151,7 +160,7 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
 def test_idle_client_is_disconnected_after_the_client_timeout_while_another_client_is_served(
     start_server: StartServer,
 ) -> None:
-    server = start_server(*LOG, "--client-timeout", "1")
+    server = start_server(*LOG, "--client-timeout", "0.5")
     with server.connect() as idle:
         server.wait_for_event("Incoming connection")
         assert server.request(b"6 * 7\n") == b"42\n"
@@ -173,7 +182,7 @@ STALLED_REQUESTS = {
 def test_client_stalled_mid_request_is_disconnected_and_its_handler_exits(
     start_server: StartServer, sent: bytes
 ) -> None:
-    server = start_server(*LOG, "--client-timeout", "0.5")
+    server = start_server(*LOG, "--client-timeout", "0.25")
     with server.connect() as sock:
         sock.sendall(sent)
         assert sock.recv(1) == b"", "the stalled client must be disconnected"
@@ -183,10 +192,10 @@ def test_client_stalled_mid_request_is_disconnected_and_its_handler_exits(
 
 
 def test_client_trickling_its_request_is_cut_off_by_the_minimum_rate(start_server: StartServer) -> None:
-    server = start_server(*LOG, "--client-timeout", "1", "--min-rate", "1000")
+    server = start_server(*LOG, "--client-timeout", "0.5", "--min-rate", "1000")
     with server.connect() as sock:
         sock.sendall(HEADER.pack(1000))
-        for _ in range(100):  # 10 bytes a second, never silent for a second: at most 10 s
+        for _ in range(100):  # 10 bytes a second, never silent for 0.5 s: at most 10 s
             try:
                 sock.send(b"1")
             except (BrokenPipeError, ConnectionResetError):
@@ -200,24 +209,24 @@ def test_client_trickling_its_request_is_cut_off_by_the_minimum_rate(start_serve
 def test_client_sending_slowly_but_steadily_is_served_although_it_takes_longer_than_the_timeout(
     start_server: StartServer,
 ) -> None:
-    server = start_server("--client-timeout", "1", "--min-rate", "10")
+    server = start_server("--client-timeout", "0.5", "--min-rate", "10")
     payload = b"1 + 1\n" * 45
     with server.connect() as sock:
         started = time.monotonic()
         sock.sendall(HEADER.pack(len(payload)))
-        for offset in range(0, len(payload), 18):
-            time.sleep(0.1)  # a slow client's pace, not synchronisation: never silent for 1 s
-            sock.sendall(payload[offset : offset + 18])
-        assert time.monotonic() - started > 1
+        for offset in range(0, len(payload), 45):
+            time.sleep(0.1)  # a slow client's pace, not synchronisation: never silent for 0.5 s
+            sock.sendall(payload[offset : offset + 45])
+        assert time.monotonic() - started > 0.5
         assert recv_frame(sock) == b"2\n" * 45
 
 
 def test_client_that_stops_reading_the_reply_is_disconnected(start_server: StartServer) -> None:
-    server = start_server(*LOG, "--client-timeout", "0.5")
+    server = start_server(*LOG, "--client-timeout", "0.25")
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: a small window
         sock.connect(("127.0.0.1", server.port))
-        send_frame(sock, [b"10 ** 4000\n" * 2000])  # an 8 MB reply: more than the socket buffers hold
+        send_frame(sock, [b"10 ** 1000\n" * 8000])  # an 8 MB reply: more than the socket buffers hold
         dropped = server.wait_for_event("Client failed")
         assert dropped["reason"] == "timed out"
         server.wait_until_idle()
@@ -267,8 +276,8 @@ def test_client_resetting_during_evaluation_ends_its_handler_and_workers(
 
 
 def test_slow_worker_that_keeps_reporting_is_not_taken_for_stuck(start_server: StartServer) -> None:
-    server = start_server(*LOG, "-n", "1", "--worker-timeout", "2", **SCRIPTED)
-    assert server.request(b"sleep 0.3\n" * 10) == b"slept\n" * 10  # 3 s of work, reported every 0.6 s
+    server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
+    assert server.request(b"sleep 0.25\n" * 6) == b"slept\n" * 6  # 1.5 s of work, reported every 0.5 s
     server.wait_for_event("Request served")
     assert server.events("Worker failed") == []
 
@@ -311,7 +320,7 @@ def test_worker_that_cannot_be_started_is_tried_again_and_the_reply_is_complete(
 def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
     start_server: StartServer, tmp_path: Path
 ) -> None:
-    server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
+    server = start_server(*LOG, "-n", "1", "--worker-timeout", "0.5", **SCRIPTED)
     path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
     with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n".encode()])
@@ -319,7 +328,7 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
         os.kill(started["pid"], signal.SIGSTOP)  # the handler: it cannot read what the worker sends
         release(path)
         wait_until(lambda: process_state(started["worker_pid"]) in ("Z", "gone"), "the worker to send all and exit")
-        time.sleep(1.5)  # not synchronisation: makes the handler's last news of the worker older than 1 s
+        time.sleep(0.75)  # not synchronisation: makes the handler's last news of the worker older than 0.5 s
         os.kill(started["pid"], signal.SIGCONT)
         assert recv_frame(sock) == b"released\n"
     server.wait_for_event("Request served")
@@ -395,7 +404,7 @@ def test_shutdown_signal_refuses_new_connections_and_finishes_the_request_in_fli
         assert (shutting_down["signal"], shutting_down["requests_in_flight"]) == (signum.name, 1)
         release(path)
         assert recv_frame(sock) == b"released\n2\n"
-    assert server.process.wait(EVENT_TIMEOUT_S) == 0
+    assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
     assert session_processes(server.pid) == [], "the server reaps every child before it exits"
 
 
@@ -411,7 +420,7 @@ def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("Shutting down")
         server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(EVENT_TIMEOUT_S) == 1
+        assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
         with pytest.raises(ConnectionError):  # closed without a reply
             recv_frame(sock)
     wait_until(lambda: not session_processes(server.pid), "the killed handler and workers to be gone")
@@ -426,7 +435,7 @@ def test_second_signal_ends_a_handler_that_has_not_started_running(start_server:
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("Shutting down")
         server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(EVENT_TIMEOUT_S) == 1
+        assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
         wait_until(lambda: not session_processes(server.pid), "the handler, still gated, to be killed")
 
 
