@@ -600,6 +600,13 @@ def test_client_fails_in_one_line_when_the_input_file_is_missing(tmp_path: Path)
     assert_fails_in_one_line(result, f"cannot read {re.escape(str(tmp_path / 'missing.txt'))}: No such file.*")
 
 
+def test_client_fails_in_one_line_when_the_output_cannot_be_written(server: ServerProcess, tmp_path: Path) -> None:
+    output = tmp_path / "no such folder" / "output.txt"
+    result = run_client("-", str(output), "-a", "127.0.0.1", "-p", str(server.port), stdin=b"1\n")
+
+    assert_fails_in_one_line(result, f"cannot write {re.escape(str(output))}: No such file.*")
+
+
 @pytest.mark.parametrize(
     ("reply", "message"),
     [
