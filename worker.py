@@ -1,9 +1,9 @@
 """What runs in a worker process: evaluate one slice of a request, report results as they come.
 
-``Slice.start_worker`` (bluserver.py) forks ``run`` with the request's buffer, shared copy-on-
-write, and the slice's byte range.  Up its Pipe go result blocks, then b"": done, so a worker
-that dies cannot pass off part of its slice as all of it.  A block goes up at least every
-REPORT_INTERVAL_S: the handler tells a slow worker (reporting) from a stuck one.
+``Slice.start_worker`` (bluserver.py) forks ``run`` with the request's buffer, shared
+copy-on-write, and the slice's byte range.  Up its Pipe go result blocks, then b"": done, so
+a worker that dies cannot pass off part of its slice as all of it.  A block goes up at least
+every REPORT_INTERVAL_S: the handler tells a slow worker (reporting) from a stuck one.
 """
 
 from __future__ import annotations
