@@ -157,8 +157,7 @@ class Slice:
 
     def fail_the_rest(self) -> None:
         """Answer every line not yet answered with an error line."""
-        unterminated = self.start < self.end and self.payload[self.end - 1] != ord("\n")  # the last line
-        count = self.payload.count(b"\n", self.start, self.end) + unterminated
+        count = count_lines(self.payload, self.start, self.end)
         for chunk in range(0, count, 10_000):  # in chunks: the lines may be millions
             self.results.write(WORKER_FAILED * min(10_000, count - chunk))
         self.error_lines, self.done = self.error_lines + count, True

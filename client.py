@@ -62,9 +62,10 @@ def send_frame(
             unsent, sent = unsent[count:], sent + count
 
 
-def count_lines(data: bytes | bytearray) -> int:
-    """Number of lines in data as the protocol counts them: the final newline is optional."""
-    return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+def count_lines(data: bytes | bytearray, start: int = 0, end: int | None = None) -> int:
+    """Lines in data[start:end] (no copy) as the protocol counts them: the final newline is optional."""
+    end = len(data) if end is None else end
+    return data.count(b"\n", start, end) + (start < end and data[end - 1] != ord("\n"))
 
 
 def port_number(text: str) -> int:
