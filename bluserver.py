@@ -43,7 +43,16 @@ from multiprocessing.process import BaseProcess
 from typing import IO, Any
 
 import worker
-from client import HEADER, Pace, count_lines, port_number, positive_float, positive_int, recv_exactly, send_frame
+from client import (
+    HEADER,
+    Pace,
+    count_lines,
+    port_number,
+    positive_float,
+    positive_int,
+    recv_exactly,
+    send_frame,
+)
 
 # Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms.
 WORKERS = multiprocessing.get_context("fork")
@@ -74,7 +83,9 @@ class EventFormatter(logging.Formatter):
         fields = {"uuid": record.uuid, "pname": record.processName, "pid": record.process}  # type: ignore[attr-defined]
         fields.update(event=record.getMessage(), **record.fields)  # type: ignore[attr-defined]
         if self.as_json:
-            return json.dumps({"time": self.formatTime(record), "level": record.levelname, **fields}, default=str)
+            return json.dumps(
+                {"time": self.formatTime(record), "level": record.levelname, **fields}, default=str
+            )
         pairs = " ".join(f"{key}={value!r}" for key, value in fields.items())
         return f"[bluserver] {self.formatTime(record)}: {record.levelname} {pairs}"
 
@@ -96,10 +107,19 @@ class Slice:
     """A byte range of whole lines, its worker, and its results so far, spooled to a nameless file
     (no memory; it vanishes however the process ends).  A rerun starts past the lines answered."""
 
-    def __init__(self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, events: EventLog) -> None:
-        self.payload, self.bounds, self.reply_limit, self.events = payload, bounds, reply_limit, events
+    def __init__(
+        self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, events: EventLog
+    ) -> None:
+        self.payload, self.bounds, self.reply_limit, self.events = (
+            payload,
+            bounds,
+            reply_limit,
+            events,
+        )
         self.start, self.end = bounds
-        self.reply_budget = reply_limit * (self.end - self.start) // len(payload)  # this slice's share
+        self.reply_budget = (
+            reply_limit * (self.end - self.start) // len(payload)
+        )  # this slice's share
         self.results: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by evaluate_in_workers)
         self.error_lines = self.answered = self.attempts = 0  # answered: lines, in this attempt
         self.process: BaseProcess | None = None
@@ -113,17 +133,30 @@ class Slice:
             self.attempts += 1
             self.conn, child_conn = WORKERS.Pipe(duplex=False)
             # The whole buffer and a range, not payload[start:end]: a slice of it would be a copy.
-            args = (child_conn, self.payload, (self.start, self.end), self.reply_budget, self.reply_limit)
+            args = (
+                child_conn,
+                self.payload,
+                (self.start, self.end),
+                self.reply_budget,
+                self.reply_limit,
+            )
             self.process = WORKERS.Process(target=worker.run, args=args, name=name)
             try:
                 self.process.start()
                 self.heard_at, self.answered = time.monotonic(), 0
-                self.events.info("Worker started", worker=name, worker_pid=self.process.pid, attempt=self.attempts)
+                self.events.info(
+                    "Worker started",
+                    worker=name,
+                    worker_pid=self.process.pid,
+                    attempt=self.attempts,
+                )
                 return
             except OSError as error:  # e.g. EAGAIN: too many processes
                 self.conn.close()
                 self.process, self.conn, reason = None, None, f"cannot start: {error}"
-                self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
+                self.events.warning(
+                    "Worker failed", worker=name, reason=reason, attempt=self.attempts
+                )
             finally:
                 child_conn.close()  # so that the worker's death shows here as end of file
         self.fail_the_rest()
@@ -143,7 +176,12 @@ class Slice:
             self.retry("died")
             return
         if self.done:
-            self.events.info("Worker finished", worker=self.process.name, lines=self.answered, attempt=self.attempts)
+            self.events.info(
+                "Worker finished",
+                worker=self.process.name,
+                lines=self.answered,
+                attempt=self.attempts,
+            )
 
     def retry(self, reason: str) -> None:
         """Stop the worker; run the lines it has not answered once more, if attempts are left."""
@@ -172,7 +210,9 @@ class Slice:
         self.process = self.conn = None
 
 
-def await_workers(slices: list[Slice], client: list[socket.socket], worker_timeout_s: float) -> None:
+def await_workers(
+    slices: list[Slice], client: list[socket.socket], worker_timeout_s: float
+) -> None:
     """Wait for a worker's news or long silence, or the client's hang-up: a reset raises ConnectionResetError
     (the work is for nobody); end of file is a half-close after sending, and the request is served."""
     running = {slice_.conn: slice_ for slice_ in slices if slice_.conn and not slice_.done}
@@ -245,14 +285,28 @@ class RequestHandler(socketserver.BaseRequestHandler):
         except CLIENT_FAILURES as error:
             self.events.warning("Client failed", reason=str(error) or "timed out")
             return
-        error_lines, seconds = sum(slice_.error_lines for slice_ in slices), round(time.monotonic() - started, 6)
-        self.events.info("Request served", lines=count_lines(payload), error_lines=error_lines,
-                         bytes_in=len(payload), bytes_out=bytes_out, workers=len(slices), seconds=seconds)  # fmt: skip
+        error_lines, seconds = (
+            sum(slice_.error_lines for slice_ in slices),
+            round(time.monotonic() - started, 6),
+        )
+        self.events.info(
+            "Request served",
+            lines=count_lines(payload),
+            error_lines=error_lines,
+            bytes_in=len(payload),
+            bytes_out=bytes_out,
+            workers=len(slices),
+            seconds=seconds,
+        )
 
     def pace(self) -> Pace:
         """Apache mod_reqtimeout's rule: --client-timeout seconds plus one per --min-rate bytes moved,
         no wait longer than --client-timeout.  A steady client is served; one that trickles is cut off."""
-        timeout_s, min_rate, started = self.options.client_timeout_s, self.options.min_rate, time.monotonic()
+        timeout_s, min_rate, started = (
+            self.options.client_timeout_s,
+            self.options.min_rate,
+            time.monotonic(),
+        )
 
         def before_wait(moved: int) -> None:
             left_s = started + timeout_s + moved / min_rate - time.monotonic()
@@ -267,7 +321,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
         pace = self.pace()
         (size,) = HEADER.unpack(recv_exactly(self.request, HEADER.size, pace))
         if size > self.options.max_bytes:
-            raise RequestTooLarge(f"request too large ({size} bytes, limit {self.options.max_bytes})")
+            raise RequestTooLarge(
+                f"request too large ({size} bytes, limit {self.options.max_bytes})"
+            )
         self.events.info("Request announced", bytes=size)
         return recv_exactly(self.request, size, pace)
 
@@ -276,7 +332,11 @@ class RequestHandler(socketserver.BaseRequestHandler):
         length = sum(slice_.results.seek(0, os.SEEK_END) for slice_ in slices)
         for slice_ in slices:
             slice_.results.seek(0)
-        spooled = (block for slice_ in slices for block in iter(partial(slice_.results.read, worker.BLOCK_BYTES), b""))
+        spooled = (
+            block
+            for slice_ in slices
+            for block in iter(partial(slice_.results.read, worker.BLOCK_BYTES), b"")
+        )
         send_frame(self.request, spooled, length, self.pace())
         return length
 
@@ -306,8 +366,12 @@ class BluServer(socketserver.ForkingTCPServer):
     are busy, ``collect_children`` waits for one to exit, and new connections wait in the backlog."""
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
-    request_queue_size = socket.SOMAXCONN  # as long a backlog as the kernel allows: none is refused
-    block_on_close = False  # serve_until_signalled waits for the handlers, so a second signal can stop them
+    request_queue_size = (
+        socket.SOMAXCONN
+    )  # as long a backlog as the kernel allows: none is refused
+    block_on_close = (
+        False  # serve_until_signalled waits for the handlers, so a second signal can stop them
+    )
     timeout = 0.05  # seconds handle_request waits for a connection: how often a signal is checked
 
     def __init__(self, options: argparse.Namespace) -> None:
@@ -352,7 +416,10 @@ def serve_until_signalled(server: BluServer) -> None:
     for signum in SHUTDOWN_SIGNALS:
         signal.signal(signum, request_shutdown)
     host, port = server.socket.getsockname()[:2]
-    print(f"bluserver: serving on {host}:{port} with up to {server.options.workers} workers per request", flush=True)
+    print(
+        f"bluserver: serving on {host}:{port} with up to {server.options.workers} workers per request",
+        flush=True,
+    )
     server_events.info("Server started", **{**vars(server.options), "address": host, "port": port})
     # Not serve_forever(): leaving it takes shutdown(), which waits for it, from another thread.
     while not server.shutdown_signal:
@@ -362,7 +429,9 @@ def serve_until_signalled(server: BluServer) -> None:
         signal.signal(signum, stop_now)
     server.server_close()  # stop accepting: new connections are refused from here on
     in_flight = server.active_children
-    server_events.warning("Shutting down", signal=server.shutdown_signal, requests_in_flight=len(in_flight))
+    server_events.warning(
+        "Shutting down", signal=server.shutdown_signal, requests_in_flight=len(in_flight)
+    )
     with contextlib.suppress(ChildProcessError):  # none left
         while in_flight:
             in_flight.discard(os.waitpid(-1, 0)[0])  # forgotten once reaped: its pid may be reused
@@ -382,20 +451,80 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("-a", "--address", default="localhost", help="address to listen on (default: %(default)s)")
-    add("-p", "--port", type=port_number, default=1982, help="TCP port, 0 for any free one (default: %(default)s)")
-    add("-n", "--workers", type=positive_int, default=2, help="worker processes per request (default: %(default)s)")
-    add("-v", "--verbose", action="count", default=0, help="log events to stdout; -vv also each rejected line")
-    add("--log-format", choices=("kv", "json"), default="kv", help="key=value lines or JSON (default: %(default)s)")
-    limit = parser.add_argument_group("limits (README.md, 'Limits', says what happens at each)").add_argument
-    limit("--max-bytes", type=positive_int, default=256 * 2**20, metavar="BYTES", help="largest request (256 MiB)")
-    limit("--max-reply-bytes", type=positive_int, default=2**30, metavar="BYTES", help="reply budget (1 GiB)")
-    limit("--max-children", type=positive_int, default=16, metavar="N", help="requests handled at once (16)")
-    limit("--client-timeout", dest="client_timeout_s", type=positive_float, default=30.0, metavar="SECONDS",
-          help="longest silence of a client, and its initial allowance (30)")  # fmt: skip
-    limit("--min-rate", type=positive_int, default=16384, metavar="BYTES_PER_S",
-          help="slowest steady transfer, past the allowance (16384)")  # fmt: skip
-    limit("--worker-timeout", dest="worker_timeout_s", type=positive_float, default=60.0, metavar="SECONDS",
-          help="longest silence of a worker (60; workers report every 0.5 s)")  # fmt: skip
+    add(
+        "-p",
+        "--port",
+        type=port_number,
+        default=1982,
+        help="TCP port, 0 for any free one (default: %(default)s)",
+    )
+    add(
+        "-n",
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="worker processes per request (default: %(default)s)",
+    )
+    add(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log events to stdout; -vv also each rejected line",
+    )
+    add(
+        "--log-format",
+        choices=("kv", "json"),
+        default="kv",
+        help="key=value lines or JSON (default: %(default)s)",
+    )
+    limit = parser.add_argument_group(
+        "limits (README.md, 'Limits', says what happens at each)"
+    ).add_argument
+    limit(
+        "--max-bytes",
+        type=positive_int,
+        default=256 * 2**20,
+        metavar="BYTES",
+        help="largest request (256 MiB)",
+    )
+    limit(
+        "--max-reply-bytes",
+        type=positive_int,
+        default=2**30,
+        metavar="BYTES",
+        help="reply budget (1 GiB)",
+    )
+    limit(
+        "--max-children",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="requests handled at once (16)",
+    )
+    limit(
+        "--client-timeout",
+        dest="client_timeout_s",
+        type=positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest silence of a client, and its initial allowance (30)",
+    )
+    limit(
+        "--min-rate",
+        type=positive_int,
+        default=16384,
+        metavar="BYTES_PER_S",
+        help="slowest steady transfer, past the allowance (16384)",
+    )
+    limit(
+        "--worker-timeout",
+        dest="worker_timeout_s",
+        type=positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest silence of a worker (60; workers report every 0.5 s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -409,8 +538,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         server = BluServer(options)
     except OSError as error:
-        where = f"port {options.port} is already in use (try -p)" if error.errno == errno.EADDRINUSE else (
-            f"cannot listen on {options.address}:{options.port}: {error.strerror or error}")  # fmt: skip
+        where = (
+            f"port {options.port} is already in use (try -p)"
+            if error.errno == errno.EADDRINUSE
+            else (f"cannot listen on {options.address}:{options.port}: {error.strerror or error}")
+        )
         raise SystemExit(f"bluserver: {where}") from None  # exit status 1
     serve_until_signalled(server)
 

@@ -45,7 +45,10 @@ def recv_frame(sock: socket.socket, pace: Pace | None = None) -> bytearray:
 
 
 def send_frame(
-    sock: socket.socket, blocks: Iterable[bytes], length: int | None = None, pace: Pace | None = None
+    sock: socket.socket,
+    blocks: Iterable[bytes],
+    length: int | None = None,
+    pace: Pace | None = None,
 ) -> None:
     """Send blocks as one message, read as they go if length gives their total.  Not sendall(): its
     timeout would bound the whole message, and cut off a slow but steady reader, not each wait."""
@@ -119,12 +122,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("input", nargs="?", default="operations.txt", help="file of expressions; '-' is stdin (default: %(default)s)")
-    add("output", nargs="?", default="output.txt", help="where to write results; '-' is stdout (default: %(default)s)")
+    add(
+        "input",
+        nargs="?",
+        default="operations.txt",
+        help="file of expressions; '-' is stdin (default: %(default)s)",
+    )
+    add(
+        "output",
+        nargs="?",
+        default="output.txt",
+        help="where to write results; '-' is stdout (default: %(default)s)",
+    )
     add("-a", "--address", default="localhost", help="server address (default: %(default)s)")
     add("-p", "--port", type=port_number, default=1982, help="server port (default: %(default)s)")
-    add("--timeout", type=positive_float, metavar="SECONDS",
-        help="give up when the server is silent this long (default: wait while the server is alive)")  # fmt: skip
+    add(
+        "--timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="give up when the server is silent this long (default: wait while the server is alive)",
+    )
     return parser.parse_args(argv)
 
 
@@ -148,9 +165,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         with open_path(args.output, "wb") as output:
             output.write(reply)
     except OSError as error:
-        raise SystemExit(f"client: cannot write {args.output}: {error.strerror or error}") from None
+        raise SystemExit(
+            f"client: cannot write {args.output}: {error.strerror or error}"
+        ) from None
     seconds = time.monotonic() - started
-    print(f"client: {expected} lines, {reply.count(b'error: ')} error lines, {seconds:.2f} s", file=sys.stderr)
+    print(
+        f"client: {expected} lines, {reply.count(b'error: ')} error lines, {seconds:.2f} s",
+        file=sys.stderr,
+    )
 
 
 def open_path(path: str, mode: str) -> IO[bytes]:

@@ -64,7 +64,9 @@ def session_processes(session_id: int) -> list[int]:
     return [row.pid for row in process_table() if row.session == session_id and row.state != "Z"]
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout_s: float = EVENT_TIMEOUT_S) -> None:
+def wait_until(
+    condition: Callable[[], object], what: str, timeout_s: float = EVENT_TIMEOUT_S
+) -> None:
     """Poll condition until it is true; fail the test with `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -119,7 +121,12 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [*(command or [sys.executable, str(program)]), "-a", "127.0.0.1", "-p", "0", *args],
             cwd=cwd,
-            env={**os.environ, **(env or {}), "START_METHOD": start_method or "", "FAULTS": " ".join(faults)},
+            env={
+                **os.environ,
+                **(env or {}),
+                "START_METHOD": start_method or "",
+                "FAULTS": " ".join(faults),
+            },
             stdout=self.stdout,
             stderr=self.stderr_file,
             start_new_session=True,
@@ -131,11 +138,16 @@ class ServerProcess:
 
     def wait_until_serving(self) -> None:
         """Wait for the banner, and take the port from it."""
-        wait_until(lambda: "\n" in self.output(banner=True) or self.process.poll() is not None, "the banner")
+        wait_until(
+            lambda: "\n" in self.output(banner=True) or self.process.poll() is not None,
+            "the banner",
+        )
         match = re.search(r"serving on [^ ]+:(\d+)", self.output(banner=True))
         if not match:
             self.process.kill()
-            raise AssertionError(f"server did not start: {self.output(banner=True)!r} {self.stderr()!r}")
+            raise AssertionError(
+                f"server did not start: {self.output(banner=True)!r} {self.stderr()!r}"
+            )
         self.port = int(match.group(1))
 
     def output(self, banner: bool = False) -> str:
@@ -152,7 +164,8 @@ class ServerProcess:
         return [
             event
             for event in events
-            if name in (None, event["event"]) and all(event.get(key) == value for key, value in fields.items())
+            if name in (None, event["event"])
+            and all(event.get(key) == value for key, value in fields.items())
         ]
 
     def wait_for_event(self, name: str, **fields: Any) -> dict[str, Any]:
@@ -166,7 +179,9 @@ class ServerProcess:
 
     def wait_until_idle(self) -> None:
         """Wait until the server is its session's only live process: every handler and worker gone."""
-        wait_until(lambda: session_processes(self.pid) == [self.pid], "the server's children to exit")
+        wait_until(
+            lambda: session_processes(self.pid) == [self.pid], "the server's children to exit"
+        )
 
     def connect(self) -> socket.socket:
         return connect(self.port)
@@ -194,7 +209,11 @@ class ServerProcess:
         # Processes of the session may take a moment to finish exiting after the server.
         leftovers: list[int] = []
         try:
-            wait_until(lambda: not session_processes(self.pid), "the server's session to end", timeout_s=2.0)
+            wait_until(
+                lambda: not session_processes(self.pid),
+                "the server's session to end",
+                timeout_s=2.0,
+            )
         except AssertionError:
             leftovers = session_processes(self.pid)
             for pid in leftovers:
@@ -211,7 +230,9 @@ class StartedServers:
     def __init__(self) -> None:
         self.servers: list[ServerProcess] = []
 
-    def start(self, arg_lists: Sequence[Sequence[str]], options: dict[str, Any]) -> list[ServerProcess]:
+    def start(
+        self, arg_lists: Sequence[Sequence[str]], options: dict[str, Any]
+    ) -> list[ServerProcess]:
         """A server per list of arguments: all launched, then each awaited, so that their
         start-ups (a few hundred milliseconds of imports each) overlap."""
         launched = []

@@ -52,7 +52,9 @@ def _power(base: Number, exponent: Number) -> Number:
     """base ** exponent, refusing before computing an integer of over MAX_INT_DIGITS digits."""
     if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0:
         # About exponent * log10(|base|) digits; _apply checks the exact boundary in the result.
-        digits_over = exponent > 4 * MAX_INT_DIGITS or exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
+        digits_over = (
+            exponent > 4 * MAX_INT_DIGITS or exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
+        )
         if digits_over:
             raise EvaluationError(TOO_MANY_DIGITS)
     result: Number = base**exponent
@@ -60,8 +62,14 @@ def _power(base: Number, exponent: Number) -> Number:
 
 
 BINARY_OPERATORS: dict[str, Callable[[Number, Number], Number | complex]] = {
-    "+": add, "-": sub, "*": mul, "/": truediv, "//": floordiv, "%": mod, "**": _power
-}  # fmt: skip
+    "+": add,
+    "-": sub,
+    "*": mul,
+    "/": truediv,
+    "//": floordiv,
+    "%": mod,
+    "**": _power,
+}
 NEGATE = "negate"  # a unary minus waiting for its operand's value
 # Higher binds tighter, as in Python: -2 ** 2 is -4, and 2 ** 3 ** 2 is 512 ('**' groups right to left).
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, NEGATE: 3, "**": 4}
@@ -91,7 +99,9 @@ Token = Union[int, float, str, Parenthesized]
 
 def _run_tokens(run_text: str) -> list[Token]:
     """The numbers and operators of a run."""
-    return [_number_value(text) if text[0].isdigit() else text for text in RUN_TOKEN.findall(run_text)]
+    return [
+        _number_value(text) if text[0].isdigit() else text for text in RUN_TOKEN.findall(run_text)
+    ]
 
 
 def _number_value(literal: str) -> Number:
@@ -204,7 +214,9 @@ def evaluate_flat(tokens: list[str]) -> Number:
     pending_sign = "+"
     term: Number = int(tokens[0])
     rest = iter(tokens[1:])
-    for operator_token, literal in zip(rest, rest):  # one iterator twice: (operator, literal) pairs
+    for operator_token, literal in zip(
+        rest, rest
+    ):  # one iterator twice: (operator, literal) pairs
         if operator_token == "*":
             term *= int(literal)
         elif operator_token == "/":
@@ -221,7 +233,9 @@ def evaluate_line(line: str) -> str:
         tokens = flat_tokens(line)
         if tokens is None and not line.strip(" \t"):
             return ""
-        return format_number(evaluate_flat(tokens) if tokens is not None else evaluate_expression(line))
+        return format_number(
+            evaluate_flat(tokens) if tokens is not None else evaluate_expression(line)
+        )
     except EvaluationError as error:  # which a line with a byte that is not UTF-8 always is
         return NOT_UTF8 if NOT_UTF8_BYTE.search(line) else f"error: {error}"
     except ZeroDivisionError:

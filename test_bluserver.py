@@ -81,7 +81,9 @@ def expected_reply(payload: bytes) -> bytes:
 
 
 LINE_MAKERS: list[Callable[[random.Random], bytes]] = [
-    lambda rng: f"{rng.randint(0, 99)} + {rng.randint(0, 99)} * {rng.randint(1, 99)} / {rng.randint(1, 9)}".encode(),
+    lambda rng: (
+        f"{rng.randint(0, 99)} + {rng.randint(0, 99)} * {rng.randint(1, 99)} / {rng.randint(1, 9)}".encode()
+    ),
     lambda rng: f"{rng.randint(0, 9)}-{rng.randint(0, 9)}  *   {rng.randint(0, 9)}".encode(),
     lambda rng: f"({rng.randint(0, 9)} - {rng.randint(0, 9)}) ** 2 % 7 // 2".encode(),
     lambda rng: f"{rng.randint(0, 9)} / 0".encode(),
@@ -96,32 +98,58 @@ LINE_MAKERS: list[Callable[[random.Random], bytes]] = [
 def varied_payload(line_count: int, seed: int) -> bytes:
     """line_count lines of every kind the protocol knows, with LF and CRLF endings."""
     rng = random.Random(seed)
-    lines = [rng.choice(LINE_MAKERS)(rng) + rng.choice([b"\n", b"\r\n"]) for _ in range(line_count)]
+    lines = [
+        rng.choice(LINE_MAKERS)(rng) + rng.choice([b"\n", b"\r\n"]) for _ in range(line_count)
+    ]
     if lines and rng.random() < 0.5:
         lines[-1] = lines[-1].rstrip(b"\r\n")  # the final newline is optional
     return b"".join(lines)
 
 
-def run_python(*args: str, cwd: Path = ROOT, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+def run_python(
+    *args: str, cwd: Path = ROOT, stdin: bytes = b""
+) -> subprocess.CompletedProcess[str]:
     """Run `python *args` to completion; stdout and stderr decoded, newlines untouched."""
     command = [sys.executable, *args]
     result = subprocess.run(
-        command, cwd=cwd, input=stdin, capture_output=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
+        command,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
     )
-    return subprocess.CompletedProcess(command, result.returncode, result.stdout.decode(), result.stderr.decode())
+    return subprocess.CompletedProcess(
+        command, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
 
 
-def run_client(*args: str, cwd: Path = ROOT, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+def run_client(
+    *args: str, cwd: Path = ROOT, stdin: bytes = b""
+) -> subprocess.CompletedProcess[str]:
     return run_python(str(ROOT / "client.py"), *args, cwd=cwd, stdin=stdin)
 
 
-def run_client_against_fake_server(reply: bytes, input_path: Path) -> subprocess.CompletedProcess[str]:
+def run_client_against_fake_server(
+    reply: bytes, input_path: Path
+) -> subprocess.CompletedProcess[str]:
     """Run the client against a server that reads the request, sends `reply` verbatim and closes."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(SUBPROCESS_TIMEOUT_S)
         port = listener.getsockname()[1]
-        args = [sys.executable, str(ROOT / "client.py"), str(input_path), "-", "-a", "127.0.0.1", "-p", str(port)]
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        args = [
+            sys.executable,
+            str(ROOT / "client.py"),
+            str(input_path),
+            "-",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
+        process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         try:
             connection, _ = listener.accept()
             with connection:
@@ -154,7 +182,10 @@ def refused_port() -> Iterator[int]:
 def accepts_connections(port: int) -> bool:
     try:
         probe = socket.create_connection(("127.0.0.1", port), timeout=SUBPROCESS_TIMEOUT_S)
-    except (ConnectionRefusedError, ConnectionResetError):  # reset: closed while in the listen backlog
+    except (
+        ConnectionRefusedError,
+        ConnectionResetError,
+    ):  # reset: closed while in the listen backlog
         return False
     probe.close()
     return True
@@ -171,7 +202,9 @@ def connect_in_a_burst(server: ServerProcess, signum: signal.Signals) -> None:
         if number == BURST_CONNECTIONS // 3:
             server.process.send_signal(signum)
         try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=SUBPROCESS_TIMEOUT_S) as sock:
+            with socket.create_connection(
+                ("127.0.0.1", server.port), timeout=SUBPROCESS_TIMEOUT_S
+            ) as sock:
                 sock.sendall(HEADER.pack(0))
         except ConnectionError:  # the server has stopped accepting
             return
@@ -206,7 +239,9 @@ def parse_log(output: str) -> list[dict[str, Any]]:
     events = []
     for line in output.splitlines():
         event = json.loads(line)
-        assert isinstance(event, dict) and event.keys() >= JSON_HEAD, f"not a JSON log event: {line!r}"
+        assert isinstance(event, dict) and event.keys() >= JSON_HEAD, (
+            f"not a JSON log event: {line!r}"
+        )
         events.append(event)
     return events
 
@@ -232,12 +267,16 @@ def start_method(request: pytest.FixtureRequest) -> str:
 
 payloads = st.one_of(
     st.binary(max_size=300),
-    st.lists(st.sampled_from([b"\n", b"\r\n", b"1", b" + ", b"22", b"\xff"]), max_size=100).map(b"".join),
+    st.lists(st.sampled_from([b"\n", b"\r\n", b"1", b" + ", b"22", b"\xff"]), max_size=100).map(
+        b"".join
+    ),
 )
 
 
 @given(payload=payloads, count=st.integers(min_value=1, max_value=20))
-def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(payload: bytes, count: int) -> None:
+def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(
+    payload: bytes, count: int
+) -> None:
     bounds = bluserver.slice_bounds(payload, count)
 
     edges = [0, *(end for _, end in bounds)]
@@ -258,7 +297,9 @@ def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(payload: b
     ],
     ids=["empty_gets_none", "line_without_newline", "one_line_gets_one", "one_worker_gets_all"],
 )
-def test_slice_bounds_examples(payload: bytes, count: int, expected: list[tuple[int, int]]) -> None:
+def test_slice_bounds_examples(
+    payload: bytes, count: int, expected: list[tuple[int, int]]
+) -> None:
     assert bluserver.slice_bounds(payload, count) == expected
 
 
@@ -284,13 +325,17 @@ PROTOCOL_CASES = [
 @pytest.mark.parametrize(
     ("payload", "reply"), [case[1:] for case in PROTOCOL_CASES], ids=[c[0] for c in PROTOCOL_CASES]
 )
-def test_reply_has_one_result_line_per_input_line_in_order(server: ServerProcess, payload: bytes, reply: bytes) -> None:
+def test_reply_has_one_result_line_per_input_line_in_order(
+    server: ServerProcess, payload: bytes, reply: bytes
+) -> None:
 
     assert server.request(payload) == reply
 
 
 @pytest.mark.parametrize("half_close", [True, False], ids=["half_closed", "left_open"])
-def test_reply_arrives_whether_or_not_the_client_half_closes(server: ServerProcess, half_close: bool) -> None:
+def test_reply_arrives_whether_or_not_the_client_half_closes(
+    server: ServerProcess, half_close: bool
+) -> None:
 
     with server.connect() as sock:
         send_frame(sock, [MIXED_PAYLOAD])
@@ -301,7 +346,9 @@ def test_reply_arrives_whether_or_not_the_client_half_closes(server: ServerProce
     assert reply == MIXED_REPLY
 
 
-def test_original_examples_give_the_original_results(start_server: StartServer, start_method: str) -> None:
+def test_original_examples_give_the_original_results(
+    start_server: StartServer, start_method: str
+) -> None:
     server = start_server(start_method=start_method)
     payload = "".join(expression + "\n" for expression, _ in ORIGINAL_EXAMPLES).encode()
 
@@ -317,10 +364,14 @@ def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServe
     try:
         for sock, payload in zip(sockets, payloads):  # all three requests in flight at once
             sock.sendall(HEADER.pack(len(payload)) + payload[:5])
-        wait_until(lambda: len(server.handlers()) == len(sockets), "a handler process per connection")
+        wait_until(
+            lambda: len(server.handlers()) == len(sockets), "a handler process per connection"
+        )
         for sock, payload in zip(sockets, payloads):
             sock.sendall(payload[5:])
-        replies = [bytes(recv_frame(sock)) for sock in reversed(sockets)][::-1]  # no reply waits for another
+        replies = [bytes(recv_frame(sock)) for sock in reversed(sockets)][
+            ::-1
+        ]  # no reply waits for another
     finally:
         for sock in sockets:
             sock.close()
@@ -389,9 +440,13 @@ def test_request_served_event_sums_up_the_request(start_server: StartServer) -> 
     server.request(MIXED_PAYLOAD)
     server.stop()
 
-    [served] = [event for event in parse_log(server.output()) if event["event"] == "Request served"]
+    [served] = [
+        event for event in parse_log(server.output()) if event["event"] == "Request served"
+    ]
 
-    assert {key: served[key] for key in ("lines", "error_lines", "bytes_in", "bytes_out", "workers")} == {
+    assert {
+        key: served[key] for key in ("lines", "error_lines", "bytes_in", "bytes_out", "workers")
+    } == {
         "lines": 4,
         "error_lines": 2,
         "bytes_in": len(MIXED_PAYLOAD),
@@ -401,22 +456,39 @@ def test_request_served_event_sums_up_the_request(start_server: StartServer) -> 
     assert isinstance(served["seconds"], float)
 
 
-def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(start_server: StartServer) -> None:
+def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(
+    start_server: StartServer,
+) -> None:
     server = start_server("-v", "-n", "4", *JSON_LOG)
-    payloads = [b"", b"1\n", b"22\n22\n", b"333\n333\n333\n", b"4444\n" * 6]  # lengths tell them apart
+    payloads = [
+        b"",
+        b"1\n",
+        b"22\n22\n",
+        b"333\n333\n333\n",
+        b"4444\n" * 6,
+    ]  # lengths tell them apart
     for payload in payloads:
         server.request(payload)
     server.stop()
 
     by_request = request_events(parse_log(server.output()))
     served = {
-        event["bytes_in"]: (event["workers"], sum(other["event"] == "Worker started" for other in events))
+        event["bytes_in"]: (
+            event["workers"],
+            sum(other["event"] == "Worker started" for other in events),
+        )
         for events in by_request.values()
         for event in events
         if event["event"] == "Request served"
     }
 
-    assert sorted(served.items()) == [(0, (0, 0)), (2, (1, 1)), (6, (2, 2)), (12, (3, 3)), (30, (4, 4))]
+    assert sorted(served.items()) == [
+        (0, (0, 0)),
+        (2, (1, 1)),
+        (6, (2, 2)),
+        (12, (3, 3)),
+        (30, (4, 4)),
+    ]
 
 
 def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: StartServer) -> None:
@@ -435,13 +507,17 @@ def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: Star
     assert len(worker_pids) == 2
     assert worker_pids.isdisjoint(handler_pids | {server_pid})
     assert {event["pid"] for event in events} <= {server_pid} | handler_pids | worker_pids
-    assert {(event["line"], event["reason"]) for event in events if event["event"] == "Line rejected"} == {
+    assert {
+        (event["line"], event["reason"]) for event in events if event["event"] == "Line rejected"
+    } == {
         ("'bad one'", "unexpected 'b' at column 1"),
         ("'1/0'", "division by zero"),
     }
 
 
-def test_rejected_line_is_logged_as_a_repr_excerpt_cut_at_80_chars(start_server: StartServer) -> None:
+def test_rejected_line_is_logged_as_a_repr_excerpt_cut_at_80_chars(
+    start_server: StartServer,
+) -> None:
     server = start_server("-vv", "-n", "1", *JSON_LOG)
     bad_line = "y" * 40 + "x" * 300
     server.request(f"1\n{bad_line}\n2\n".encode())
@@ -459,13 +535,17 @@ def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: Sta
     server.request(b"1\r\nbad one\r\n2\r\n")
     server.stop()
 
-    [rejected] = [event for event in parse_log(server.output()) if event["event"] == "Line rejected"]
+    [rejected] = [
+        event for event in parse_log(server.output()) if event["event"] == "Line rejected"
+    ]
 
     assert rejected["line"] == "'bad one'"
 
 
 @pytest.mark.parametrize("verbosity", [[], ["-v"]], ids=["quiet", "-v"])
-def test_rejected_lines_are_logged_only_with_vv(start_server: StartServer, verbosity: list[str]) -> None:
+def test_rejected_lines_are_logged_only_with_vv(
+    start_server: StartServer, verbosity: list[str]
+) -> None:
     server = start_server(*verbosity, *JSON_LOG)
     server.request(MIXED_PAYLOAD)
     server.stop()
@@ -473,7 +553,9 @@ def test_rejected_lines_are_logged_only_with_vv(start_server: StartServer, verbo
     events = parse_log(server.output())
 
     assert not [event for event in events if event["event"] == "Line rejected"]
-    assert bool([event for event in events if event["event"] == "Request served"]) == bool(verbosity)
+    assert bool([event for event in events if event["event"] == "Request served"]) == bool(
+        verbosity
+    )
 
 
 # --- Server command line and signals. -----------------------------------------------------
@@ -514,7 +596,9 @@ def test_port_in_use_exits_1_with_one_line_and_no_traceback() -> None:
 
 def test_server_announces_its_address_on_stdout_when_it_starts() -> None:
     command = [sys.executable, "bluserver.py", "-a", "127.0.0.1", "-p", "0"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         assert process.stdout is not None
         banner = process.stdout.readline()
@@ -526,7 +610,9 @@ def test_server_announces_its_address_on_stdout_when_it_starts() -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_the_server_with_exit_0(start_server: StartServer, signum: signal.Signals) -> None:
+def test_signal_stops_the_server_with_exit_0(
+    start_server: StartServer, signum: signal.Signals
+) -> None:
     server = start_server()
     assert server.request(b"1 + 1\n") == b"2\n"
 
@@ -560,7 +646,9 @@ def test_signal_during_a_burst_of_connections_still_stops_the_server(
     for server in start_servers(*[[]] * BURST_ATTEMPTS):  # started at once, each burst in turn
         connect_in_a_burst(server, signum)
 
-        assert exit_status_within(server.process, DRAIN_TIMEOUT_S) == 0, "the server lost the signal"
+        assert exit_status_within(server.process, DRAIN_TIMEOUT_S) == 0, (
+            "the server lost the signal"
+        )
 
 
 # --- The client. -------------------------------------------------------------------------
@@ -574,7 +662,9 @@ def test_client_reads_stdin_writes_stdout_and_sums_up_on_stderr(server: ServerPr
     assert re.fullmatch(r"client: 4 lines, 2 error lines, \d+\.\d\d s\n", result.stderr)
 
 
-def test_client_round_trips_operations_txt_to_output_txt_by_default(server: ServerProcess, tmp_path: Path) -> None:
+def test_client_round_trips_operations_txt_to_output_txt_by_default(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     payload = (ROOT / "operations.txt").read_bytes()
     (tmp_path / "operations.txt").write_bytes(payload)
 
@@ -590,17 +680,23 @@ def test_client_fails_in_one_line_when_the_server_cannot_be_reached() -> None:
     with refused_port() as port:
         result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(port), stdin=b"1\n")
 
-    assert_fails_in_one_line(result, rf"cannot connect to 127\.0\.0\.1:{port}: connection refused.*")
+    assert_fails_in_one_line(
+        result, rf"cannot connect to 127\.0\.0\.1:{port}: connection refused.*"
+    )
 
 
 def test_client_fails_in_one_line_when_the_input_file_is_missing(tmp_path: Path) -> None:
     with refused_port() as port:
         result = run_client(str(tmp_path / "missing.txt"), "-", "-a", "127.0.0.1", "-p", str(port))
 
-    assert_fails_in_one_line(result, f"cannot read {re.escape(str(tmp_path / 'missing.txt'))}: No such file.*")
+    assert_fails_in_one_line(
+        result, f"cannot read {re.escape(str(tmp_path / 'missing.txt'))}: No such file.*"
+    )
 
 
-def test_client_fails_in_one_line_when_the_output_cannot_be_written(server: ServerProcess, tmp_path: Path) -> None:
+def test_client_fails_in_one_line_when_the_output_cannot_be_written(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     output = tmp_path / "no such folder" / "output.txt"
     result = run_client("-", str(output), "-a", "127.0.0.1", "-p", str(server.port), stdin=b"1\n")
 
@@ -611,13 +707,18 @@ def test_client_fails_in_one_line_when_the_output_cannot_be_written(server: Serv
     ("reply", "message"),
     [
         (b"", r"127\.0\.0\.1:\d+ closed the connection early .*\b0 of 8 bytes.*"),
-        (HEADER.pack(100) + b"2\n", r"127\.0\.0\.1:\d+ closed the connection early .*\b2 of 100 bytes.*"),
+        (
+            HEADER.pack(100) + b"2\n",
+            r"127\.0\.0\.1:\d+ closed the connection early .*\b2 of 100 bytes.*",
+        ),
         (HEADER.pack(2) + b"2\n", r".*\b1 lines for 2 input lines"),
         (HEADER.pack(6) + b"2\n6\n9\n", r".*\b3 lines for 2 input lines"),
     ],
     ids=["closes_before_reply", "closes_mid_reply", "too_few_lines", "too_many_lines"],
 )
-def test_client_fails_in_one_line_on_a_broken_reply(reply: bytes, message: str, tmp_path: Path) -> None:
+def test_client_fails_in_one_line_on_a_broken_reply(
+    reply: bytes, message: str, tmp_path: Path
+) -> None:
     input_path = tmp_path / "input.txt"
     input_path.write_bytes(b"1 + 1\n2 * 3\n")
 

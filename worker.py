@@ -21,7 +21,13 @@ BLOCK_BYTES = 256 * 1024  # results sent at once
 REPORT_INTERVAL_S = 0.5  # the longest a worker works without sending what it has
 
 
-def run(conn: Connection, payload: bytearray, bounds: tuple[int, int], reply_budget: int, reply_limit: int) -> None:
+def run(
+    conn: Connection,
+    payload: bytearray,
+    bounds: tuple[int, int],
+    reply_budget: int,
+    reply_limit: int,
+) -> None:
     """Evaluate the lines of payload[start:end] and send the results; one that would take the slice
     past reply_budget bytes (its share of --max-reply-bytes, reply_limit) is an error line instead."""
     hold_only(conn)
@@ -65,6 +71,8 @@ def slice_lines(payload: bytearray, start: int, end: int) -> Iterator[str]:
         # From one byte before the nominal end: a run of READ_BYTES ending in '\n' ends there.
         newline = payload.find(b"\n", min(start + READ_BYTES, end) - 1, end)
         stop = end if newline < 0 else newline + 1
-        text = bytes(payload[start:stop]).replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape")
+        text = (
+            bytes(payload[start:stop]).replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape")
+        )
         yield from (text[:-1] if newline >= 0 else text).split("\n")
         start = stop

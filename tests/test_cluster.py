@@ -35,7 +35,9 @@ from conftest import (
 from tools.cluster import TEMPLATE, answers_empty_request, haproxy_config
 
 HAPROXY = shutil.which("haproxy")
-needs_haproxy = pytest.mark.skipif(not HAPROXY, reason="haproxy is not installed (sudo apt-get install haproxy)")
+needs_haproxy = pytest.mark.skipif(
+    not HAPROXY, reason="haproxy is not installed (sudo apt-get install haproxy)"
+)
 INSTANCES = 3
 
 
@@ -78,8 +80,11 @@ class Balancer:
         with config_path.with_suffix(".log").open("wb") as log:
             self.process = subprocess.Popen(
                 [HAPROXY, "-db", "-f", str(config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            )  # fmt: skip
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
 
     def connect(self) -> socket.socket:
         return connect(self.port)
@@ -97,7 +102,9 @@ class Balancer:
 
 
 @pytest.fixture
-def balancer(start_servers: Callable[..., list[ServerProcess]], tmp_path: Path) -> Iterator[Balancer]:
+def balancer(
+    start_servers: Callable[..., list[ServerProcess]], tmp_path: Path
+) -> Iterator[Balancer]:
     """HAProxy in front of INSTANCES servers with one worker each."""
     instances = start_servers(*[["-v", "--log-format", "json", "-n", "1"]] * INSTANCES)
     balancer = Balancer(instances, tmp_path / "haproxy.cfg")
@@ -116,22 +123,31 @@ def test_shipped_config_is_what_make_cluster_runs_by_default() -> None:
 def test_config_gets_one_server_line_per_instance() -> None:
     config = haproxy_config(TEMPLATE.read_text(), 5000, [5001, 5002])
     assert re.findall(r"^\s*(bind|server)\s+(.*)$", config, re.MULTILINE) == [
-        ("bind", '127.0.0.1:5000         # this machine only; "bind :1982" to serve other machines too'),
+        (
+            "bind",
+            '127.0.0.1:5000         # this machine only; "bind :1982" to serve other machines too',
+        ),
         ("server", "blu1 127.0.0.1:5001"),
         ("server", "blu2 127.0.0.1:5002"),
     ]
 
 
 @needs_haproxy
-def test_concurrent_clients_are_all_answered_right_and_spread_over_instances(balancer: Balancer) -> None:
+def test_concurrent_clients_are_all_answered_right_and_spread_over_instances(
+    balancer: Balancer,
+) -> None:
     sizes = range(50, 62)  # each request has its own line count, to find it in the logs
     requests = [numbered_lines(size) for size in sizes]
     with ThreadPoolExecutor(max_workers=len(requests)) as pool:
         replies = list(pool.map(balancer.request, [payload for payload, _ in requests]))
     assert replies == [expected for _, expected in requests]
-    wait_until(lambda: sum(map(len, balancer.served())) == len(sizes), "every request to be logged")
+    wait_until(
+        lambda: sum(map(len, balancer.served())) == len(sizes), "every request to be logged"
+    )
     by_instance = balancer.served()
-    assert sorted(count for counts in by_instance for count in counts) == list(sizes)  # each by one instance
+    assert sorted(count for counts in by_instance for count in counts) == list(
+        sizes
+    )  # each by one instance
     assert sum(1 for counts in by_instance if counts) > 1, by_instance
 
 
@@ -144,24 +160,37 @@ def test_requests_after_an_instance_is_killed_are_all_answered_right(balancer: B
     # robin among idle instances, some of these connections go to it, are refused and
     # are redispatched to another instance.
     requests = [numbered_lines(size) for size in range(10, 19)]
-    assert [balancer.request(payload) for payload, _ in requests] == [expected for _, expected in requests]
+    assert [balancer.request(payload) for payload, _ in requests] == [
+        expected for _, expected in requests
+    ]
 
 
 @needs_haproxy
-def test_a_draining_instance_finishes_its_request_while_new_ones_go_to_the_others(balancer: Balancer) -> None:
+def test_a_draining_instance_finishes_its_request_while_new_ones_go_to_the_others(
+    balancer: Balancer,
+) -> None:
     payload, expected = numbered_lines(100)
     with balancer.connect() as in_flight:
-        in_flight.sendall(HEADER.pack(len(payload)) + payload[:100])  # the request has begun, not ended
+        in_flight.sendall(
+            HEADER.pack(len(payload)) + payload[:100]
+        )  # the request has begun, not ended
         wait_until(
-            lambda: any(instance.events("Request announced", bytes=len(payload)) for instance in balancer.instances),
+            lambda: any(
+                instance.events("Request announced", bytes=len(payload))
+                for instance in balancer.instances
+            ),
             "an instance to receive the request",
         )
-        draining = next(i for i in balancer.instances if i.events("Request announced", bytes=len(payload)))
+        draining = next(
+            i for i in balancer.instances if i.events("Request announced", bytes=len(payload))
+        )
         draining.process.send_signal(signal.SIGTERM)
         draining.wait_for_event("Shutting down")
 
         new_requests = [numbered_lines(size) for size in range(10, 16)]
-        assert [balancer.request(request) for request, _ in new_requests] == [reply for _, reply in new_requests]
+        assert [balancer.request(request) for request, _ in new_requests] == [
+            reply for _, reply in new_requests
+        ]
 
         in_flight.sendall(payload[100:])
         assert recv_frame(in_flight) == expected
@@ -177,8 +206,12 @@ def test_ctrl_c_stops_make_cluster_leaving_no_process(tmp_path: Path) -> None:
     with (tmp_path / "cluster.log").open("wb") as log:
         cluster = subprocess.Popen(
             [sys.executable, "-m", "tools.cluster", "-p", str(port), "-i", "2", "-n", "1"],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         wait_until(lambda: answers_empty_request(port), "the cluster to answer")
         processes = session_processes(cluster.pid)
@@ -194,8 +227,12 @@ def test_ctrl_c_stops_make_cluster_leaving_no_process(tmp_path: Path) -> None:
 def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tools.cluster"],
-        cwd=ROOT, env={**os.environ, "PATH": "/nonexistent"}, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "PATH": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == "cluster: haproxy is not installed (sudo apt-get install haproxy)\n"
 
@@ -204,12 +241,19 @@ def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify also checks that ExecStart's program exists: point a copy at this checkout.
     unit = (ROOT / "deploy" / "bluserver@.service").read_text()
-    local = unit.replace("/opt/bluserver/.venv/bin/python", sys.executable).replace("/opt/bluserver", str(ROOT))
+    local = unit.replace("/opt/bluserver/.venv/bin/python", sys.executable).replace(
+        "/opt/bluserver", str(ROOT)
+    )
     assert sys.executable in local and "/opt/" not in local
     (tmp_path / "bluserver@.service").write_text(local)
     result = subprocess.run(
         ["systemd-analyze", "verify", "bluserver@1983.service"],
-        cwd=tmp_path, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    complaints = [line for line in (result.stdout + result.stderr).splitlines() if "bluserver" in line]
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    complaints = [
+        line for line in (result.stdout + result.stderr).splitlines() if "bluserver" in line
+    ]
     assert (result.returncode, complaints) == (0, [])

@@ -47,7 +47,12 @@ def find_interpreter(version: str) -> str | None:
     candidates = [str(python) for _, python in sorted(releases, reverse=True)]
     candidates.append(shutil.which(f"python{version}") or "")
     for candidate in filter(None, candidates):
-        if subprocess.run([candidate, "-c", "import sys"], capture_output=True, check=False).returncode == 0:
+        if (
+            subprocess.run(
+                [candidate, "-c", "import sys"], capture_output=True, check=False
+            ).returncode
+            == 0
+        ):
             return candidate
     return None
 
@@ -60,7 +65,9 @@ def zipapp_interpreters() -> list[Any]:
         if version == running:
             continue
         python = find_interpreter(version)
-        missing = pytest.mark.skip(reason=f"python{version} not found (pyenv or PATH); the zipapp is untested on it")
+        missing = pytest.mark.skip(
+            reason=f"python{version} not found (pyenv or PATH); the zipapp is untested on it"
+        )
         params.append(pytest.param(python, id=f"python{version}", marks=() if python else missing))
     return params
 
@@ -102,15 +109,26 @@ def lone_zipapp(built_zipapp: Path, tmp_path: Path) -> Path:
 def test_zipapp_copied_alone_serves_without_site_packages_and_exits_0_on_sigterm(
     python: str, lone_zipapp: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
-    server = start_server("-n", "2", command=[python, "-S", lone_zipapp.name], cwd=lone_zipapp.parent)
+    server = start_server(
+        "-n", "2", command=[python, "-S", lone_zipapp.name], cwd=lone_zipapp.parent
+    )
     assert server.request(PAYLOAD) == REPLY
     assert server.stop() == 0
 
 
-def test_zipapp_holds_the_modules_an_entry_point_and_pyparsing_source_only(built_zipapp: Path) -> None:
+def test_zipapp_holds_the_modules_an_entry_point_and_pyparsing_source_only(
+    built_zipapp: Path,
+) -> None:
     with zipfile.ZipFile(built_zipapp) as archive:
         names = set(archive.namelist())
-    assert {"__main__.py", "bluserver.py", "worker.py", "grammar.py", "client.py", "pyparsing/__init__.py"} <= names
+    assert {
+        "__main__.py",
+        "bluserver.py",
+        "worker.py",
+        "grammar.py",
+        "client.py",
+        "pyparsing/__init__.py",
+    } <= names
     assert "pyparsing-LICENSE" in names
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
 
@@ -120,7 +138,9 @@ def test_zipapp_is_executable_and_starts_with_an_env_python3_shebang(built_zipap
     assert os.access(built_zipapp, os.X_OK)
 
 
-def test_make_zipapp_writes_the_archive_to_the_path_given_on_its_command_line(tmp_path: Path) -> None:
+def test_make_zipapp_writes_the_archive_to_the_path_given_on_its_command_line(
+    tmp_path: Path,
+) -> None:
     output = tmp_path / "elsewhere" / "custom.pyz"
     result = subprocess.run(
         [sys.executable, "-m", "tools.make_zipapp", str(output)],
@@ -139,24 +159,40 @@ def test_make_zipapp_writes_the_archive_to_the_path_given_on_its_command_line(tm
 
 HELP_OPTIONS = {
     "bluserver.py": [
-        "-a", "-p", "-n", "-v", "--log-format", "--max-bytes", "--max-reply-bytes", "--max-children",
-        "--client-timeout", "--min-rate", "--worker-timeout",
+        "-a",
+        "-p",
+        "-n",
+        "-v",
+        "--log-format",
+        "--max-bytes",
+        "--max-reply-bytes",
+        "--max-children",
+        "--client-timeout",
+        "--min-rate",
+        "--worker-timeout",
     ],
     "client.py": ["input", "output", "-a", "-p", "--timeout"],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("script", sorted(HELP_OPTIONS))
 def test_help_exits_0_documents_every_option_and_shows_an_example(script: str) -> None:
     result = subprocess.run(
-        [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+        [sys.executable, script, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
     )
     assert result.returncode == 0
     undocumented = [
         option
         for option in HELP_OPTIONS[script]
         # an entry of the option list: "  -a ADDRESS, --address ADDRESS", "  --syslog ADDRESS", "  input"
-        if not re.search(rf"^ +(?:-\w(?: \S+)?, )?{re.escape(option)}(?: |,|$)", result.stdout, re.MULTILINE)
+        if not re.search(
+            rf"^ +(?:-\w(?: \S+)?, )?{re.escape(option)}(?: |,|$)", result.stdout, re.MULTILINE
+        )
     ]
     assert undocumented == []
     assert "examples:" in result.stdout
@@ -165,10 +201,14 @@ def test_help_exits_0_documents_every_option_and_shows_an_example(script: str) -
 
 # --- Logs. ----------------------------------------------------------------------------
 
-KV_EVENT = re.compile(r"^\[bluserver[.\w]*\] [\d-]+ [\d:,]+: [A-Z]+ uuid=\S+ pname='[^']+' pid=\d+ event='[^']+'")
+KV_EVENT = re.compile(
+    r"^\[bluserver[.\w]*\] [\d-]+ [\d:,]+: [A-Z]+ uuid=\S+ pname='[^']+' pid=\d+ event='[^']+'"
+)
 
 
-def test_verbose_log_lines_carry_uuid_pname_pid_and_event(start_server: Callable[..., ServerProcess]) -> None:
+def test_verbose_log_lines_carry_uuid_pname_pid_and_event(
+    start_server: Callable[..., ServerProcess],
+) -> None:
     server = start_server("-v")
     server.request(PAYLOAD)
     lines = log_lines(server)
@@ -187,7 +227,8 @@ def test_grep_by_uuid_follows_one_request_to_its_handler_and_each_worker_process
     request_id = request_ids.pop()
     assert set(re.findall(rf"uuid='{request_id}' pname='([^']+)'", logged)) == {"handler"}
     worker_pids = re.findall(
-        rf"uuid='{request_id}' .*event='Worker started' worker='worker-\d' worker_pid=(\d+)", logged
+        rf"uuid='{request_id}' .*event='Worker started' worker='worker-\d' worker_pid=(\d+)",
+        logged,
     )
     assert len(set(worker_pids)) == 2
 
@@ -210,9 +251,16 @@ def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
 ) -> None:
     port = str(silent_server.getsockname()[1])
     result = run_client(
-        "-", str(tmp_path / "out.txt"), "-a", "127.0.0.1", "-p", port, "--timeout", str(CLIENT_TIMEOUT_S),
+        "-",
+        str(tmp_path / "out.txt"),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        port,
+        "--timeout",
+        str(CLIENT_TIMEOUT_S),
         stdin=PAYLOAD,
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert re.fullmatch(rb"client: [^\n]*--timeout[^\n]*\n", result.stderr), result.stderr
     assert not (tmp_path / "out.txt").exists()
@@ -224,7 +272,9 @@ def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
         assert connection.recv(1) == b""  # and it closed the connection when it gave up
 
 
-def test_client_waits_for_a_live_server_as_long_as_it_takes_by_default(silent_server: socket.socket) -> None:
+def test_client_waits_for_a_live_server_as_long_as_it_takes_by_default(
+    silent_server: socket.socket,
+) -> None:
     # Silence alone is no failure (the server sends nothing until the reply is complete):
     # no timeout, and TCP keepalive probes to notice a dead peer.
     with client.connect("127.0.0.1", silent_server.getsockname()[1], timeout_s=None) as sock:

@@ -64,7 +64,9 @@ def is_one_line(text: str) -> bool:
 # --- Examples: each table is one behaviour, each row one case. ----------------------
 
 ORIGINAL_EXAMPLES = [
-    pytest.param("38 - 83 - 52 + 30 - 24 - 89 / 66 + 18 / 7 * 77", "105.65151515151518", id="float-result"),
+    pytest.param(
+        "38 - 83 - 52 + 30 - 24 - 89 / 66 + 18 / 7 * 77", "105.65151515151518", id="float-result"
+    ),
     pytest.param("57 + 87 - 24 * 27 / 8 + 53 - 87 * 6 * 60 - 30", "-31234.0", id="whole-float"),
     pytest.param("1 + 1     - 0-1 * 1 + 2 - 2    *    6 *  60-30", "-747", id="irregular-spacing"),
 ]
@@ -128,7 +130,9 @@ ERRORS = [
     pytest.param("1 2", "error: unexpected '2' at column 3", id="missing-operator"),
     pytest.param("2 * * 3", "error: unexpected '*' at column 5", id="split-power-operator"),
     pytest.param("1 +", "error: unexpected end of line at column 4", id="missing-operand"),
-    pytest.param("1 + ", "error: unexpected end of line at column 5", id="missing-operand-before-space"),
+    pytest.param(
+        "1 + ", "error: unexpected end of line at column 5", id="missing-operand-before-space"
+    ),
     pytest.param("-", "error: unexpected end of line at column 2", id="lone-sign"),
     pytest.param("5.", "error: unexpected '.' at column 2", id="decimal-without-fraction"),
     pytest.param(".5", "error: unexpected '.' at column 1", id="decimal-without-integer-part"),
@@ -149,8 +153,12 @@ ERRORS = [
     pytest.param("2 ** 99999999999", TOO_MANY_DIGITS, id="huge-power"),
     pytest.param("9 ** 9 ** 9", TOO_MANY_DIGITS, id="tower-of-powers"),
     pytest.param("2 ** 10 ** 400", TOO_MANY_DIGITS, id="exponent-too-large-for-a-float"),
-    pytest.param("1" * 12000, "error: line too long (12000 bytes, limit 10000)", id="line-too-long"),
-    pytest.param("٣" * 5001, "error: line too long (10002 bytes, limit 10000)", id="limit-counts-utf8-bytes"),
+    pytest.param(
+        "1" * 12000, "error: line too long (12000 bytes, limit 10000)", id="line-too-long"
+    ),
+    pytest.param(
+        "٣" * 5001, "error: line too long (10002 bytes, limit 10000)", id="limit-counts-utf8-bytes"
+    ),
     pytest.param("(" * 4999 + "1" + ")" * 4999, TOO_DEEPLY_NESTED, id="deep-parentheses"),
     pytest.param("(" * 9999 + "1", TOO_DEEPLY_NESTED, id="deep-unclosed-parentheses"),
 ]
@@ -174,7 +182,9 @@ REJECTED_AS_CODE = [
     pytest.param("1 if 1 else 0", "error: unexpected 'i' at column 3", id="conditional"),
     pytest.param("1 << 2", "error: unexpected '<' at column 3", id="shift"),
     pytest.param("\r", "error: unexpected '\\r' at column 1", id="carriage-return-is-escaped"),
-    pytest.param("1\u2028", "error: unexpected '\\u2028' at column 2", id="line-separator-is-escaped"),
+    pytest.param(
+        "1\u2028", "error: unexpected '\\u2028' at column 2", id="line-separator-is-escaped"
+    ),
 ]
 
 
@@ -203,7 +213,9 @@ def test_first_error_in_python_evaluation_order_is_reported() -> None:
 
 def test_byte_that_is_not_utf8_decoded_as_a_lone_surrogate_gives_the_not_utf8_error() -> None:
     # worker.py decodes with surrogateescape: b"1 + \xff" arrives as "1 + \udcff".
-    assert evaluate_line(b"1 + \xff".decode("utf-8", "surrogateescape")) == "error: not valid UTF-8"
+    assert (
+        evaluate_line(b"1 + \xff".decode("utf-8", "surrogateescape")) == "error: not valid UTF-8"
+    )
 
 
 # --- Limits. ---------------------------------------------------------------------------
@@ -211,7 +223,10 @@ def test_byte_that_is_not_utf8_decoded_as_a_lone_surrogate_gives_the_not_utf8_er
 
 def test_line_of_exactly_the_byte_limit_is_evaluated() -> None:
     assert evaluate_line("1" + " " * (grammar.MAX_LINE_BYTES - 1)) == "1"
-    assert evaluate_line("1" + " " * grammar.MAX_LINE_BYTES) == "error: line too long (10001 bytes, limit 10000)"
+    assert (
+        evaluate_line("1" + " " * grammar.MAX_LINE_BYTES)
+        == "error: line too long (10001 bytes, limit 10000)"
+    )
 
 
 def test_integers_of_4300_digits_are_allowed() -> None:
@@ -246,7 +261,11 @@ LONG_LINES = [
     pytest.param("((1))+" * 1666 + "1", "1667", id="10000-byte-line-of-nested-groups"),
     pytest.param("-" * 9999 + "1", "-1", id="9999-signs-are-no-nesting"),
     pytest.param("1 ** -" * 1666 + "1", "1.0", id="1666-powers-with-signs"),
-    pytest.param("(" * 10000 + "1" + ")" * 10000, "error: line too long (20001 bytes, limit 10000)", id="20001-bytes"),
+    pytest.param(
+        "(" * 10000 + "1" + ")" * 10000,
+        "error: line too long (20001 bytes, limit 10000)",
+        id="20001-bytes",
+    ),
 ]
 
 
@@ -343,7 +362,9 @@ FLAT_OPERANDS = st.one_of(
 def flat_lines(draw: st.DrawFn) -> str:
     """A line in the original's flat form: 2-10 integers joined by + - * /."""
     operands = draw(st.lists(FLAT_OPERANDS, min_size=2, max_size=10))
-    operators = draw(st.lists(st.sampled_from("+-*/"), min_size=len(operands) - 1, max_size=len(operands) - 1))
+    operators = draw(
+        st.lists(st.sampled_from("+-*/"), min_size=len(operands) - 1, max_size=len(operands) - 1)
+    )
     tokens = [operands[0]]
     for operator_token, operand in zip(operators, operands[1:]):
         tokens += [operator_token, operand]
@@ -464,7 +485,15 @@ def allowed(value: grammar.Number | complex) -> grammar.Number:
 # How tightly a piece of text binds, weakest first: an operand weaker than its place
 # needs parentheses (a SUM inside a product, anything but an ATOM left of '**').
 SUM, PRODUCT, SIGNED, POWER, ATOM = range(5)
-OPERATOR_LEVELS = {"+": SUM, "-": SUM, "*": PRODUCT, "/": PRODUCT, "//": PRODUCT, "%": PRODUCT, "**": POWER}
+OPERATOR_LEVELS = {
+    "+": SUM,
+    "-": SUM,
+    "*": PRODUCT,
+    "/": PRODUCT,
+    "//": PRODUCT,
+    "%": PRODUCT,
+    "**": POWER,
+}
 
 
 @dataclass(frozen=True)
@@ -513,7 +542,10 @@ def binary(draw: st.DrawFn, operands: st.SearchStrategy[Expression]) -> Expressi
     if operator_token == "**":  # power ::= atom ['**' factor]
         left_text, right_text = operand_text(draw, left, ATOM), operand_text(draw, right, SIGNED)
     else:  # left-associative: a right operand of the same level needs parentheses
-        left_text, right_text = operand_text(draw, left, level), operand_text(draw, right, level + 1)
+        left_text, right_text = (
+            operand_text(draw, left, level),
+            operand_text(draw, right, level + 1),
+        )
     text = left_text + draw(SPACES) + operator_token + draw(SPACES) + right_text
     return Expression(Binary(operator_token, left.tree, right.tree), text, level)
 
@@ -526,16 +558,24 @@ def redundant_parentheses(draw: st.DrawFn, operands: st.SearchStrategy[Expressio
 
 EXPRESSIONS = st.recursive(
     literals(),
-    lambda operands: st.one_of(binary(operands), signed(operands), redundant_parentheses(operands)),
+    lambda operands: st.one_of(
+        binary(operands), signed(operands), redundant_parentheses(operands)
+    ),
     max_leaves=12,
 )
 
 
 @settings(max_examples=100, deadline=None)
 @given(EXPRESSIONS, SPACES, SPACES)
-@example(Expression(Binary("**", Signed("-", Literal("8")), Literal("0.5")), "(-8)**0.5", POWER), "", "")
-@example(Expression(Binary("%", Literal("7"), Signed("-", Literal("3"))), "7 % -3", PRODUCT), " ", "\t")
-def test_expression_tree_gives_what_python_operators_give(expression: Expression, lead: str, trail: str) -> None:
+@example(
+    Expression(Binary("**", Signed("-", Literal("8")), Literal("0.5")), "(-8)**0.5", POWER), "", ""
+)
+@example(
+    Expression(Binary("%", Literal("7"), Signed("-", Literal("3"))), "7 % -3", PRODUCT), " ", "\t"
+)
+def test_expression_tree_gives_what_python_operators_give(
+    expression: Expression, lead: str, trail: str
+) -> None:
     line = lead + expression.text + trail
     assert evaluate_line(line) == reference_result(expression.tree), line
 
@@ -547,7 +587,10 @@ def test_reference_evaluator_agrees_with_the_specified_examples() -> None:
     assert reference_result(Signed("-", Binary("**", two, two))) == "-4"
     assert reference_result(Binary("**", two, Binary("**", three, two))) == "512"
     assert reference_result(Binary("**", Signed("-", eight), Literal("0.5"))) == COMPLEX_RESULT
-    assert reference_result(Binary("**", Literal("9"), Binary("**", Literal("9"), Literal("9")))) == TOO_MANY_DIGITS
+    assert (
+        reference_result(Binary("**", Literal("9"), Binary("**", Literal("9"), Literal("9"))))
+        == TOO_MANY_DIGITS
+    )
     assert reference_result(Binary("**", Literal("10"), Literal("4299"))) == "1" + "0" * 4299
     assert reference_result(Binary("**", Literal("10"), Literal("4300"))) == TOO_MANY_DIGITS
     assert reference_result(Binary("**", Literal("10.0"), Literal("400"))) == FLOAT_TOO_LARGE
@@ -559,7 +602,9 @@ def test_reference_evaluator_agrees_with_the_specified_examples() -> None:
 
 # Faults to drop into a valid line: syntax errors, a literal too long, and operations
 # that fail when evaluated, so that one line often has several faults.
-FAULTS = st.sampled_from(["(", ")", "((", "^", ".", "5.", "**", "* *", "-", "/ 0", "% 0.0", "1" * 4301, "٣", "\t", ""])
+FAULTS = st.sampled_from(
+    ["(", ")", "((", "^", ".", "5.", "**", "* *", "-", "/ 0", "% 0.0", "1" * 4301, "٣", "\t", ""]
+)
 
 
 @st.composite
@@ -586,7 +631,9 @@ def test_grammar_gives_what_it_gave_before_optimisation(line: str) -> None:
 
 @settings(max_examples=500, deadline=None)
 @given(st.text(GRAMMAR_CHARACTERS, max_size=40))
-def test_any_line_of_the_grammar_characters_gives_what_it_gave_before_optimisation(line: str) -> None:
+def test_any_line_of_the_grammar_characters_gives_what_it_gave_before_optimisation(
+    line: str,
+) -> None:
     assert evaluate_line(line) == grammar_oracle.evaluate_line(line)
 
 

@@ -63,7 +63,10 @@ def process_state(pid: int) -> str:
 def accepts_connections(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=EVENT_TIMEOUT_S).close()
-    except (ConnectionRefusedError, ConnectionResetError):  # reset: closed while in the listen backlog
+    except (
+        ConnectionRefusedError,
+        ConnectionResetError,
+    ):  # reset: closed while in the listen backlog
         return False
     return True
 
@@ -76,7 +79,9 @@ def reset(sock: socket.socket) -> None:
 
 def run_server_expecting_failure(*args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "bluserver.py", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=EVENT_TIMEOUT_S, check=False)
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=EVENT_TIMEOUT_S, check=False
+    )
 
 
 # --- Requests larger than --max-bytes, and what a header may claim. ----------------------------
@@ -86,8 +91,16 @@ def run_server_expecting_failure(*args: str) -> subprocess.CompletedProcess[str]
     ("options", "declared", "reply"),
     [
         (["--max-bytes", "100"], 101, b"error: request too large (101 bytes, limit 100)\n"),
-        (["--max-bytes", "100"], 2**64 - 1, b"error: request too large (18446744073709551615 bytes, limit 100)\n"),
-        ([], 256 * 1024 * 1024 + 1, b"error: request too large (268435457 bytes, limit 268435456)\n"),
+        (
+            ["--max-bytes", "100"],
+            2**64 - 1,
+            b"error: request too large (18446744073709551615 bytes, limit 100)\n",
+        ),
+        (
+            [],
+            256 * 1024 * 1024 + 1,
+            b"error: request too large (268435457 bytes, limit 268435456)\n",
+        ),
     ],
     ids=["one-byte-over", "largest-length", "default-limit-256MiB"],
 )
@@ -106,20 +119,33 @@ def test_request_of_exactly_max_bytes_is_served(start_server: StartServer) -> No
     assert server.request(b"1 + 2\n3 * 4\n") == b"3\n12\n"
 
 
-def test_oversized_request_sent_in_full_at_once_still_gets_the_error_reply(start_server: StartServer) -> None:
+def test_oversized_request_sent_in_full_at_once_still_gets_the_error_reply(
+    start_server: StartServer,
+) -> None:
     server = start_server("--max-bytes", "1000")
-    body = b"1 + 1\n" * (8 * 1024 * 1024 // 6)  # more than the socket buffers hold: the server must drain it
+    body = b"1 + 1\n" * (
+        8 * 1024 * 1024 // 6
+    )  # more than the socket buffers hold: the server must drain it
     with server.connect() as sock:
         send_frame(sock, [body])
-        assert recv_frame(sock) == f"error: request too large ({len(body)} bytes, limit 1000)\n".encode()
+        assert (
+            recv_frame(sock)
+            == f"error: request too large ({len(body)} bytes, limit 1000)\n".encode()
+        )
 
 
-def test_announced_length_reserves_no_memory_before_the_bytes_arrive(start_server: StartServer) -> None:
+def test_announced_length_reserves_no_memory_before_the_bytes_arrive(
+    start_server: StartServer,
+) -> None:
     server = start_server(*LOG)
     with server.connect() as sock:
-        sock.sendall(HEADER.pack(200 * 1024 * 1024) + b"1 + 1\n")  # 200 MiB announced, 6 bytes sent
+        sock.sendall(
+            HEADER.pack(200 * 1024 * 1024) + b"1 + 1\n"
+        )  # 200 MiB announced, 6 bytes sent
         handler = server.wait_for_event("Request announced")["pid"]
-        wait_until(lambda: process_state(handler) == "S", "the handler to wait for the rest of the body")
+        wait_until(
+            lambda: process_state(handler) == "S", "the handler to wait for the rest of the body"
+        )
         grown_kib = proc_status(handler, "VmSize") - proc_status(server.pid, "VmSize")
     assert grown_kib < 50 * 1024, f"the handler reserved {grown_kib} KiB for 6 bytes"
 
@@ -127,7 +153,9 @@ def test_announced_length_reserves_no_memory_before_the_bytes_arrive(start_serve
 # --- Replies larger than the request. -----------------------------------------------------------
 
 
-def test_lines_past_the_reply_budget_are_answered_with_an_error_line(start_server: StartServer) -> None:
+def test_lines_past_the_reply_budget_are_answered_with_an_error_line(
+    start_server: StartServer,
+) -> None:
     server = start_server("-n", "1", "--max-reply-bytes", "20000")
     value = b"1" + b"0" * 4000 + b"\n"  # 4,002 bytes: four fit in 20,000, a fifth does not
     reply = server.request(b"10 ** 4000\n" * 6 + b"1 + 1\n")
@@ -145,7 +173,9 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
         wait_until(lambda: len(server.events("Worker finished")) == 2, "both workers to finish")
         handler = server.events("Worker finished")[0]["pid"]
         peak_kib = proc_status(handler, "VmHWM")  # the reply waits, unread, in the spool files
-        assert os.listdir(tmp_path) == [], "a spool file must have no name, so that it vanishes with its process"
+        assert os.listdir(tmp_path) == [], (
+            "a spool file must have no name, so that it vanishes with its process"
+        )
         (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
         assert size == lines * 1002
         received = 0
@@ -191,7 +221,9 @@ def test_client_stalled_mid_request_is_disconnected_and_its_handler_exits(
     server.wait_until_idle()
 
 
-def test_client_trickling_its_request_is_cut_off_by_the_minimum_rate(start_server: StartServer) -> None:
+def test_client_trickling_its_request_is_cut_off_by_the_minimum_rate(
+    start_server: StartServer,
+) -> None:
     server = start_server(*LOG, "--client-timeout", "0.5", "--min-rate", "1000")
     with server.connect() as sock:
         sock.sendall(HEADER.pack(1000))
@@ -224,9 +256,13 @@ def test_client_sending_slowly_but_steadily_is_served_although_it_takes_longer_t
 def test_client_that_stops_reading_the_reply_is_disconnected(start_server: StartServer) -> None:
     server = start_server(*LOG, "--client-timeout", "0.25")
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: a small window
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024
+        )  # before connecting: a small window
         sock.connect(("127.0.0.1", server.port))
-        send_frame(sock, [b"10 ** 1000\n" * 8000])  # an 8 MB reply: more than the socket buffers hold
+        send_frame(
+            sock, [b"10 ** 1000\n" * 8000]
+        )  # an 8 MB reply: more than the socket buffers hold
         dropped = server.wait_for_event("Client failed")
         assert dropped["reason"] == "timed out"
         server.wait_until_idle()
@@ -235,16 +271,24 @@ def test_client_that_stops_reading_the_reply_is_disconnected(start_server: Start
 TRUNCATED_REQUESTS = {
     "within-the-header": (HEADER.pack(100)[:3], False, "connection closed after 3 of 8 bytes"),
     "after-the-header": (HEADER.pack(100), False, "connection closed after 0 of 100 bytes"),
-    "within-the-body": (HEADER.pack(100) + b"1 + 1\n", False, "connection closed after 6 of 100 bytes"),
+    "within-the-body": (
+        HEADER.pack(100) + b"1 + 1\n",
+        False,
+        "connection closed after 6 of 100 bytes",
+    ),
     "reset-within-the-body": (HEADER.pack(100) + b"1 + 1\n", True, f"[Errno {errno.ECONNRESET}] "),
 }
 
 
-@pytest.mark.parametrize(("sent", "rst", "reason"), TRUNCATED_REQUESTS.values(), ids=TRUNCATED_REQUESTS.keys())
+@pytest.mark.parametrize(
+    ("sent", "rst", "reason"), TRUNCATED_REQUESTS.values(), ids=TRUNCATED_REQUESTS.keys()
+)
 def test_client_closing_before_sending_all_it_declared_is_one_warning_without_traceback(
     start_server: StartServer, sent: bytes, rst: bool, reason: str
 ) -> None:
-    server = start_server("--log-format", "json")  # warnings only: the failure is the one line logged
+    server = start_server(
+        "--log-format", "json"
+    )  # warnings only: the failure is the one line logged
     sock = server.connect()
     sock.sendall(sent)
     reset(sock) if rst else sock.close()
@@ -269,15 +313,21 @@ def test_client_resetting_during_evaluation_ends_its_handler_and_workers(
     server.wait_for_event("Worker started", worker="worker-2")
     reset(sock)
     server.wait_until_idle()
-    assert server.wait_for_event("Client failed")["reason"].startswith(f"[Errno {errno.ECONNRESET}]")
+    assert server.wait_for_event("Client failed")["reason"].startswith(
+        f"[Errno {errno.ECONNRESET}]"
+    )
 
 
 # --- Workers that are slow, hang, die or cannot start. ---------------------------------------------
 
 
-def test_slow_worker_that_keeps_reporting_is_not_taken_for_stuck(start_server: StartServer) -> None:
+def test_slow_worker_that_keeps_reporting_is_not_taken_for_stuck(
+    start_server: StartServer,
+) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
-    assert server.request(b"sleep 0.25\n" * 6) == b"slept\n" * 6  # 1.5 s of work, reported every 0.5 s
+    assert (
+        server.request(b"sleep 0.25\n" * 6) == b"slept\n" * 6
+    )  # 1.5 s of work, reported every 0.5 s
     server.wait_for_event("Request served")
     assert server.events("Worker failed") == []
 
@@ -296,9 +346,13 @@ def test_failed_worker_has_only_its_unanswered_lines_run_again(
     assert (failed["reason"], failed["attempt"]) == (reason, 1)
 
 
-def test_worker_failing_twice_fails_only_its_unanswered_lines(start_server: StartServer, tmp_path: Path) -> None:
+def test_worker_failing_twice_fails_only_its_unanswered_lines(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
-    payload = b"sleep 0.6\ndie-once /nonexistent/dir/twice\n1 + 1\n"  # cannot create it: dies every time
+    payload = (
+        b"sleep 0.6\ndie-once /nonexistent/dir/twice\n1 + 1\n"  # cannot create it: dies every time
+    )
     assert server.request(payload) == b"slept\n" + WORKER_FAILED * 2
     served = server.wait_for_event("Request served")
     assert (served["lines"], served["error_lines"]) == (3, 2)
@@ -325,10 +379,17 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
     with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n".encode()])
         started = server.wait_for_event("Worker started")
-        os.kill(started["pid"], signal.SIGSTOP)  # the handler: it cannot read what the worker sends
+        os.kill(
+            started["pid"], signal.SIGSTOP
+        )  # the handler: it cannot read what the worker sends
         release(path)
-        wait_until(lambda: process_state(started["worker_pid"]) in ("Z", "gone"), "the worker to send all and exit")
-        time.sleep(0.75)  # not synchronisation: makes the handler's last news of the worker older than 0.5 s
+        wait_until(
+            lambda: process_state(started["worker_pid"]) in ("Z", "gone"),
+            "the worker to send all and exit",
+        )
+        time.sleep(
+            0.75
+        )  # not synchronisation: makes the handler's last news of the worker older than 0.5 s
         os.kill(started["pid"], signal.SIGCONT)
         assert recv_frame(sock) == b"released\n"
     server.wait_for_event("Request served")
@@ -348,20 +409,30 @@ def test_workers_are_forked_from_the_handler_and_hold_only_their_pipe_whatever_t
         worker = started["worker_pid"]
         parent = next(row.ppid for row in process_table() if row.pid == worker)
         command_line = Path(f"/proc/{worker}/cmdline").read_bytes()
-        files = {int(fd): os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")}
+        files = {
+            int(fd): os.readlink(f"/proc/{worker}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{worker}/fd")
+        }
         release(path)
         assert recv_frame(sock) == b"released\n"
     assert parent == started["pid"], "a worker's parent is its handler"
-    assert command_line == Path(f"/proc/{server.pid}/cmdline").read_bytes(), "forked: the server's own command"
+    assert command_line == Path(f"/proc/{server.pid}/cmdline").read_bytes(), (
+        "forked: the server's own command"
+    )
     assert not [target for target in files.values() if target.startswith("socket:")], files
     assert files[0] == files[1] == os.devnull
-    assert len([target for target in files.values() if target.startswith("pipe:")]) <= 2  # its Pipe, and stderr
+    assert (
+        len([target for target in files.values() if target.startswith("pipe:")]) <= 2
+    )  # its Pipe, and stderr
 
 
 def test_language_limits_do_not_depend_on_the_environment(start_server: StartServer) -> None:
     server = start_server(env={"PYTHONINTMAXSTRDIGITS": "640"})
     digits = "7" * 700
-    assert server.request(f"10 ** 700\n{digits} + 0\n".encode()) == f"1{'0' * 700}\n{digits}\n".encode()
+    assert (
+        server.request(f"10 ** 700\n{digits} + 0\n".encode())
+        == f"1{'0' * 700}\n{digits}\n".encode()
+    )
 
 
 # --- Many clients at once. ---------------------------------------------------------------------
@@ -389,7 +460,9 @@ def test_max_children_bounds_the_handlers_while_every_waiting_connection_is_serv
 
 
 @pytest.mark.parametrize("max_children", ["1", "16"], ids=["all-slots-busy", "a-slot-free"])
-@pytest.mark.parametrize("signum", SHUTDOWN_SIGNALS, ids=[signum.name for signum in SHUTDOWN_SIGNALS])
+@pytest.mark.parametrize(
+    "signum", SHUTDOWN_SIGNALS, ids=[signum.name for signum in SHUTDOWN_SIGNALS]
+)
 def test_shutdown_signal_refuses_new_connections_and_finishes_the_request_in_flight(
     start_server: StartServer, tmp_path: Path, signum: signal.Signals, max_children: str
 ) -> None:
@@ -423,11 +496,15 @@ def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
         assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
         with pytest.raises(ConnectionError):  # closed without a reply
             recv_frame(sock)
-    wait_until(lambda: not session_processes(server.pid), "the killed handler and workers to be gone")
+    wait_until(
+        lambda: not session_processes(server.pid), "the killed handler and workers to be gone"
+    )
     assert server.events("Stopped at once", signal="SIGTERM")
 
 
-def test_second_signal_ends_a_handler_that_has_not_started_running(start_server: StartServer, tmp_path: Path) -> None:
+def test_second_signal_ends_a_handler_that_has_not_started_running(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     path = tmp_path / "gate"
     server = start_server(*LOG, faults=[f"gated_handlers:{path}"])
     with server.connect():
@@ -436,17 +513,26 @@ def test_second_signal_ends_a_handler_that_has_not_started_running(start_server:
         server.wait_for_event("Shutting down")
         server.process.send_signal(signal.SIGTERM)
         assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
-        wait_until(lambda: not session_processes(server.pid), "the handler, still gated, to be killed")
+        wait_until(
+            lambda: not session_processes(server.pid), "the handler, still gated, to be killed"
+        )
 
 
 @pytest.mark.slow
-def test_hundreds_of_sequential_requests_leave_no_zombie_processes(start_server: StartServer) -> None:
+def test_hundreds_of_sequential_requests_leave_no_zombie_processes(
+    start_server: StartServer,
+) -> None:
     server = start_server()
     for number in range(100):
-        assert server.request(f"{number} * 2\n1 + {number}\n".encode()) == f"{number * 2}\n{1 + number}\n".encode()
+        assert (
+            server.request(f"{number} * 2\n1 + {number}\n".encode())
+            == f"{number * 2}\n{1 + number}\n".encode()
+        )
     server.wait_until_idle()  # zombies are not live: this waits for them to be reaped too
     wait_until(
-        lambda: not [row for row in process_table() if row.session == server.pid and row.state == "Z"],
+        lambda: (
+            not [row for row in process_table() if row.session == server.pid and row.state == "Z"]
+        ),
         "every finished handler to be reaped",
     )
 
@@ -455,4 +541,7 @@ def test_address_that_cannot_be_bound_is_reported_in_one_line_and_exits_1() -> N
     # 192.0.2.1 (TEST-NET-1) is not an address of this machine: bind() fails, nothing is sent.
     result = run_server_expecting_failure("-a", "192.0.2.1", "-p", "0")
     assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == f"bluserver: cannot listen on 192.0.2.1:0: {os.strerror(errno.EADDRNOTAVAIL)}\n"
+    assert (
+        result.stderr
+        == f"bluserver: cannot listen on 192.0.2.1:0: {os.strerror(errno.EADDRNOTAVAIL)}\n"
+    )

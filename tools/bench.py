@@ -100,7 +100,10 @@ def seed_like_lines(count: int, seed: int) -> list[str]:
     for _ in range(count):
         operands = rng.choices(OPERANDS, k=rng.randint(MIN_OPERANDS, MAX_OPERANDS))
         operators = rng.choices(OPERATORS, k=len(operands) - 1)
-        lines.append(operands[0] + "".join(f" {op} {operand}" for op, operand in zip(operators, operands[1:])))
+        lines.append(
+            operands[0]
+            + "".join(f" {op} {operand}" for op, operand in zip(operators, operands[1:]))
+        )
     for number, line in enumerate(HOSTILE_LINES, 1):
         lines.insert(number * len(lines) // (len(HOSTILE_LINES) + 1), line)
     return lines
@@ -178,7 +181,9 @@ def check_yardstick(payload: bytes, expected: bytes) -> None:
         if got != want and not (got.startswith(b"error: ") and want.startswith(b"error: "))
     )
     if disagreements:
-        raise RuntimeError(f"the yardstick and the project's evaluator disagree on {disagreements} lines")
+        raise RuntimeError(
+            f"the yardstick and the project's evaluator disagree on {disagreements} lines"
+        )
 
 
 # --- 2 and 6. Evaluators in this process. --------------------------------------------
@@ -265,7 +270,9 @@ def peak_rss_sampler(session_id: int) -> Iterator[list[int]]:
     [largest process peak, whole session peak] in bytes."""
     peaks: list[int] = []
     conn, sampler_conn = multiprocessing.Pipe()
-    sampler = multiprocessing.Process(target=sample_peak_rss, args=(session_id, sampler_conn), name="rss-sampler")
+    sampler = multiprocessing.Process(
+        target=sample_peak_rss, args=(session_id, sampler_conn), name="rss-sampler"
+    )
     sampler.start()
     try:
         yield peaks
@@ -308,7 +315,9 @@ def interleaved_medians(contestants: Sequence[Callable[[], float]], repeats: int
 
 def round_trips(server: ServerProcess, count: int) -> list[float]:
     """Seconds of each of count one-line requests."""
-    return [timed_request("one-line request", server, b"1 + 2 * 3\n", b"7\n") for _ in range(count)]
+    return [
+        timed_request("one-line request", server, b"1 + 2 * 3\n", b"7\n") for _ in range(count)
+    ]
 
 
 def measure_peak_rss(server: ServerProcess, payload: bytes, expected: bytes) -> tuple[int, int]:
@@ -330,7 +339,9 @@ def run_benchmark(plan: Plan) -> dict[str, float]:
     big, big_expected = flat * copies, flat_expected * copies
     results = {"flat_bytes": len(flat), "big_bytes": len(big), "full_lines": len(full_lines)}
     with running_server(1) as one_worker, running_server(2) as two_workers:
-        results["big_peak_process"], results["big_peak_session"] = measure_peak_rss(two_workers, big, big_expected)
+        results["big_peak_process"], results["big_peak_session"] = measure_peak_rss(
+            two_workers, big, big_expected
+        )
         contestants = {
             "yardstick": lambda: timed(yardstick, flat)[0],
             "evaluator": lambda: timed(evaluate_in_process, flat)[0],
@@ -339,22 +350,36 @@ def run_benchmark(plan: Plan) -> dict[str, float]:
             "big": lambda: timed_request("big request", two_workers, big, big_expected),
             "full_evaluator": lambda: timed(evaluate_in_process, full)[0],
             "full_simpleeval": lambda: timed(simpleeval_in_process, full)[0],
-            "full_one_worker": lambda: timed_request("full, -n 1", one_worker, full, full_expected),
-            "full_two_workers": lambda: timed_request("full, -n 2", two_workers, full, full_expected),
+            "full_one_worker": lambda: timed_request(
+                "full, -n 1", one_worker, full, full_expected
+            ),
+            "full_two_workers": lambda: timed_request(
+                "full, -n 2", two_workers, full, full_expected
+            ),
         }
-        results.update(zip(contestants, interleaved_medians(list(contestants.values()), plan.repeats)))
+        results.update(
+            zip(contestants, interleaved_medians(list(contestants.values()), plan.repeats))
+        )
         trips = round_trips(two_workers, plan.round_trips)
     results["trip_median"] = statistics.median(trips)
     results["trip_p99"] = statistics.quantiles(trips, n=100, method="inclusive")[98]
     for method in START_METHODS:
         with running_server(2, start_method=method) as server:
             results[f"trip_{method}"] = statistics.median(round_trips(server, plan.round_trips))
-    not_flat = [line for line in full_lines if grammar.flat_tokens(line) is None][: plan.ratio_lines]
+    not_flat = [line for line in full_lines if grammar.flat_tokens(line) is None][
+        : plan.ratio_lines
+    ]
     times = grammar_times(not_flat)
     results["new_to_old"] = statistics.median(new_s / old_s for new_s, old_s in times)
-    results["not_flat_new"], results["not_flat_old"] = (statistics.fmean(column) for column in zip(*times))
-    results["long_line_new"] = statistics.median(timed(grammar.evaluate_line, LONG_LINE)[0] for _ in range(5))
-    results["long_line_old"] = statistics.median(timed(grammar_oracle.evaluate_line, LONG_LINE)[0] for _ in range(5))
+    results["not_flat_new"], results["not_flat_old"] = (
+        statistics.fmean(column) for column in zip(*times)
+    )
+    results["long_line_new"] = statistics.median(
+        timed(grammar.evaluate_line, LONG_LINE)[0] for _ in range(5)
+    )
+    results["long_line_old"] = statistics.median(
+        timed(grammar_oracle.evaluate_line, LONG_LINE)[0] for _ in range(5)
+    )
     return results
 
 
@@ -362,7 +387,13 @@ def run_benchmark(plan: Plan) -> dict[str, float]:
 
 
 def target_row(
-    label: str, value: float, limit: float, *, at_least: bool = False, stretch: float | None = None, unit: str = ""
+    label: str,
+    value: float,
+    limit: float,
+    *,
+    at_least: bool = False,
+    stretch: float | None = None,
+    unit: str = "",
 ) -> list[str]:
     """A row with a target: the value, the target (at most limit, unless at_least), met or MISSED."""
     sign = ">=" if at_least else "<="
@@ -387,21 +418,61 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
         ["2. project evaluator, one process", f"{r['evaluator']:.3f} s", "", ""],
         ["3. end to end, -n 1", f"{r['one_worker']:.3f} s", "", ""],
         ["3. end to end, -n 2", f"{r['two_workers']:.3f} s", "", ""],
-        target_row(f"4. 1-line round trip, -n 2, median of {trips}", r["trip_median"] * 1000, 6, unit=" ms"),
+        target_row(
+            f"4. 1-line round trip, -n 2, median of {trips}",
+            r["trip_median"] * 1000,
+            6,
+            unit=" ms",
+        ),
         [f"4. 1-line round trip, -n 2, p99 of {trips}", f"{r['trip_p99'] * 1000:.2f} ms", "", ""],
         *(
-            target_row(f"4. 1-line round trip, start method {method}", r[f"trip_{method}"] * 1000, 6, unit=" ms")
+            target_row(
+                f"4. 1-line round trip, start method {method}",
+                r[f"trip_{method}"] * 1000,
+                6,
+                unit=" ms",
+            )
             for method in START_METHODS
         ),
         [f"5. {big} request, -n 2", f"{r['big']:.3f} s", "", ""],
-        [f"5. {big} request: peak RSS, largest server process", f"{r['big_peak_process'] / MB:.0f} MB", "", ""],
-        [f"5. {big} request: peak RSS, whole server session", f"{r['big_peak_session'] / MB:.0f} MB", "", ""],
-        [f"6. full language, evaluator, µs per line of {full:,}", f"{r['full_evaluator'] / full * 1e6:.1f}", "", ""],
-        [f"6. full language, simpleeval, µs per line of {full:,}", f"{r['full_simpleeval'] / full * 1e6:.1f}", "", ""],
+        [
+            f"5. {big} request: peak RSS, largest server process",
+            f"{r['big_peak_process'] / MB:.0f} MB",
+            "",
+            "",
+        ],
+        [
+            f"5. {big} request: peak RSS, whole server session",
+            f"{r['big_peak_session'] / MB:.0f} MB",
+            "",
+            "",
+        ],
+        [
+            f"6. full language, evaluator, µs per line of {full:,}",
+            f"{r['full_evaluator'] / full * 1e6:.1f}",
+            "",
+            "",
+        ],
+        [
+            f"6. full language, simpleeval, µs per line of {full:,}",
+            f"{r['full_simpleeval'] / full * 1e6:.1f}",
+            "",
+            "",
+        ],
         ["6. full language, end to end, -n 1", f"{r['full_one_worker']:.3f} s", "", ""],
         ["6. full language, end to end, -n 2", f"{r['full_two_workers']:.3f} s", "", ""],
-        [f"7. non-flat line, µs, mean of {plan.ratio_lines:,}", f"{r['not_flat_new'] * 1e6:.1f}", "", ""],
-        [f"7. non-flat line, old grammar, µs, mean of {plan.ratio_lines:,}", f"{r['not_flat_old'] * 1e6:.1f}", "", ""],
+        [
+            f"7. non-flat line, µs, mean of {plan.ratio_lines:,}",
+            f"{r['not_flat_new'] * 1e6:.1f}",
+            "",
+            "",
+        ],
+        [
+            f"7. non-flat line, old grammar, µs, mean of {plan.ratio_lines:,}",
+            f"{r['not_flat_old'] * 1e6:.1f}",
+            "",
+            "",
+        ],
         ["7. 10,000-byte line, old grammar", f"{r['long_line_old'] * 1000:.0f} ms", "", ""],
         [
             "7. 10,000-byte line",
@@ -412,14 +483,19 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
         target_row("e2e -n 2 / yardstick", r["two_workers"] / r["yardstick"], 0.65, stretch=0.5),
         target_row("(-n 1) / (-n 2)", r["one_worker"] / r["two_workers"], 1.6, at_least=True),
         target_row("project evaluator / yardstick", r["evaluator"] / r["yardstick"], 1.0),
-        target_row(f"{big}: peak process RSS / request size", r["big_peak_process"] / r["big_bytes"], 3),
+        target_row(
+            f"{big}: peak process RSS / request size", r["big_peak_process"] / r["big_bytes"], 3
+        ),
         target_row(
             f"time per byte, {big} / {r['flat_bytes'] / MB:.1f} MB",
             (r["big"] / r["big_bytes"]) / (r["two_workers"] / r["flat_bytes"]),
             1.3,
         ),
         target_row(
-            f"grammar new / old, median of {plan.ratio_lines:,} non-flat lines", r["new_to_old"], 0.5, stretch=0.25
+            f"grammar new / old, median of {plan.ratio_lines:,} non-flat lines",
+            r["new_to_old"],
+            0.5,
+            stretch=0.25,
         ),
     ]
 
@@ -428,7 +504,11 @@ def print_table(rows: list[list[str]]) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     aligned = [str.ljust, str.rjust, str.ljust, str.ljust]
     for number, row in enumerate(rows):
-        print("  ".join(align(cell, width) for align, cell, width in zip(aligned, row, widths)).rstrip())
+        print(
+            "  ".join(
+                align(cell, width) for align, cell, width in zip(aligned, row, widths)
+            ).rstrip()
+        )
         if number == 0:
             print("  ".join("-" * width for width in widths))
 
@@ -439,14 +519,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Measure bluserver's evaluation and end-to-end speed, latency and memory.",
     )
     parser.add_argument(
-        "--repeats", type=int, metavar="N",
+        "--repeats",
+        type=int,
+        metavar="N",
         help=f"runs of each timing, the median is reported (default: {FULL_PLAN.repeats}, with --quick 1)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help=f"smoke run: {QUICK_PLAN.lines:,} + {QUICK_PLAN.full_lines:,} lines, a "
         f"{QUICK_PLAN.big_request_bytes // MB} MB big request (the targets are meant for the full run)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -455,17 +538,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.setrecursionlimit(grammar.RECURSION_LIMIT)  # as a worker does, for the in-process evaluators
+    sys.setrecursionlimit(
+        grammar.RECURSION_LIMIT
+    )  # as a worker does, for the in-process evaluators
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     if args.repeats:
         plan = dataclasses.replace(plan, repeats=args.repeats)
     print(" ".join(["command: python -m tools.bench", *sys.argv[1:]]))
-    print(f"python {platform.python_version()} ({platform.python_implementation()}), {os.cpu_count()} CPUs")
-    print(f"input: {plan.lines:,} flat and {plan.full_lines:,} full-language lines; {plan.repeats} runs per timing")
-    print(f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2), -n 2 under {', '.join(START_METHODS)}")
+    print(
+        f"python {platform.python_version()} ({platform.python_implementation()}), {os.cpu_count()} CPUs"
+    )
+    print(
+        f"input: {plan.lines:,} flat and {plan.full_lines:,} full-language lines; {plan.repeats} runs per timing"
+    )
+    print(
+        f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2), -n 2 under {', '.join(START_METHODS)}"
+    )
     try:
         results = run_benchmark(plan)
-    except (RuntimeError, OSError, AssertionError) as error:  # AssertionError: a server did not start or stop cleanly
+    except (
+        RuntimeError,
+        OSError,
+        AssertionError,
+    ) as error:  # AssertionError: a server did not start or stop cleanly
         print(f"bench: {error}", file=sys.stderr)
         return 1
     print_table(table_rows(results, plan))

@@ -51,9 +51,12 @@ def haproxy_config(template: str, port: int, instance_ports: Sequence[int]) -> s
     config, binds = BIND_LINE.subn(rf"\g<1>{port}", template)
     first_server = SERVER_LINE.search(config)
     if binds != 1 or not first_server:
-        raise ValueError(f"{TEMPLATE} must have one 'bind ADDRESS:PORT' line and at least one 'server' line")
+        raise ValueError(
+            f"{TEMPLATE} must have one 'bind ADDRESS:PORT' line and at least one 'server' line"
+        )
     servers = "".join(
-        f"    server blu{number} {HOST}:{instance_port}\n" for number, instance_port in enumerate(instance_ports, 1)
+        f"    server blu{number} {HOST}:{instance_port}\n"
+        for number, instance_port in enumerate(instance_ports, 1)
     )
     head, tail = config[: first_server.start()], config[first_server.start() :]
     return head + servers + SERVER_LINE.sub("", tail)
@@ -94,7 +97,9 @@ class Cluster:
     def stop(self) -> None:
         """The first call drains every process, the next one stops them at once."""
         self.stops_sent += 1
-        haproxy_signal = signal.SIGUSR1 if self.stops_sent == 1 else signal.SIGTERM  # soft stop, then hard
+        haproxy_signal = (
+            signal.SIGUSR1 if self.stops_sent == 1 else signal.SIGTERM
+        )  # soft stop, then hard
         for process in self.running():
             process.send_signal(haproxy_signal if process is self.haproxy else signal.SIGTERM)
 
@@ -105,7 +110,10 @@ def wait_until_ready(cluster: Cluster, ports: Sequence[int], signals: list[int])
     waiting = list(ports)
     while waiting and not signals and len(cluster.running()) == len(cluster.processes):
         if time.monotonic() > deadline:
-            print(f"cluster: no answer on port {waiting[0]} within {STARTUP_TIMEOUT_S:g} s", file=sys.stderr)
+            print(
+                f"cluster: no answer on port {waiting[0]} within {STARTUP_TIMEOUT_S:g} s",
+                file=sys.stderr,
+            )
             return False
         if answers_empty_request(waiting[0]):
             waiting.pop(0)
@@ -122,8 +130,13 @@ def supervise(cluster: Cluster, signals: list[int], failed: bool) -> int:
         if handled < len(signals):
             handled += 1
             cluster.stop()
-        elif not cluster.stops_sent and (failed or len(cluster.running()) < len(cluster.processes)):
-            print("cluster: stopping every process, since one has exited or failed to start", file=sys.stderr)
+        elif not cluster.stops_sent and (
+            failed or len(cluster.running()) < len(cluster.processes)
+        ):
+            print(
+                "cluster: stopping every process, since one has exited or failed to start",
+                file=sys.stderr,
+            )
             failed = True
             cluster.stop()
         time.sleep(POLL_INTERVAL_S)
@@ -136,12 +149,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="HAProxy on PORT in front of INSTANCES bluservers on PORT+1 ... PORT+INSTANCES, "
         "in the foreground; Ctrl-C drains and stops them all, a second Ctrl-C at once.",
     )
-    parser.add_argument("-p", "--port", type=int, default=DEFAULT_PORT, help="HAProxy's port (default: %(default)s)")
     parser.add_argument(
-        "-i", "--instances", type=int, default=DEFAULT_INSTANCES, help="bluservers to start (default: %(default)s)"
+        "-p",
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="HAProxy's port (default: %(default)s)",
     )
     parser.add_argument(
-        "-n", "--workers", type=int, default=DEFAULT_WORKERS, help="workers per request (default: %(default)s)"
+        "-i",
+        "--instances",
+        type=int,
+        default=DEFAULT_INSTANCES,
+        help="bluservers to start (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-n",
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="workers per request (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     if args.instances < 1 or args.workers < 1:
@@ -165,11 +192,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_file.write(config)
         config_file.flush()
         for port in ports:
-            cluster.start([sys.executable, "bluserver.py", "-a", HOST, "-p", str(port), "-n", str(args.workers)])
+            cluster.start(
+                [
+                    sys.executable,
+                    "bluserver.py",
+                    "-a",
+                    HOST,
+                    "-p",
+                    str(port),
+                    "-n",
+                    str(args.workers),
+                ]
+            )
         ready = wait_until_ready(cluster, ports, signals)
         if ready:
             cluster.haproxy = cluster.start([haproxy, "-db", "-f", config_file.name])
-            ready = wait_until_ready(cluster, [args.port], signals)  # through HAProxy to an instance
+            ready = wait_until_ready(
+                cluster, [args.port], signals
+            )  # through HAProxy to an instance
         if ready:
             print(f"cluster: HAProxy serving on {HOST}:{args.port} (Ctrl-C stops)", flush=True)
         return supervise(cluster, signals, failed=not ready and not signals)

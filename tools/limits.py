@@ -94,15 +94,18 @@ def stop() -> str:
             server.process.terminate()
             status = server.process.wait(30)
             wait_until(lambda: not session_processes(server.pid), "every process to exit")
-            return (
-                f"exit status {status}, every process gone {time.monotonic() - started:.3f} s after the second SIGTERM"
-            )
+            return f"exit status {status}, every process gone {time.monotonic() - started:.3f} s after the second SIGTERM"
     finally:
         server.cleanup()
 
 
 def main() -> int:
-    for name, measure in [("memory", memory), ("trickle", trickle), ("slow", slow), ("stop", stop)]:
+    for name, measure in [
+        ("memory", memory),
+        ("trickle", trickle),
+        ("slow", slow),
+        ("stop", stop),
+    ]:
         print(f"{name:8} {measure()}", flush=True)
     return 0
 

@@ -93,7 +93,9 @@ class LoadClient:
         return self.receive()
 
     def send(self) -> int:
-        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # a failed connect shows here
+        code = self.sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ERROR
+        )  # a failed connect shows here
         if code:
             raise OSError(code, f"cannot connect: {os.strerror(code)}")
         sent = self.sock.send(self.outgoing)
@@ -103,7 +105,9 @@ class LoadClient:
     def receive(self) -> int:
         chunk = self.sock.recv(CHUNK_BYTES)
         if not chunk:
-            raise ConnectionError(f"connection closed after {len(self.incoming)} bytes of the reply")
+            raise ConnectionError(
+                f"connection closed after {len(self.incoming)} bytes of the reply"
+            )
         self.incoming += chunk
         if len(self.incoming) < HEADER.size:
             return selectors.EVENT_READ
@@ -117,15 +121,17 @@ class LoadClient:
         """Count the reply's lines that differ from the expected results; a wrong count is a failure."""
         results = reply.decode("utf-8").split("\n")
         if results.pop() != "" or len(results) != len(self.expected):
-            self.failure = f"the reply has {len(results)} lines for {len(self.expected)} input lines"
+            self.failure = (
+                f"the reply has {len(results)} lines for {len(self.expected)} input lines"
+            )
             return
-        wrong = [index for index, (got, want) in enumerate(zip(results, self.expected)) if got != want]
+        wrong = [
+            index for index, (got, want) in enumerate(zip(results, self.expected)) if got != want
+        ]
         self.mismatches = len(wrong)
         if wrong:
             first = wrong[0]
-            self.first_mismatch = (
-                f"line {first + 1} {self.lines[first]!r}: got {results[first]!r}, expected {self.expected[first]!r}"
-            )
+            self.first_mismatch = f"line {first + 1} {self.lines[first]!r}: got {results[first]!r}, expected {self.expected[first]!r}"
 
     def problem(self) -> str | None:
         """What went wrong for this client, if anything."""
@@ -162,7 +168,10 @@ def run_clients(clients: Iterable[LoadClient], port: int, timeout_s: float) -> l
 
 
 def start_next(
-    waiting: Iterator[LoadClient], selector: selectors.BaseSelector, port: int, started: list[LoadClient]
+    waiting: Iterator[LoadClient],
+    selector: selectors.BaseSelector,
+    port: int,
+    started: list[LoadClient],
 ) -> None:
     """Connect the next waiting client, if any."""
     load_client = next(waiting, None)
@@ -192,18 +201,25 @@ def step(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> bool:
 def show_problems(clients: Sequence[LoadClient]) -> bool:
     """Print the first clients' problems to stderr; return whether there were any."""
     problems = [
-        f"client {load_client.number}: {load_client.problem()}" for load_client in clients if load_client.problem()
+        f"client {load_client.number}: {load_client.problem()}"
+        for load_client in clients
+        if load_client.problem()
     ]
     for problem in problems[:PROBLEMS_SHOWN]:
         print(f"load: {problem}", file=sys.stderr)
     if len(problems) > PROBLEMS_SHOWN:
-        print(f"load: ... and {len(problems) - PROBLEMS_SHOWN} more clients with problems", file=sys.stderr)
+        print(
+            f"load: ... and {len(problems) - PROBLEMS_SHOWN} more clients with problems",
+            file=sys.stderr,
+        )
     return bool(problems)
 
 
 def load_run(port: int) -> int:
     """CLIENTS clients of LINES_PER_CLIENT lines at once; print the summary line, return the exit status."""
-    clients = [LoadClient(number, *request_lines(number, LINES_PER_CLIENT)) for number in range(CLIENTS)]
+    clients = [
+        LoadClient(number, *request_lines(number, LINES_PER_CLIENT)) for number in range(CLIENTS)
+    ]
     started = time.monotonic()
     run_clients(clients, port, LOAD_TIMEOUT_S)
     seconds = time.monotonic() - started
@@ -227,7 +243,10 @@ def throughput_runs(ports: Sequence[int]) -> int:
     rates: dict[int, list[float]] = {port: [] for port in ports}
     for _ in range(THROUGHPUT_RUNS):
         for port in ports:
-            clients = (LoadClient(number, *requests[number % CONCURRENCY]) for number in range(THROUGHPUT_REQUESTS))
+            clients = (
+                LoadClient(number, *requests[number % CONCURRENCY])
+                for number in range(THROUGHPUT_REQUESTS)
+            )
             started = time.monotonic()
             done = run_clients(clients, port, THROUGHPUT_TIMEOUT_S)
             seconds = time.monotonic() - started
@@ -271,15 +290,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "every reply verified line by line; exit status 1 on any mismatch or failure.",
     )
     parser.add_argument(
-        "-p", "--port", type=int, action="append", dest="ports",
+        "-p",
+        "--port",
+        type=int,
+        action="append",
+        dest="ports",
         help=f"use the server on {HOST}:PORT (default: start one with -n {WORKERS} and stop it after); "
         "--throughput takes several, measured in turn",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--throughput", action="store_true",
+        "--throughput",
+        action="store_true",
         help=f"measure requests per second instead: {THROUGHPUT_RUNS} runs of {THROUGHPUT_REQUESTS:,} requests "
         f"of {THROUGHPUT_LINES} lines, {CONCURRENCY} at a time",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.ports and len(args.ports) > 1 and not args.throughput:
         parser.error("several -p only with --throughput")
@@ -291,7 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with server_ports(args.ports) as ports:
             return throughput_runs(ports) if args.throughput else load_run(ports[0])
-    except (RuntimeError, OSError, AssertionError) as error:  # cannot connect; the server did not start or stop
+    except (
+        RuntimeError,
+        OSError,
+        AssertionError,
+    ) as error:  # cannot connect; the server did not start or stop
         print(f"load: {error}", file=sys.stderr)
         return 1
 

@@ -70,7 +70,9 @@ def stage(staging: Path) -> None:
         shutil.copy2(ROOT / module, staging / module)
     (staging / "__main__.py").write_text(MAIN, encoding="utf-8")
     package = Path(pyparsing.__file__).parent
-    shutil.copytree(package, staging / "pyparsing", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        package, staging / "pyparsing", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     license_file = pyparsing_license(package)
     if license_file is not None:
         shutil.copy2(license_file, staging / "pyparsing-LICENSE")
@@ -95,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where to write the archive (default: dist/bluserver.pyz)",
     )
     output = build(parser.parse_args(argv).output)
-    print(f"make_zipapp: wrote {output} ({output.stat().st_size / 1024:.0f} KiB, pyparsing {pyparsing.__version__})")
+    print(
+        f"make_zipapp: wrote {output} ({output.stat().st_size / 1024:.0f} KiB, pyparsing {pyparsing.__version__})"
+    )
     return 0
 
 
