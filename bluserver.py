@@ -27,49 +27,40 @@ import errno
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
 import socket
 import socketserver
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from functools import partial
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
-from typing import IO, Any
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import worker
-from client import (
-    HEADER,
-    Pace,
-    count_lines,
-    port_number,
-    positive_float,
-    positive_int,
-    recv_exactly,
-    send_frame,
-)
+from client import HEADER, Pace, count_lines, recv_exactly, send_frame
 
-# Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms.
-WORKERS = multiprocessing.get_context("fork")
-ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
-LINGER_S = 2.0  # how long to drain an oversized request so the client can read the reply
-WORKER_FAILED = b"error: worker failed\n"
+LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; closed or reset
+EXCERPT_CHARS = 80  # how much of a rejected line -vv logs
 
 logger = logging.getLogger("bluserver")
 
 
 class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """``events.info("Request served", lines=3)``: one event, its fields, and the request id."""
+    """``events.info("Request served", lines=3)``: one event and its fields, with the request's
+    id when there is one.  logging's own keywords (``exc_info``, ...) keep their meaning."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return msg, {"extra": {"uuid": (self.extra or {}).get("uuid"), "fields": kwargs}}
+        own = {key: kwargs.pop(key) for key in LOGGING_KEYWORDS if key in kwargs}
+        context = dict(self.extra or {})
+        return msg, {**own, "extra": {"context": context, "fields": kwargs}}
+
+
+LOGGING_KEYWORDS = ("exc_info", "stack_info", "stacklevel")
 
 
 class EventFormatter(logging.Formatter):
@@ -80,12 +71,14 @@ class EventFormatter(logging.Formatter):
         self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = {"uuid": record.uuid, "pname": record.processName, "pid": record.process}  # type: ignore[attr-defined]
-        fields.update(event=record.getMessage(), **record.fields)  # type: ignore[attr-defined]
+        fields = getattr(record, "context", {}).copy()  # the request's uuid, in a handler
+        fields.update(pname=record.processName, pid=record.process, event=record.getMessage())
+        fields.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            fields["traceback"] = self.formatException(record.exc_info)
         if self.as_json:
-            return json.dumps(
-                {"time": self.formatTime(record), "level": record.levelname, **fields}, default=str
-            )
+            entry = {"time": self.formatTime(record), "level": record.levelname, **fields}
+            return json.dumps(entry, default=str)
         pairs = " ".join(f"{key}={value!r}" for key, value in fields.items())
         return f"[bluserver] {self.formatTime(record)}: {record.levelname} {pairs}"
 
@@ -103,153 +96,22 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
     return [(start, end) for start, end in zip(cuts, [*cuts[1:], len(payload)]) if start < end]
 
 
-class Slice:
-    """A byte range of whole lines, its worker, and its results so far, spooled to a nameless file
-    (no memory; it vanishes however the process ends).  A rerun starts past the lines answered."""
-
-    def __init__(
-        self, payload: bytearray, bounds: tuple[int, int], reply_limit: int, events: EventLog
-    ) -> None:
-        self.payload, self.bounds, self.reply_limit, self.events = (
-            payload,
-            bounds,
-            reply_limit,
-            events,
-        )
-        self.start, self.end = bounds
-        self.reply_budget = (
-            reply_limit * (self.end - self.start) // len(payload)
-        )  # this slice's share
-        self.results: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by evaluate_in_workers)
-        self.error_lines = self.answered = self.attempts = 0  # answered: lines, in this attempt
-        self.process: BaseProcess | None = None
-        self.conn: Connection | None = None  # the reading end of the worker's Pipe
-        self.heard_at = 0.0  # when the worker last sent something (or started)
-        self.done = False
-
-    def start_worker(self, name: str) -> None:
-        """Start a worker on the lines not yet answered; once out of attempts, fail them."""
-        while self.attempts < ATTEMPTS:
-            self.attempts += 1
-            self.conn, child_conn = WORKERS.Pipe(duplex=False)
-            # The whole buffer and a range, not payload[start:end]: a slice of it would be a copy.
-            args = (
-                child_conn,
-                self.payload,
-                (self.start, self.end),
-                self.reply_budget,
-                self.reply_limit,
-            )
-            self.process = WORKERS.Process(target=worker.run, args=args, name=name)
-            try:
-                self.process.start()
-                self.heard_at, self.answered = time.monotonic(), 0
-                self.events.info(
-                    "Worker started",
-                    worker=name,
-                    worker_pid=self.process.pid,
-                    attempt=self.attempts,
-                )
-                return
-            except OSError as error:  # e.g. EAGAIN: too many processes
-                self.conn.close()
-                self.process, self.conn, reason = None, None, f"cannot start: {error}"
-                self.events.warning(
-                    "Worker failed", worker=name, reason=reason, attempt=self.attempts
-                )
-            finally:
-                child_conn.close()  # so that the worker's death shows here as end of file
-        self.fail_the_rest()
-
-    def receive(self) -> None:
-        """Spool every block the worker has sent so far, up to b"" (done); if it died, rerun the rest."""
-        assert self.conn and self.process, "only a running worker sends"
-        try:
-            while not self.done and self.conn.poll():
-                block = self.conn.recv_bytes()
-                self.heard_at, self.done = time.monotonic(), not block
-                self.results.write(block)
-                self.answered += block.count(b"\n")
-                self.error_lines += block.count(b"error: ")
-                self.reply_budget -= len(block)
-        except (EOFError, OSError):
-            self.retry("died")
-            return
-        if self.done:
-            self.events.info(
-                "Worker finished",
-                worker=self.process.name,
-                lines=self.answered,
-                attempt=self.attempts,
-            )
-
-    def retry(self, reason: str) -> None:
-        """Stop the worker; run the lines it has not answered once more, if attempts are left."""
-        assert self.process, "only a running worker fails"
-        name = self.process.name
-        self.stop_worker()
-        self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
-        for _ in range(self.answered):
-            self.start = self.payload.index(b"\n", self.start) + 1
-        self.start_worker(name)
-
-    def fail_the_rest(self) -> None:
-        """Answer every line not yet answered with an error line."""
-        count = count_lines(self.payload, self.start, self.end)
-        for chunk in range(0, count, 10_000):  # in chunks: the lines may be millions
-            self.results.write(WORKER_FAILED * min(10_000, count - chunk))
-        self.error_lines, self.done = self.error_lines + count, True
-
-    def stop_worker(self) -> None:
-        """Kill the worker unless it has finished its slice, then reap it."""
-        if self.conn and self.process:
-            self.conn.close()
-            if not self.done:
-                self.process.kill()
-            self.process.join()
-        self.process = self.conn = None
-
-
-def await_workers(
-    slices: list[Slice], client: list[socket.socket], worker_timeout_s: float
-) -> None:
-    """Wait for a worker's news or long silence, or the client's hang-up: a reset raises ConnectionResetError
-    (the work is for nobody); end of file is a half-close after sending, and the request is served."""
-    running = {slice_.conn: slice_ for slice_ in slices if slice_.conn and not slice_.done}
-    silent_s = time.monotonic() - min(slice_.heard_at for slice_ in running.values())
-    for ready in wait([*running, *client], timeout=max(0.0, worker_timeout_s - silent_s)):
-        if isinstance(ready, socket.socket):
-            ready.recv(1)
-            client.clear()  # watched until first readable
-    for slice_ in running.values():
-        if not slice_.done:
-            slice_.receive()  # all it has sent, also since the wait ended
-        if not slice_.done and time.monotonic() - slice_.heard_at >= worker_timeout_s:
-            slice_.retry("stuck")
-
-
-@contextlib.contextmanager
-def evaluate_in_workers(
-    payload: bytearray, client: socket.socket, options: argparse.Namespace, events: EventLog
-) -> Iterator[list[Slice]]:
-    """Evaluate payload in workers; yield its slices, results spooled.  Join the workers after the reply."""
-    ranges = slice_bounds(payload, options.workers)
-    slices = [Slice(payload, bounds, options.max_reply_bytes, events) for bounds in ranges]
-    try:
-        for number, slice_ in enumerate(slices, 1):
-            slice_.start_worker(f"worker-{number}")
-        watched_client = [client]
-        while not all(slice_.done for slice_ in slices):
-            await_workers(slices, watched_client, options.worker_timeout_s)
-        yield slices
-    finally:
-        for slice_ in slices:
-            slice_.stop_worker()
-            slice_.results.close()
+def line_excerpt(payload: bytearray, line_start: int) -> str:
+    """The repr of the line at line_start, cut at EXCERPT_CHARS: built from a copy of that
+    many bytes, never of the whole line, which may be 256 MiB."""
+    head = bytes(payload[line_start : line_start + EXCERPT_CHARS])
+    newline = head.find(b"\n")
+    if newline >= 0:  # the whole line is here: its '\n' or '\r\n' is no part of it
+        head = head[:newline].removesuffix(b"\r")
+    return repr(head.decode("utf-8", "surrogateescape"))[:EXCERPT_CHARS]
 
 
 class RequestTooLarge(Exception):
     """A request declared more bytes than --max-bytes allows."""
+
+
+# Why a request is answered with one error line instead of its results.
+REFUSALS = (RequestTooLarge, worker.ReplyTooLarge, worker.ReplyNotStored, worker.OutOfProcesses)
 
 
 class RequestHandler(socketserver.BaseRequestHandler):
@@ -259,7 +121,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def setup(self) -> None:
-        # Own process group: a terminal's Ctrl-C reaches only the server; killpg() ends the workers.
+        # Own process group: a terminal's Ctrl-C reaches only the server, and killpg() ends
+        # the workers.
         os.setpgid(0, 0)
         for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -274,39 +137,46 @@ class RequestHandler(socketserver.BaseRequestHandler):
         self.events.info("Incoming connection", peer=self.client_address)
         try:
             payload = self.receive_request()
-            with evaluate_in_workers(payload, self.request, self.options, self.events) as slices:
-                bytes_out = self.send_reply(slices)
-                if self.events.isEnabledFor(logging.DEBUG):
-                    self.log_rejected_lines(payload, slices)
-        except RequestTooLarge as error:
+            self.evaluate_and_reply(payload, started)
+        except REFUSALS as error:
             self.events.warning("Request refused", reason=str(error))
             self.reply_and_linger(f"error: {error}\n".encode())
-            return
         except CLIENT_FAILURES as error:
             self.events.warning("Client failed", reason=str(error) or "timed out")
-            return
-        error_lines, seconds = (
-            sum(slice_.error_lines for slice_ in slices),
-            round(time.monotonic() - started, 6),
-        )
+
+    def evaluate_and_reply(self, payload: bytearray, started: float) -> None:
+        """Evaluate payload in workers, send the reply, log the request's summary, linger."""
+        ranges = slice_bounds(payload, self.options.workers)
+        with worker.evaluate_in_workers(
+            payload,
+            ranges,
+            self.request,
+            worker_timeout_s=self.options.worker_timeout_s,
+            max_reply_bytes=self.options.max_reply_bytes,
+            events=self.events,
+        ) as slices:
+            bytes_out = self.send_reply(slices)
+            if self.events.isEnabledFor(logging.DEBUG):
+                self.log_rejected_lines(payload, slices)
+        # Logged once the workers are reaped (leaving the with block), so that the summary is last.
         self.events.info(
             "Request served",
             lines=count_lines(payload),
-            error_lines=error_lines,
+            error_lines=sum(slice_.error_lines for slice_ in slices),
             bytes_in=len(payload),
             bytes_out=bytes_out,
             workers=len(slices),
-            seconds=seconds,
+            seconds=round(time.monotonic() - started, 6),
         )
+        self.linger()
 
     def pace(self) -> Pace:
-        """Apache mod_reqtimeout's rule: --client-timeout seconds plus one per --min-rate bytes moved,
-        no wait longer than --client-timeout.  A steady client is served; one that trickles is cut off."""
-        timeout_s, min_rate, started = (
-            self.options.client_timeout_s,
-            self.options.min_rate,
-            time.monotonic(),
-        )
+        """Apache mod_reqtimeout's rule: --client-timeout seconds plus one per --min-rate bytes
+        moved, no wait longer than --client-timeout.  A steady client is served; one that
+        trickles is cut off."""
+        timeout_s = self.options.client_timeout_s
+        min_rate = self.options.min_rate
+        started = time.monotonic()
 
         def before_wait(moved: int) -> None:
             left_s = started + timeout_s + moved / min_rate - time.monotonic()
@@ -321,40 +191,43 @@ class RequestHandler(socketserver.BaseRequestHandler):
         pace = self.pace()
         (size,) = HEADER.unpack(recv_exactly(self.request, HEADER.size, pace))
         if size > self.options.max_bytes:
-            raise RequestTooLarge(
-                f"request too large ({size} bytes, limit {self.options.max_bytes})"
-            )
+            limit = self.options.max_bytes
+            raise RequestTooLarge(f"request too large ({size} bytes, limit {limit})")
         self.events.info("Request announced", bytes=size)
         return recv_exactly(self.request, size, pace)
 
-    def send_reply(self, slices: list[Slice]) -> int:
-        """Send the slices' spooled results as one frame, in order, read as it goes; its length."""
-        length = sum(slice_.results.seek(0, os.SEEK_END) for slice_ in slices)
-        for slice_ in slices:
-            slice_.results.seek(0)
-        spooled = (
-            block
-            for slice_ in slices
-            for block in iter(partial(slice_.results.read, worker.BLOCK_BYTES), b"")
-        )
+    def send_reply(self, slices: list[worker.Slice]) -> int:
+        """Send the slices' spooled results as one frame, in order, read back a block at a
+        time; return its length."""
+        length = sum(slice_.spool.size for slice_ in slices)
+        spooled = (block for slice_ in slices for block in slice_.spool.blocks())
         send_frame(self.request, spooled, length, self.pace())
         return length
 
-    def log_rejected_lines(self, payload: bytearray, slices: list[Slice]) -> None:
-        """One DEBUG event per error line, with a bounded excerpt of the line (-vv only)."""
+    def log_rejected_lines(self, payload: bytearray, slices: list[worker.Slice]) -> None:
+        """One DEBUG event per error line (-vv only), with at most EXCERPT_CHARS of its line:
+        a line may be 256 MiB long, and its log entry is still one short line."""
         for slice_ in slices:
-            slice_.results.seek(0)
-            for line, result in zip(worker.slice_lines(payload, *slice_.bounds), slice_.results):
+            line_start = slice_.first
+            for result in slice_.spool.lines():
                 if result.startswith(b"error: "):
-                    reason = result.decode()[len("error: ") : -1]
-                    self.events.debug("Line rejected", line=repr(line)[:80], reason=reason)
+                    excerpt = line_excerpt(payload, line_start)
+                    reason = result[len(b"error: ") : -1].decode()
+                    self.events.debug("Line rejected", line=excerpt, reason=reason)
+                line_start = payload.find(b"\n", line_start, slice_.end) + 1
 
     def reply_and_linger(self, reply: bytes) -> None:
-        """Send reply, then discard what the client still sends for LINGER_S at most (nginx's lingering
-        close): closing with unread data sends a reset, which can destroy the reply before it is read."""
-        deadline = time.monotonic() + LINGER_S
+        """Send a one-line reply (a refusal), then linger."""
         with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
             send_frame(self.request, [reply])
+        self.linger()
+
+    def linger(self) -> None:
+        """Say we are done (FIN), then read and drop what the client still sends, until it
+        closes or for LINGER_S at most (nginx's lingering close): closing with unread bytes
+        sends a reset, which destroys whatever of the reply the client has not read yet."""
+        deadline = time.monotonic() + LINGER_S
+        with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
             self.request.shutdown(socket.SHUT_WR)
             self.request.settimeout(LINGER_S)
             while time.monotonic() < deadline and self.request.recv(1024 * 1024):
@@ -438,14 +311,45 @@ def serve_until_signalled(server: BluServer) -> None:
     server_events.warning("Server stopped")
 
 
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from low to high."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number {low}-{high}, not {text}")
+        return int(text)
+
+    return parse
+
+
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds from low to high ('inf' and 'nan' are not)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # false for nan
+            raise argparse.ArgumentTypeError(f"must be {low:g}-{high:g} seconds, not {text}")
+        return value
+
+    return parse
+
+
+DAY_S = 86_400.0  # the longest timeout: past it, a timeout is a mistake, not a choice
+MAX_WORKERS = 64  # a fork each: far more than cores only costs time and memory per request
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Evaluate batches of arithmetic expressions sent over TCP, in worker processes.",
+        description="Evaluate batches of arithmetic expressions sent over TCP, in worker "
+        "processes.\nA client sends a request of lines; the reply has one result line per line.",
         epilog="examples:\n"
         "  python bluserver.py                  # localhost:1982, 2 workers per request\n"
         "  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v --log-format json\n"
-        "\nsignals: the first SIGINT (Ctrl-C) or SIGTERM stops accepting, lets requests in flight\n"
-        "finish and exits 0; a second one ends them at once and exits 1.\n"
+        "\nsignals: the first SIGINT (Ctrl-C) or SIGTERM stops accepting, lets requests in\n"
+        "flight finish and exits 0; a second one ends them at once and exits 1.\n"
         "exit status: 1 if the address cannot be used, 2 on bad arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -454,16 +358,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add(
         "-p",
         "--port",
-        type=port_number,
+        type=whole_number(0, 65535),
         default=1982,
         help="TCP port, 0 for any free one (default: %(default)s)",
     )
     add(
         "-n",
         "--workers",
-        type=positive_int,
+        type=whole_number(1, MAX_WORKERS),
         default=2,
-        help="worker processes per request (default: %(default)s)",
+        help=f"most worker processes per request, 1-{MAX_WORKERS} (default: %(default)s)",
     )
     add(
         "-v",
@@ -478,54 +382,60 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="kv",
         help="key=value lines or JSON (default: %(default)s)",
     )
-    limit = parser.add_argument_group(
-        "limits (README.md, 'Limits', says what happens at each)"
-    ).add_argument
-    limit(
+    add_limits(
+        parser.add_argument_group("limits (README.md, 'Limits', says what happens at each)")
+    )
+    return parser.parse_args(argv)
+
+
+def add_limits(group: argparse._ArgumentGroup) -> None:
+    """The options that bound what one client or request can cost."""
+    group.add_argument(
         "--max-bytes",
-        type=positive_int,
+        type=whole_number(1, 2**36),
         default=256 * 2**20,
         metavar="BYTES",
-        help="largest request (256 MiB)",
+        help="largest request; a larger one is refused unread (256 MiB)",
     )
-    limit(
+    group.add_argument(
         "--max-reply-bytes",
-        type=positive_int,
+        type=whole_number(1, 2**40),
         default=2**30,
         metavar="BYTES",
-        help="reply budget (1 GiB)",
+        help="largest reply; a request whose reply would be larger is refused (1 GiB)",
     )
-    limit(
+    group.add_argument(
         "--max-children",
-        type=positive_int,
+        type=whole_number(1, 4096),
         default=16,
         metavar="N",
-        help="requests handled at once (16)",
+        help="requests handled at once; more wait in the listen backlog (16)",
     )
-    limit(
+    group.add_argument(
         "--client-timeout",
         dest="client_timeout_s",
-        type=positive_float,
+        type=seconds(0.1, DAY_S),
         default=30.0,
         metavar="SECONDS",
         help="longest silence of a client, and its initial allowance (30)",
     )
-    limit(
+    group.add_argument(
         "--min-rate",
-        type=positive_int,
+        type=whole_number(1, 2**30),
         default=16384,
         metavar="BYTES_PER_S",
         help="slowest steady transfer, past the allowance (16384)",
     )
-    limit(
+    group.add_argument(
         "--worker-timeout",
         dest="worker_timeout_s",
-        type=positive_float,
+        # At least two report intervals: a working worker is never silent this long.
+        type=seconds(2 * worker.REPORT_INTERVAL_S, DAY_S),
         default=60.0,
         metavar="SECONDS",
-        help="longest silence of a worker (60; workers report every 0.5 s)",
+        help=f"longest silence of a worker, at least {2 * worker.REPORT_INTERVAL_S:g} "
+        f"(60; workers report every {worker.REPORT_INTERVAL_S:g} s)",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -249,3 +249,8 @@ def format_number(value: Number) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         raise EvaluationError(FLOAT_OVERFLOW)
     return str(value)
+
+
+def line_too_long(size_bytes: int) -> str:
+    """The result text for a line of size_bytes bytes, over MAX_LINE_BYTES."""
+    return f"error: line too long ({size_bytes} bytes, limit {MAX_LINE_BYTES})"

@@ -1,78 +1,486 @@
-"""What runs in a worker process: evaluate one slice of a request, report results as they come.
+"""Both ends of a worker: what runs in a worker process, and how its handler supervises it.
 
-``Slice.start_worker`` (bluserver.py) forks ``run`` with the request's buffer, shared
-copy-on-write, and the slice's byte range.  Up its Pipe go result blocks, then b"": done, so
-a worker that dies cannot pass off part of its slice as all of it.  A block goes up at least
-every REPORT_INTERVAL_S: the handler tells a slow worker (reporting) from a stuck one.
+A handler (bluserver.py) cuts its request into slices of whole lines and calls
+``evaluate_in_workers``, which forks one worker process per slice and waits for their
+results::
+
+    handler process                                   worker process
+    ───────────────                                   ──────────────
+    evaluate_in_workers(payload, bounds, ...)
+      Slice.start_worker ── fork, Pipe ─────────────▶ run(sender, payload, start, end)
+      wait() for news, a silent worker, the client      slice_lines: the slice's lines
+      Slice.receive ◀──────── result block ───────────   grammar.evaluate_line, per line
+        └▶ Spool.write (a nameless file)                 a block every BLOCK_BYTES or
+      Slice.receive ◀──────── END_OF_SLICE ───────────   REPORT_INTERVAL_S; then END_OF_SLICE
+    the reply is read back from the spools, in order
+
+The worker reads the request from the memory it shares with its handler (fork copies
+nothing until written), so no byte of the request travels through a pipe.  The handler
+never blocks on a worker: it reads what has arrived, so a worker that is stopped half-way
+through a block, dies, or goes silent costs at most ``--worker-timeout``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import multiprocessing
 import os
+import socket
+import struct
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, NamedTuple, Union
 
-from grammar import MAX_INT_DIGITS, RECURSION_LIMIT, evaluate_line
+import grammar
+from client import count_lines
 
-READ_BYTES = 256 * 1024  # input decoded at once
-BLOCK_BYTES = 256 * 1024  # results sent at once
-REPORT_INTERVAL_S = 0.5  # the longest a worker works without sending what it has
+# Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms.
+PROCESSES = multiprocessing.get_context("fork")
+
+READ_BYTES = 256 * 1024  # how much of the request a worker decodes at once
+BLOCK_BYTES = 256 * 1024  # a worker sends its results at least this many bytes at a time...
+REPORT_INTERVAL_S = 0.5  # ...or after this long, so that its handler can tell slow from stuck
+END_OF_SLICE = b""  # a worker's last message: every line of its slice is answered
+# multiprocessing's framing of one send_bytes() message under 2 GiB: its length, big-endian.
+BLOCK_HEADER = struct.Struct("!i")
+
+ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
+# Waits before trying again to fork a worker when the system is out of processes (EAGAIN).
+START_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+EXIT_GRACE_S = 1.0  # how long a worker that has sent END_OF_SLICE may take to exit
+WORKER_FAILED = b"error: worker failed\n"
 
 
-def run(
-    conn: Connection,
-    payload: bytearray,
-    bounds: tuple[int, int],
-    reply_budget: int,
-    reply_limit: int,
-) -> None:
-    """Evaluate the lines of payload[start:end] and send the results; one that would take the slice
-    past reply_budget bytes (its share of --max-reply-bytes, reply_limit) is an error line instead."""
-    hold_only(conn)
-    too_large = f"error: reply too large (limit {reply_limit} bytes)"
+# --- The worker process. -------------------------------------------------------------------
+
+
+class LineTooLong(NamedTuple):
+    """A line longer than grammar.MAX_LINE_BYTES, judged in bytes and never decoded."""
+
+    size: int  # its bytes, without the line's end
+
+
+Line = Union[str, LineTooLong]
+
+
+def run(sender: Connection, payload: bytearray, start: int, end: int) -> None:
+    """Evaluate the lines of payload[start:end] and send their results up sender, in blocks
+    of whole result lines, then END_OF_SLICE.  Runs in the worker process."""
+    hold_only(sender)
     results: list[str] = []
-    results_bytes, reported_at = 0, time.monotonic()
-    for line in slice_lines(payload, *bounds):
-        result = evaluate_line(line)
-        size = (len(result) if result.isascii() else len(result.encode())) + 1  # '\n' included
-        if size > reply_budget:
-            result, size = too_large, len(too_large) + 1
-        else:
-            reply_budget -= size
-        results.append(result)
-        results_bytes += size
-        if results_bytes >= BLOCK_BYTES or time.monotonic() - reported_at >= REPORT_INTERVAL_S:
-            conn.send_bytes("\n".join(results).encode() + b"\n")
-            results, results_bytes, reported_at = [], 0, time.monotonic()
-    if results:
-        conn.send_bytes("\n".join(results).encode() + b"\n")
-    conn.send_bytes(b"")
+    results_bytes = 0
+    reported_at = time.monotonic()
+    try:
+        for line in slice_lines(payload, start, end):
+            if isinstance(line, LineTooLong):
+                result = grammar.line_too_long(line.size)
+            else:
+                result = grammar.evaluate_line(line)
+            results.append(result)
+            results_bytes += len(result) + 1  # an estimate: a character is at least one byte
+            if results_bytes >= BLOCK_BYTES or time.monotonic() - reported_at >= REPORT_INTERVAL_S:
+                sender.send_bytes(encode_results(results))
+                results = []
+                results_bytes = 0
+                reported_at = time.monotonic()
+        if results:
+            sender.send_bytes(encode_results(results))
+        sender.send_bytes(END_OF_SLICE)
+    except BrokenPipeError:
+        return  # the handler is gone (killed, or it gave up on us): nobody waits for these
 
 
-def hold_only(conn: Connection) -> None:
-    """Close what fork inherited (the client's socket, the server's stdout) but conn and stderr,
-    whose tracebacks are the one clue to why a worker died; set the language's limits."""
-    os.closerange(3, conn.fileno())
-    os.closerange(conn.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+def encode_results(results: list[str]) -> bytes:
+    """Result lines as one block of bytes, each line ended by a newline."""
+    return "\n".join(results).encode() + b"\n"
+
+
+def hold_only(sender: Connection) -> None:
+    """Close what fork inherited (the client's socket, the server's stdout) but sender and
+    stderr, whose tracebacks are the one clue to why a worker died; set the language's limits."""
+    os.closerange(3, sender.fileno())
+    os.closerange(sender.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
     os.dup2(os.open(os.devnull, os.O_RDWR), 0)
     os.dup2(0, 1)
-    sys.setrecursionlimit(RECURSION_LIMIT)
+    # Evaluating nested parentheses recurses: deep enough for any line the grammar accepts.
+    sys.setrecursionlimit(grammar.RECURSION_LIMIT)
     if hasattr(sys, "set_int_max_str_digits"):  # Python 3.11+, 3.10.7+, 3.9.14+
-        sys.set_int_max_str_digits(MAX_INT_DIGITS)  # whatever PYTHONINTMAXSTRDIGITS says
+        # The language's limit, set here so that PYTHONINTMAXSTRDIGITS cannot change it.
+        sys.set_int_max_str_digits(grammar.MAX_INT_DIGITS)
 
 
-def slice_lines(payload: bytearray, start: int, end: int) -> Iterator[str]:
-    """The lines of payload[start:end] as text, decoded READ_BYTES of whole lines at a time.
-    '\\r\\n' ends a line as '\\n' does; a final newline is optional.  A byte that is not UTF-8
-    becomes a lone surrogate, which grammar.evaluate_line answers with 'not valid UTF-8'."""
+def slice_lines(payload: bytearray, start: int, end: int) -> Iterator[Line]:
+    """The lines of payload[start:end]: text, or LineTooLong for a line over MAX_LINE_BYTES.
+
+    The lines are decoded a run of about READ_BYTES of whole lines at a time.  A line too long
+    to evaluate is judged by its bytes and skipped, never copied or decoded: a 100 MiB line
+    costs a search for its end, not 400 MiB of text.  '\\r\\n' ends a line as '\\n' does; a
+    final newline is optional.  A byte that is not UTF-8 becomes a lone surrogate, which
+    grammar.evaluate_line answers with 'not valid UTF-8'.
+    """
     while start < end:
-        # From one byte before the nominal end: a run of READ_BYTES ending in '\n' ends there.
-        newline = payload.find(b"\n", min(start + READ_BYTES, end) - 1, end)
+        run_end = min(start + READ_BYTES, end)
+        # The run ends with the line that crosses run_end (from one byte before it: a line
+        # ending exactly at run_end is that line).
+        newline = payload.find(b"\n", run_end - 1, end)
         stop = end if newline < 0 else newline + 1
-        text = (
-            bytes(payload[start:stop]).replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape")
-        )
-        yield from (text[:-1] if newline >= 0 else text).split("\n")
+        last_line_start = payload.rfind(b"\n", start, run_end - 1) + 1
+        last_line_start = max(last_line_start, start)
+        last_line_bytes = line_size(payload, last_line_start, stop)
+        if last_line_bytes > grammar.MAX_LINE_BYTES:
+            yield from decode_lines(payload, start, last_line_start)
+            yield LineTooLong(last_line_bytes)
+        else:
+            yield from decode_lines(payload, start, stop)
         start = stop
+
+
+def line_size(payload: bytearray, start: int, stop: int) -> int:
+    """The bytes of the line payload[start:stop], without its '\\n' or '\\r\\n'."""
+    if payload.endswith(b"\n", start, stop):
+        stop -= 1
+        if payload.endswith(b"\r", start, stop):
+            stop -= 1
+    return stop - start
+
+
+def decode_lines(payload: bytearray, start: int, stop: int) -> Iterator[str]:
+    """The lines of payload[start:stop], a run of whole lines, as text."""
+    if start == stop:
+        return
+    text = bytes(payload[start:stop]).replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape")
+    if text.endswith("\n"):
+        text = text[:-1]
+    yield from text.split("\n")
+
+
+# --- The handler's end: supervising the workers of one request. ----------------------------
+
+
+class ReplyTooLarge(Exception):
+    """The results of a request would exceed --max-reply-bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"reply too large (limit {limit} bytes)")
+
+
+class ReplyNotStored(Exception):
+    """A spool could not be created or written: the disk is full, or a file size limit hit."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"server could not store the reply ({error.strerror or error})")
+
+
+class OutOfProcesses(Exception):
+    """A worker could not be forked, even after waiting: the system is out of processes."""
+
+    def __init__(self, error: OSError) -> None:
+        reason = error.strerror or error
+        super().__init__(f"server out of processes ({reason}); try again later")
+
+
+class ReplyBudget:
+    """What is left of --max-reply-bytes for a whole reply, shared by the request's slices:
+    a reply that would exceed it is refused whole, so that nothing past the limit is spooled."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def spend(self, size: int) -> None:
+        """Take size bytes from the budget; raise ReplyTooLarge if they are not there."""
+        if size > self.left:
+            raise ReplyTooLarge(self.limit)
+        self.left -= size
+
+
+class Spool:
+    """Results on disk, in a temporary file with no name: it costs no memory, and it vanishes
+    however its process ends.  Unbuffered: a failed write leaves nothing behind to flush."""
+
+    def __init__(self) -> None:
+        try:
+            self.file = tempfile.TemporaryFile(buffering=0)
+        except OSError as error:
+            raise ReplyNotStored(error) from None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append data; raise ReplyNotStored if the disk will not take all of it."""
+        unwritten = memoryview(data)
+        try:
+            while unwritten:
+                written = self.file.write(unwritten)
+                unwritten = unwritten[written:]
+        except OSError as error:  # ENOSPC, or EFBIG past RLIMIT_FSIZE
+            raise ReplyNotStored(error) from None
+        self.size += len(data)
+
+    def blocks(self) -> Iterator[bytes]:
+        """Everything written, from the start, a block at a time."""
+        self.file.seek(0)
+        while True:
+            block = self.file.read(BLOCK_BYTES)
+            if not block:
+                return
+            yield block
+
+    def lines(self) -> Iterator[bytes]:
+        """Everything written, from the start, a line at a time (for -vv's log)."""
+        self.file.seek(0)
+        with open(self.file.fileno(), "rb", closefd=False) as buffered:
+            yield from buffered
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Slice:
+    """A range of whole lines of the request, the worker evaluating it, and its results.
+
+    Invariants, whatever happens to the worker:
+    - ``spool`` holds one result line for each line of payload[first:start], then one for each
+      of the first ``answered`` lines of payload[start:end], in order;
+    - a worker evaluates payload[start:end]: a new attempt starts past the lines answered;
+    - ``finished`` once the spool holds a result line for every line of payload[first:end].
+    """
+
+    def __init__(
+        self,
+        payload: bytearray,
+        bounds: tuple[int, int],
+        budget: ReplyBudget,
+        events: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.payload = payload
+        self.first = bounds[0]
+        self.start = bounds[0]
+        self.end = bounds[1]
+        self.budget = budget
+        self.events = events
+        self.spool = Spool()
+        self.answered = 0  # lines answered by the current attempt
+        self.attempts = 0
+        self.error_lines = 0
+        self.finished = False
+        self.process: BaseProcess | None = None
+        self.receiver: Connection | None = None  # the handler's end of the worker's Pipe
+        self.unread = bytearray()  # what the worker sent that is not yet a whole block
+        self.heard_at = 0.0  # when the worker last sent something, or started
+
+    @property
+    def name(self) -> str:
+        return self.process.name if self.process else "worker"
+
+    def start_worker(self, name: str) -> None:
+        """Fork a worker on the lines not yet answered; once out of attempts, fail them."""
+        if self.attempts == ATTEMPTS:
+            self.fail_the_rest()
+            return
+        self.attempts += 1
+        receiver, sender = PROCESSES.Pipe(duplex=False)
+        args = (sender, self.payload, self.start, self.end)
+        self.process = PROCESSES.Process(target=run, args=args, name=name)
+        try:
+            self.fork_with_backoff(name)
+        except OutOfProcesses:
+            receiver.close()
+            raise
+        finally:
+            sender.close()  # the worker's copy only: its death shows here as end of file
+        os.set_blocking(receiver.fileno(), False)  # never wait for a block's missing part
+        self.receiver = receiver
+        self.answered = 0
+        self.unread.clear()
+        self.heard_at = time.monotonic()
+        pid = self.process.pid
+        self.events.info("Worker started", worker=name, worker_pid=pid, attempt=self.attempts)
+
+    def fork_with_backoff(self, name: str) -> None:
+        """Start self.process; while fork fails (EAGAIN: out of processes), wait and try again.
+        Raise OutOfProcesses if it still fails after the last wait."""
+        assert self.process, "a process to start"
+        for wait_s in (*START_BACKOFF_S, None):
+            try:
+                self.process.start()
+                return
+            except OSError as error:
+                if wait_s is None:
+                    self.process = None
+                    raise OutOfProcesses(error) from None
+                self.events.warning(
+                    "Worker not started", worker=name, reason=str(error), retry_s=wait_s
+                )
+                time.sleep(wait_s)  # a pause for the system, not a wait for a condition
+
+    def receive(self) -> None:
+        """Spool every whole block the worker has sent, without waiting for more; on its
+        END_OF_SLICE the slice is finished; if it died, the lines it did not answer run again."""
+        assert self.receiver, "only a running worker sends"
+        closed = self.read_available()
+        for block in self.whole_blocks():
+            if block == END_OF_SLICE:
+                self.events.info(
+                    "Worker finished", worker=self.name, lines=self.answered, attempt=self.attempts
+                )
+                self.finished = True
+                return
+            self.budget.spend(len(block))
+            self.spool.write(block)
+            self.answered += block.count(b"\n")
+            self.error_lines += block.count(b"error: ")
+        if closed:
+            self.retry("died")
+
+    def read_available(self) -> bool:
+        """Move what has arrived from the worker into self.unread; True if the worker has
+        closed its end (it exited or died) and all it sent has been read."""
+        assert self.receiver, "only a running worker sends"
+        while True:
+            try:
+                data = os.read(self.receiver.fileno(), BLOCK_BYTES)
+            except BlockingIOError:
+                return False
+            if not data:
+                return True
+            self.unread += data
+            self.heard_at = time.monotonic()
+
+    def whole_blocks(self) -> Iterator[bytes]:
+        """The whole blocks at the front of self.unread, taken out of it."""
+        while len(self.unread) >= BLOCK_HEADER.size:
+            (size,) = BLOCK_HEADER.unpack_from(self.unread)
+            end = BLOCK_HEADER.size + size
+            if len(self.unread) < end:
+                return
+            block = bytes(self.unread[BLOCK_HEADER.size : end])
+            del self.unread[:end]
+            yield block
+
+    def is_stuck(self, worker_timeout_s: float) -> bool:
+        """True if the worker has sent nothing for worker_timeout_s seconds."""
+        return time.monotonic() - self.heard_at >= worker_timeout_s
+
+    def retry(self, reason: str) -> None:
+        """Stop the worker; run the lines it has not answered once more, if attempts are left."""
+        name = self.name
+        self.stop_worker()
+        self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
+        self.start = self.skip_lines(self.start, self.answered)
+        self.answered = 0
+        if self.start == self.end:  # it answered every line, and died before saying so
+            self.finished = True
+            return
+        self.start_worker(name)
+
+    def skip_lines(self, offset: int, count: int) -> int:
+        """The offset count lines past offset; at most self.end (the last line may have no
+        newline)."""
+        for _ in range(count):
+            newline = self.payload.find(b"\n", offset, self.end)
+            if newline < 0:
+                return self.end
+            offset = newline + 1
+        return offset
+
+    def fail_the_rest(self) -> None:
+        """Answer every line not yet answered with an error line."""
+        count = count_lines(self.payload, self.start, self.end)
+        # In pieces: the lines may be millions.
+        for done in range(0, count, 10_000):
+            lines = min(10_000, count - done)
+            self.budget.spend(lines * len(WORKER_FAILED))
+            self.spool.write(WORKER_FAILED * lines)
+        self.error_lines += count
+        self.start = self.end
+        self.finished = True
+
+    def stop_worker(self) -> None:
+        """End the worker and reap it: a finished one is given EXIT_GRACE_S to exit on its own
+        (a killed one loses what coverage and the like write at exit); others are killed."""
+        if self.receiver:
+            self.receiver.close()
+            self.receiver = None
+        if self.process and self.process.pid:
+            if self.finished:
+                self.process.join(EXIT_GRACE_S)
+            # SIGKILL also ends a stopped process (SIGSTOP, a debugger), where SIGTERM waits.
+            self.process.kill()
+            self.process.join()
+        self.process = None
+
+
+class ClientWatch:
+    """The client's connection while its request is evaluated: stray bytes it sends after the
+    request are read and dropped (unread, they would make close() reset the connection and cut
+    the reply); a reset raises ConnectionResetError, which cancels the work; end of file is a
+    half-close after sending, and the request is still served."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.open = True
+
+    def sockets(self) -> list[socket.socket]:
+        return [self.sock] if self.open else []
+
+    def drain(self) -> None:
+        """Read what the client has sent (it is readable): drop it, or note its half-close."""
+        if not self.sock.recv(1024 * 1024):
+            self.open = False
+
+
+@contextlib.contextmanager
+def evaluate_in_workers(
+    payload: bytearray,
+    ranges: list[tuple[int, int]],
+    client: socket.socket,
+    *,
+    worker_timeout_s: float,
+    max_reply_bytes: int,
+    events: logging.LoggerAdapter[logging.Logger],
+) -> Iterator[list[Slice]]:
+    """Evaluate each range of payload in a worker; yield the slices, their results spooled.
+
+    Raises ReplyTooLarge,
+    ReplyNotStored, OutOfProcesses, or what the client's socket raises (a reset).  The
+    workers are stopped and reaped, and the spools closed, when the with block ends: after
+    the reply is sent, so that reaping them never delays it.
+    """
+    budget = ReplyBudget(max_reply_bytes)
+    slices: list[Slice] = []
+    try:
+        for number, bounds in enumerate(ranges, 1):
+            slices.append(Slice(payload, bounds, budget, events))
+            slices[-1].start_worker(f"worker-{number}")
+        watch = ClientWatch(client)
+        while not all(slice_.finished for slice_ in slices):
+            await_workers(slices, watch, worker_timeout_s)
+        yield slices
+    finally:
+        for slice_ in slices:
+            slice_.stop_worker()
+            slice_.spool.close()
+
+
+def await_workers(slices: list[Slice], watch: ClientWatch, worker_timeout_s: float) -> None:
+    """One turn of the handler's loop: wait, at most until the longest-silent worker would be
+    stuck, for news from any worker or the client (wait() takes pipes and sockets alike), then
+    take what each worker has sent and replace a worker silent for worker_timeout_s."""
+    running = [slice_ for slice_ in slices if not slice_.finished]
+    oldest_news = min(slice_.heard_at for slice_ in running)
+    timeout_s = max(0.0, oldest_news + worker_timeout_s - time.monotonic())
+    receivers: list[Any] = [slice_.receiver for slice_ in running]
+    ready = wait(receivers + watch.sockets(), timeout=timeout_s)
+    if watch.sock in ready:
+        watch.drain()
+    for slice_ in running:
+        if slice_.finished:
+            continue
+        slice_.receive()  # all it has sent, also since the wait ended
+        if not slice_.finished and slice_.is_stuck(worker_timeout_s):
+            slice_.retry("stuck")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import time
 from multiprocessing import popen_fork
@@ -62,6 +63,13 @@ def failing_worker_starts(times: str) -> None:
         launch(self, process_object)  # type: ignore[arg-type]
 
     popen_fork.Popen._launch = failing_launch  # type: ignore[method-assign]
+
+
+def file_size_limit(size: str) -> None:
+    """The server and its children may write no file past size bytes (RLIMIT_FSIZE): a spool
+    write past it fails with EFBIG, as on a full disk.  The server's logs go to the test's files:
+    keep them short."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), int(size)))
 
 
 def gated_handlers(path: str) -> None:

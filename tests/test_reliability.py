@@ -153,13 +153,36 @@ def test_announced_length_reserves_no_memory_before_the_bytes_arrive(
 # --- Replies larger than the request. -----------------------------------------------------------
 
 
-def test_lines_past_the_reply_budget_are_answered_with_an_error_line(
-    start_server: StartServer,
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"10 ** 4000\n" * 30 + b"1 + 1\n",
+        # Only 30 results are large, but 2,000,000 empty lines are 2,000,000 bytes of reply.
+        b"9 ** 4300\n" * 30 + b"\n" * 2_000_000,
+    ],
+    ids=["large-results", "many-small-results"],
+)
+def test_request_whose_reply_would_exceed_the_reply_limit_is_refused_whole_in_one_line(
+    start_server: StartServer, payload: bytes
 ) -> None:
-    server = start_server("-n", "1", "--max-reply-bytes", "20000")
-    value = b"1" + b"0" * 4000 + b"\n"  # 4,002 bytes: four fit in 20,000, a fifth does not
-    reply = server.request(b"10 ** 4000\n" * 6 + b"1 + 1\n")
-    assert reply == value * 4 + b"error: reply too large (limit 20000 bytes)\n" * 2 + b"2\n"
+    server = start_server(*LOG, "-n", "2", "--max-reply-bytes", "100000", "--max-bytes", "3000000")
+    assert server.request(payload) == b"error: reply too large (limit 100000 bytes)\n"
+    refused = server.wait_for_event("Request refused")
+    assert refused["reason"] == "reply too large (limit 100000 bytes)"
+    assert server.events("Request served") == []
+
+
+def test_reply_of_exactly_the_reply_limit_is_served(start_server: StartServer) -> None:
+    server = start_server("--max-reply-bytes", "6")
+    assert server.request(b"1 + 1\n2 + 2\n3 + 3") == b"2\n4\n6\n"
+
+
+def test_a_refused_reply_spools_no_more_than_the_reply_limit(start_server: StartServer) -> None:
+    # The server may write no file past 1,000,000 bytes: a spool that outgrew --max-reply-bytes
+    # would fail to be written, and the reply would say "could not store" instead.
+    server = start_server("--max-reply-bytes", "1000000", faults=["file_size_limit:1000000"])
+    reply = server.request(b"\n" * 3_000_000)
+    assert reply == b"error: reply too large (limit 1000000 bytes)\n"
 
 
 def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_held_in_memory(
@@ -359,22 +382,31 @@ def test_worker_failing_twice_fails_only_its_unanswered_lines(
     assert [event["attempt"] for event in server.events("Worker failed")] == [1, 2]
 
 
-@pytest.mark.parametrize(("failures", "reply"), [(1, b"2\n6\n"), (2, WORKER_FAILED * 2)])
-def test_worker_that_cannot_be_started_is_tried_again_and_the_reply_is_complete(
+OUT_OF_PROCESSES = f"server out of processes ({os.strerror(errno.EAGAIN)}); try again later"
+
+
+@pytest.mark.parametrize(
+    ("failures", "reply"),
+    [(1, b"2\n6\n"), (5, b"2\n6\n"), (6, f"error: {OUT_OF_PROCESSES}\n".encode())],
+    ids=["once", "until-the-last-try", "always"],
+)
+def test_worker_that_cannot_be_started_is_tried_again_after_a_pause_then_the_request_refused(
     start_server: StartServer, failures: int, reply: bytes
 ) -> None:
     server = start_server(*LOG, "-n", "1", faults=[f"failing_worker_starts:{failures}"])
     assert server.request(b"1 + 1\n2 * 3\n") == reply
-    assert [event["reason"] for event in server.events("Worker failed")] == [
-        f"cannot start: [Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"
-    ] * failures
+    not_started = server.events("Worker not started")
+    assert [event["reason"] for event in not_started] == [
+        f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"
+    ] * min(failures, 5)
+    assert server.events("Worker failed") == []
     assert "Traceback" not in server.stderr()
 
 
 def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
     start_server: StartServer, tmp_path: Path
 ) -> None:
-    server = start_server(*LOG, "-n", "1", "--worker-timeout", "0.5", **SCRIPTED)
+    server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
     path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
     with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n".encode()])
@@ -387,9 +419,8 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
             lambda: process_state(started["worker_pid"]) in ("Z", "gone"),
             "the worker to send all and exit",
         )
-        time.sleep(
-            0.75
-        )  # not synchronisation: makes the handler's last news of the worker older than 0.5 s
+        # Not synchronisation: makes the handler's last news of the worker older than 1 s.
+        time.sleep(1.25)
         os.kill(started["pid"], signal.SIGCONT)
         assert recv_frame(sock) == b"released\n"
     server.wait_for_event("Request served")
