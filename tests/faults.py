@@ -10,7 +10,7 @@ import os
 import resource
 import signal
 import time
-from multiprocessing import popen_fork
+from multiprocessing import connection, popen_fork
 
 import grammar
 
@@ -70,6 +70,18 @@ def file_size_limit(size: str) -> None:
     write past it fails with EFBIG, as on a full disk.  The server's logs go to the test's files:
     keep them short."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), int(size)))
+
+
+def dying_before_end_of_slice(_: str) -> None:
+    """A worker exits after it has sent all its results, before it says it is done."""
+    send_bytes = connection.Connection.send_bytes
+
+    def send_or_die(self: connection.Connection, block: bytes, *args: int) -> None:
+        if not block:  # worker.END_OF_SLICE
+            os._exit(1)
+        send_bytes(self, block, *args)
+
+    connection.Connection.send_bytes = send_or_die  # type: ignore[method-assign]
 
 
 def gated_handlers(path: str) -> None:

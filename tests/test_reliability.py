@@ -56,6 +56,19 @@ def proc_status(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for process {pid}")
 
 
+def proc_peak_kib(pid: int) -> int:
+    """The peak resident memory of a live process (VmHWM), in KiB."""
+    return proc_status(pid, "VmHWM")
+
+
+def wchan(pid: int) -> str:
+    """Where in the kernel a process sleeps: 'pipe_write' while it waits to write a full pipe."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "gone"
+
+
 def process_state(pid: int) -> str:
     return next((row.state for row in process_table() if row.pid == pid), "gone")
 
@@ -207,6 +220,42 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
     assert peak_kib < 40 * 1024, f"the handler's peak RSS was {peak_kib} KiB for a 40 MB reply"
 
 
+def test_a_100_mib_line_costs_its_bytes_not_their_text(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # One 4-byte character makes a decoded line 4 bytes a character: decoding this line would
+    # cost 400 MiB.  Logging it (-vv) must not copy it either.
+    line = b"1" * (100 * 2**20) + "\U0001f600".encode()
+    gate = tmp_path / "gate"  # holds the worker, once past the line, for its peak to be read
+    payload = line + f"\ngate {gate}\n".encode()
+    server = start_server(
+        "-vv", "--log-format", "json", "-n", "1", "--max-bytes", str(2**30), **SCRIPTED
+    )
+    with server.connect() as sock:
+        send_frame(sock, [payload])
+        started = server.wait_for_event("Worker started")
+        wait_until((tmp_path / "gate.waiting").exists, "the worker to pass the long line")
+        peak_kib = max(proc_peak_kib(started["pid"]), proc_peak_kib(started["worker_pid"]))
+        release(gate)
+        reply = recv_frame(sock)
+    assert reply == f"error: line too long ({len(line)} bytes, limit 10000)\nreleased\n".encode()
+    assert peak_kib < 1.5 * len(payload) / 1024, f"peak RSS {peak_kib} KiB"
+    assert server.wait_for_event("Line rejected")["line"] == repr("1" * 80)[:80]
+
+
+def test_a_spool_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serving(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, faults=["file_size_limit:1048576"])
+    reply = server.request(b"10 ** 4000\n" * 1000)  # 4 MB of results
+    assert reply == b"error: server could not store the reply (File too large)\n"
+    [refused] = server.events("Request refused")
+    assert (refused["level"], refused["reason"]) == ("WARNING", reply[7:-1].decode())
+    assert server.events("Worker failed") == []
+    assert server.request(b"6 * 7\n") == b"42\n"
+    assert "Traceback" not in server.stderr()
+
+
 # --- Clients that are idle, slow, trickling, or leave. -------------------------------------------
 
 
@@ -341,6 +390,36 @@ def test_client_resetting_during_evaluation_ends_its_handler_and_workers(
     )
 
 
+@pytest.mark.parametrize("stray", [b"\r\n", HEADER.pack(6) + b"1 + 1\n"], ids=["crlf", "second"])
+def test_bytes_after_the_request_never_cut_the_reply(
+    start_server: StartServer, stray: bytes
+) -> None:
+    server = start_server()
+    payload = b"10 ** 1000\n" * 1000  # a 1 MB reply: it fits in the socket buffers
+    with server.connect() as sock:
+        send_frame(sock, [payload])
+        sock.sendall(stray)
+        # The reply is read only once the handler has closed the connection: unread bytes at
+        # its close() would have reset the connection, and the reply with it.
+        server.wait_until_idle()
+        assert recv_frame(sock) == (b"1" + b"0" * 1000 + b"\n") * 1000
+
+
+def test_client_resetting_after_stray_bytes_still_ends_its_handler_and_workers(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server(*LOG, **SCRIPTED)
+    sock = server.connect()
+    send_frame(sock, [f"gate {tmp_path / 'gate'}\n1 + 1\n".encode()])
+    sock.sendall(b"stray")
+    server.wait_for_event("Worker started", worker="worker-2")
+    reset(sock)
+    server.wait_until_idle()
+    assert server.wait_for_event("Client failed")["reason"].startswith(
+        f"[Errno {errno.ECONNRESET}]"
+    )
+
+
 # --- Workers that are slow, hang, die or cannot start. ---------------------------------------------
 
 
@@ -425,6 +504,53 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
         assert recv_frame(sock) == b"released\n"
     server.wait_for_event("Request served")
     assert server.events("Worker failed") == []
+
+
+def test_worker_stopped_half_way_through_a_block_is_replaced_not_waited_for(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
+    gate = tmp_path / "gate"
+    # 70 results of 4,001 digits make one block of 280 KB: more than a pipe holds (64 KiB).
+    payload = f"gate {gate}\n".encode() + b"10 ** 4000\n" * 70
+    with server.connect() as sock:
+        send_frame(sock, [payload])
+        started = server.wait_for_event("Worker started")
+        wait_until((tmp_path / "gate.waiting").exists, "the worker to reach the gate")
+        os.kill(started["pid"], signal.SIGSTOP)  # the handler reads nothing for now
+        release(gate)
+        worker = started["worker_pid"]
+        wait_until(lambda: "pipe_write" in wchan(worker), "the worker to fill its pipe")
+        os.kill(worker, signal.SIGSTOP)  # half-way through its block
+        os.kill(started["pid"], signal.SIGCONT)
+        assert recv_frame(sock) == b"released\n" + (b"1" + b"0" * 4000 + b"\n") * 70
+    assert server.wait_for_event("Worker failed")["reason"] == "stuck"
+
+
+@pytest.mark.parametrize("last_newline", [b"", b"\n"], ids=["last-line-unended", "ended"])
+def test_worker_lost_after_its_last_result_leaves_a_complete_reply(
+    start_server: StartServer, last_newline: bytes
+) -> None:
+    server = start_server(*LOG, "-n", "1", faults=["dying_before_end_of_slice"])
+    assert server.request(b"1 + 1\n2 * 3" + last_newline) == b"2\n6\n"
+    served = server.wait_for_event("Request served")
+    assert (served["lines"], served["error_lines"]) == (2, 0)
+    assert "Traceback" not in server.stderr()
+
+
+def test_workers_of_a_killed_handler_exit_without_a_traceback(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server(*LOG, "-n", "1", "--max-reply-bytes", str(2**40), **SCRIPTED)
+    gate = tmp_path / "gate"
+    with server.connect():
+        send_frame(server.connect(), [f"gate {gate}\n".encode() + b"10 ** 4000\n" * 200])
+        started = server.wait_for_event("Worker started")
+        wait_until((tmp_path / "gate.waiting").exists, "the worker to reach the gate")
+        os.kill(started["pid"], signal.SIGKILL)  # the handler, as the OOM killer would
+        release(gate)
+        wait_until(lambda: process_state(started["worker_pid"]) == "gone", "the worker to exit")
+    assert "Traceback" not in server.stderr()
 
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])

@@ -1,0 +1,179 @@
+"""worker.py in unit form: how a worker reads its slice's lines, and how a handler's Slice
+keeps its invariants in every state a worker can leave it in.
+
+The Slice tests fork real workers through real Pipes, but each worker runs a script instead of
+``worker.run``: it sends the messages the test names (result blocks, END_OF_SLICE) and then
+exits, or dies, as a real worker might at any point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Callable
+
+import pytest
+
+import bluserver
+import grammar
+import worker
+
+EVENTS = bluserver.EventLog(logging.getLogger("test_worker"), {})
+LIMIT = grammar.MAX_LINE_BYTES
+RUN = worker.READ_BYTES
+
+
+# --- slice_lines: a slice's bytes to lines. ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "lines"),
+    [
+        (b"1\n2\n", ["1", "2"]),
+        (b"1\n2", ["1", "2"]),
+        (b"1\r\n2\r\n", ["1", "2"]),
+        (b"\n\n", ["", ""]),
+        (b"1 + \xff\n", ["1 + \udcff"]),
+        (b"x" * LIMIT + b"\n1", ["x" * LIMIT, "1"]),
+        (b"x" * LIMIT + b"\r\n1", ["x" * LIMIT, "1"]),
+        # A line within a run is decoded, and grammar.evaluate_line measures it; one longer
+        # than a run is measured in bytes here, and never decoded.
+        (b"x" * (LIMIT + 1) + b"\n1", ["x" * (LIMIT + 1), "1"]),
+        (b"x" * (RUN + 1) + b"\r\n1", [worker.LineTooLong(RUN + 1), "1"]),
+        (b"1\n" + b"x" * (RUN + 1), ["1", worker.LineTooLong(RUN + 1)]),
+    ],
+    ids=[
+        "ended",
+        "last-unended",
+        "crlf",
+        "blank",
+        "not-utf8",
+        "at-limit",
+        "at-limit-crlf",
+        "over-limit",
+        "over-a-run-crlf",
+        "over-a-run-last",
+    ],
+)
+def test_slice_lines_examples(payload: bytes, lines: list[worker.Line]) -> None:
+    assert list(worker.slice_lines(bytearray(payload), 0, len(payload))) == lines
+
+
+def test_a_line_longer_than_a_run_is_judged_by_its_bytes_and_never_decoded() -> None:
+    long_line = b"1" * (3 * worker.READ_BYTES) + b"\xff"  # not UTF-8: decoding would show it
+    payload = bytearray(b"1\n" * 1000 + long_line + b"\n2\n")
+    lines = list(worker.slice_lines(payload, 0, len(payload)))
+    assert lines == ["1"] * 1000 + [worker.LineTooLong(len(long_line)), "2"]
+
+
+def test_slice_lines_reads_only_its_range() -> None:
+    payload = bytearray(b"1\n2\n3\n4\n")
+    assert list(worker.slice_lines(payload, 2, 6)) == ["2", "3"]
+
+
+# --- Slice: what a handler keeps of a worker, whatever the worker does. --------------------------
+
+
+Script = Sequence[bytes]  # the messages a scripted worker sends, in order
+
+
+def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
+    """A stand-in for worker.run: the worker for the range starting at offset sends the messages
+    scripts[offset], then exits without another word (as if it died)."""
+
+    def run(sender: Connection, payload: bytearray, start: int, end: int) -> None:
+        for message in scripts[start]:
+            sender.send_bytes(message)
+        os._exit(0)
+
+    return run
+
+
+MakeSlice = Callable[..., worker.Slice]
+
+
+@pytest.fixture
+def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
+    """make_slice(payload, scripts) -> a Slice over all of payload, its worker started."""
+    slices: list[worker.Slice] = []
+
+    def make(payload: bytes, scripts: dict[int, Script], limit: int = 2**20) -> worker.Slice:
+        monkeypatch.setattr(worker, "run", scripted_workers(scripts))
+        slice_ = worker.Slice(
+            bytearray(payload), (0, len(payload)), worker.ReplyBudget(limit), EVENTS
+        )
+        slices.append(slice_)
+        slice_.start_worker("worker-1")
+        return slice_
+
+    yield make
+    for slice_ in slices:
+        slice_.stop_worker()
+        slice_.spool.close()
+
+
+def run_to_the_end(slice_: worker.Slice) -> bytes:
+    """Receive until the slice is finished (no worker here is ever stuck); its spooled results."""
+    deadline = time.monotonic() + 10
+    while not slice_.finished:
+        assert time.monotonic() < deadline, "the slice never finished"
+        assert slice_.receiver
+        wait([slice_.receiver], timeout=1)
+        slice_.receive()
+    return b"".join(slice_.spool.blocks())
+
+
+def test_a_worker_that_says_it_is_done_finishes_its_slice(make_slice: MakeSlice) -> None:
+    slice_ = make_slice(b"1\n2\n", {0: [b"1\n2\n", worker.END_OF_SLICE]})
+    assert run_to_the_end(slice_) == b"1\n2\n"
+    assert slice_.attempts == 1
+
+
+def test_lines_a_dead_worker_did_not_answer_are_run_again_and_only_those(
+    make_slice: MakeSlice,
+) -> None:
+    scripts = {0: [b"r1\n"], 2: [b"r2\nr3\n", worker.END_OF_SLICE]}  # the rerun starts at "2"
+    slice_ = make_slice(b"1\n2\n3", scripts)
+    assert run_to_the_end(slice_) == b"r1\nr2\nr3\n"
+    assert slice_.attempts == 2
+
+
+def test_a_block_cut_short_is_left_unread_until_it_is_whole() -> None:
+    slice_ = worker.Slice(bytearray(b"1\n2\n"), (0, 4), worker.ReplyBudget(100), EVENTS)
+    second = worker.BLOCK_HEADER.pack(3) + b"r2\n"
+    # What a worker stopped half-way through its second block has sent.
+    slice_.unread += worker.BLOCK_HEADER.pack(3) + b"r1\n" + second[:5]
+    assert list(slice_.whole_blocks()) == [b"r1\n"]
+    assert slice_.unread == second[:5]
+    slice_.unread += second[5:]
+    assert list(slice_.whole_blocks()) == [b"r2\n"]
+    slice_.spool.close()
+
+
+@pytest.mark.parametrize("payload", [b"1\n2", b"1\n2\n"], ids=["last-unended", "ended"])
+def test_a_worker_lost_after_its_last_result_leaves_the_slice_finished(
+    make_slice: MakeSlice, payload: bytes
+) -> None:
+    slice_ = make_slice(payload, {0: [b"1\n2\n"]})  # all results, then no END_OF_SLICE
+    assert run_to_the_end(slice_) == b"1\n2\n"
+    assert (slice_.attempts, slice_.start) == (1, len(payload))
+
+
+def test_lines_still_unanswered_after_the_last_attempt_are_error_lines(
+    make_slice: MakeSlice,
+) -> None:
+    slice_ = make_slice(b"1\n2\n3\n", {0: [b"r1\n"], 2: []})  # dies twice
+    assert run_to_the_end(slice_) == b"r1\n" + worker.WORKER_FAILED * 2
+    assert (slice_.attempts, slice_.error_lines) == (worker.ATTEMPTS, 2)
+
+
+def test_a_block_that_would_overrun_the_reply_budget_is_refused_before_it_is_spooled(
+    make_slice: MakeSlice,
+) -> None:
+    slice_ = make_slice(b"1\n2\n", {0: [b"r1\n", b"r2\n", worker.END_OF_SLICE]}, limit=5)
+    with pytest.raises(worker.ReplyTooLarge, match=r"reply too large \(limit 5 bytes\)"):
+        run_to_the_end(slice_)
+    assert b"".join(slice_.spool.blocks()) == b"r1\n"
