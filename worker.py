@@ -205,7 +205,7 @@ class Spool:
 
     def __init__(self) -> None:
         try:
-            self.file = tempfile.TemporaryFile(buffering=0)
+            self.file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 (see close)
         except OSError as error:
             raise ReplyNotStored(error) from None
         self.size = 0
