@@ -6,7 +6,13 @@
 3. slow      a 4 MB request of lines outside the flat form with --worker-timeout 4: whether it
              is answered in full, and how long it takes;
 4. stop      the second SIGTERM with every slot busy (--max-children 1, a long request in
-             flight): how long until the server has exited and left no process.
+             flight): how long until the server has exited and left no process;
+5. reply     30 lines ``9 ** 4300`` then 2,000,000 empty lines with --max-reply-bytes 100000:
+             the size of the reply (the request is refused whole);
+6. line      one 100 MiB line with a 4-byte character: the peak RSS of the largest server
+             process, against the request's size;
+7. disk      4 MB of results under ``prlimit --fsize=1048576`` (no file past 1 MiB, as on a
+             full disk): what the client gets, and whether the server serves the next request.
 
 Servers are started the one way the tests start them (``conftest.ServerProcess``).
 """
@@ -14,6 +20,7 @@ Servers are started the one way the tests start them (``conftest.ServerProcess``
 from __future__ import annotations
 
 import socket
+import sys
 import time
 
 from client import HEADER, recv_exactly, recv_frame, send_frame
@@ -42,7 +49,8 @@ def memory() -> str:
             send_frame(sock, [payload])
             size = discard_reply(sock)
         largest, whole = peaks
-        peak = f"peak RSS {largest / 1e6:.0f} MB (largest process), {whole / 1e6:.0f} MB (whole server)"
+        peak = f"peak RSS {largest / 1e6:.0f} MB (largest process), "
+        peak += f"{whole / 1e6:.0f} MB (whole server)"
         return f"{len(payload):,} bytes in, {size:,} out: {peak}"
     finally:
         server.cleanup()
@@ -77,7 +85,8 @@ def slow() -> str:
             reply = recv_frame(sock)
         seconds = time.monotonic() - started
         verdict = "answered in full" if reply == b"41\n" * lines else "INCOMPLETE"
-        return f"{lines:,} lines in {seconds:.1f} s: {verdict}, {len(server.events('Worker failed'))} worker failures"
+        failures = len(server.events("Worker failed"))
+        return f"{lines:,} lines in {seconds:.1f} s: {verdict}, {failures} worker failures"
     finally:
         server.cleanup()
 
@@ -94,7 +103,52 @@ def stop() -> str:
             server.process.terminate()
             status = server.process.wait(30)
             wait_until(lambda: not session_processes(server.pid), "every process to exit")
-            return f"exit status {status}, every process gone {time.monotonic() - started:.3f} s after the second SIGTERM"
+            gone_s = time.monotonic() - started
+            return (
+                f"exit status {status}, every process gone {gone_s:.3f} s after the second SIGTERM"
+            )
+    finally:
+        server.cleanup()
+
+
+def reply() -> str:
+    server = ServerProcess(["-n", "2", "--max-reply-bytes", "100000"])
+    try:
+        payload = b"9 ** 4300\n" * 30 + b"\n" * 2_000_000
+        with server.connect() as sock:
+            sock.settimeout(None)
+            send_frame(sock, [payload])
+            answer = recv_frame(sock)
+        return f"{len(payload):,} bytes in, {len(answer):,} out: {bytes(answer)!r}"
+    finally:
+        server.cleanup()
+
+
+def line() -> str:
+    server = ServerProcess(["-n", "2", "--max-bytes", str(2**30)])
+    try:
+        payload = b"1" * (100 * 2**20) + "\U0001f600".encode() + b"\n"
+        with peak_rss_sampler(server.pid) as peaks, server.connect() as sock:
+            sock.settimeout(None)
+            send_frame(sock, [payload])
+            answer = recv_frame(sock)
+        largest = peaks[0]
+        ratio = f"{largest / len(payload):.2f}x the request"
+        return f"{bytes(answer)!r}: peak RSS {largest / 1e6:.0f} MB (largest process), {ratio}"
+    finally:
+        server.cleanup()
+
+
+def disk() -> str:
+    limited = ["prlimit", "--fsize=1048576", sys.executable, "bluserver.py"]
+    server = ServerProcess([], command=limited)
+    try:
+        with server.connect() as sock:
+            sock.settimeout(None)
+            send_frame(sock, [b"10 ** 4000\n" * 1000])  # 4 MB of results
+            answer = recv_frame(sock)
+        after = server.request(b"6 * 7\n")
+        return f"{bytes(answer)!r}; the next request: {after!r}"
     finally:
         server.cleanup()
 
@@ -105,6 +159,9 @@ def main() -> int:
         ("trickle", trickle),
         ("slow", slow),
         ("stop", stop),
+        ("reply", reply),
+        ("line", line),
+        ("disk", disk),
     ]:
         print(f"{name:8} {measure()}", flush=True)
     return 0
