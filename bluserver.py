@@ -197,10 +197,10 @@ class RequestHandler(socketserver.BaseRequestHandler):
         return recv_exactly(self.request, size, pace)
 
     def send_reply(self, slices: list[worker.Slice]) -> int:
-        """Send the slices' spooled results as one frame, in order, read back a block at a
+        """Send the slices' spooled results as one frame, in order, read back a chunk at a
         time; return its length."""
         length = sum(slice_.spool.size for slice_ in slices)
-        spooled = (block for slice_ in slices for block in slice_.spool.blocks())
+        spooled = (chunk for slice_ in slices for chunk in slice_.spool.chunks())
         send_frame(self.request, spooled, length, self.pace())
         return length
 

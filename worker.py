@@ -7,7 +7,7 @@ results::
     handler process                                   worker process
     ───────────────                                   ──────────────
     evaluate_in_workers(payload, bounds, ...)
-      Slice.start_worker ── fork, Pipe ─────────────▶ run(sender, payload, start, end)
+      Slice.start_worker ── fork, Pipe ─────────────▶ evaluate_slice(sender, payload, ...)
       wait() for news, a silent worker, the client      slice_lines: the slice's lines
       Slice.receive ◀──────── result block ───────────   grammar.evaluate_line, per line
         └▶ Spool.write (a nameless file)                 a block every BLOCK_BYTES or
@@ -37,12 +37,12 @@ from multiprocessing.process import BaseProcess
 from typing import Any, NamedTuple, Union
 
 import grammar
-from client import count_lines
+from client import CHUNK_BYTES, count_lines
 
 # Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms.
 PROCESSES = multiprocessing.get_context("fork")
 
-READ_BYTES = 256 * 1024  # how much of the request a worker decodes at once
+DECODE_BYTES = 256 * 1024  # a worker decodes its lines a batch of about this many bytes at a time
 BLOCK_BYTES = 256 * 1024  # a worker sends its results at least this many bytes at a time...
 REPORT_INTERVAL_S = 0.5  # ...or after this long, so that its handler can tell slow from stuck
 END_OF_SLICE = b""  # a worker's last message: every line of its slice is answered
@@ -68,7 +68,7 @@ class LineTooLong(NamedTuple):
 Line = Union[str, LineTooLong]
 
 
-def run(sender: Connection, payload: bytearray, start: int, end: int) -> None:
+def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
     """Evaluate the lines of payload[start:end] and send their results up sender, in blocks
     of whole result lines, then END_OF_SLICE.  Runs in the worker process."""
     hold_only(sender)
@@ -117,19 +117,20 @@ def hold_only(sender: Connection) -> None:
 def slice_lines(payload: bytearray, start: int, end: int) -> Iterator[Line]:
     """The lines of payload[start:end]: text, or LineTooLong for a line over MAX_LINE_BYTES.
 
-    The lines are decoded a run of about READ_BYTES of whole lines at a time.  A line too long
-    to evaluate is judged by its bytes and skipped, never copied or decoded: a 100 MiB line
-    costs a search for its end, not 400 MiB of text.  '\\r\\n' ends a line as '\\n' does; a
+    The lines are decoded a batch of about DECODE_BYTES of whole lines at a time.  A line longer
+    than that is judged by its bytes and skipped, never copied or decoded: a 100 MiB line
+    costs a search for its end, not 400 MiB of text (a shorter line over the limit is decoded
+    with its batch, and grammar.evaluate_line refuses it).  '\\r\\n' ends a line as '\\n' does; a
     final newline is optional.  A byte that is not UTF-8 becomes a lone surrogate, which
     grammar.evaluate_line answers with 'not valid UTF-8'.
     """
     while start < end:
-        run_end = min(start + READ_BYTES, end)
-        # The run ends with the line that crosses run_end (from one byte before it: a line
-        # ending exactly at run_end is that line).
-        newline = payload.find(b"\n", run_end - 1, end)
+        batch_end = min(start + DECODE_BYTES, end)
+        # The batch ends with the line that crosses batch_end (searched from one byte before
+        # it: a line ending exactly at batch_end is that line).
+        newline = payload.find(b"\n", batch_end - 1, end)
         stop = end if newline < 0 else newline + 1
-        last_line_start = payload.rfind(b"\n", start, run_end - 1) + 1
+        last_line_start = payload.rfind(b"\n", start, batch_end - 1) + 1
         last_line_start = max(last_line_start, start)
         last_line_bytes = line_size(payload, last_line_start, stop)
         if last_line_bytes > grammar.MAX_LINE_BYTES:
@@ -150,7 +151,7 @@ def line_size(payload: bytearray, start: int, stop: int) -> int:
 
 
 def decode_lines(payload: bytearray, start: int, stop: int) -> Iterator[str]:
-    """The lines of payload[start:stop], a run of whole lines, as text."""
+    """The lines of payload[start:stop], a batch of whole lines, as text."""
     if start == stop:
         return
     text = bytes(payload[start:stop]).replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape")
@@ -221,14 +222,14 @@ class Spool:
             raise ReplyNotStored(error) from None
         self.size += len(data)
 
-    def blocks(self) -> Iterator[bytes]:
-        """Everything written, from the start, a block at a time."""
+    def chunks(self) -> Iterator[bytes]:
+        """Everything written, from the start, CHUNK_BYTES at a time."""
         self.file.seek(0)
         while True:
-            block = self.file.read(BLOCK_BYTES)
-            if not block:
+            chunk = self.file.read(CHUNK_BYTES)
+            if not chunk:
                 return
-            yield block
+            yield chunk
 
     def lines(self) -> Iterator[bytes]:
         """Everything written, from the start, a line at a time (for -vv's log)."""
@@ -285,7 +286,7 @@ class Slice:
         self.attempts += 1
         receiver, sender = PROCESSES.Pipe(duplex=False)
         args = (sender, self.payload, self.start, self.end)
-        self.process = PROCESSES.Process(target=run, args=args, name=name)
+        self.process = PROCESSES.Process(target=evaluate_slice, args=args, name=name)
         try:
             self.fork_with_backoff(name)
         except OutOfProcesses:

@@ -2,7 +2,7 @@
 keeps its invariants in every state a worker can leave it in.
 
 The Slice tests fork real workers through real Pipes, but each worker runs a script instead of
-``worker.run``: it sends the messages the test names (result blocks, END_OF_SLICE) and then
+``worker.evaluate_slice``: it sends the messages the test names (result blocks, END_OF_SLICE) and then
 exits, or dies, as a real worker might at any point.
 """
 
@@ -23,7 +23,7 @@ import worker
 
 EVENTS = bluserver.EventLog(logging.getLogger("test_worker"), {})
 LIMIT = grammar.MAX_LINE_BYTES
-RUN = worker.READ_BYTES
+BATCH = worker.DECODE_BYTES
 
 
 # --- slice_lines: a slice's bytes to lines. ------------------------------------------------------
@@ -39,11 +39,11 @@ RUN = worker.READ_BYTES
         (b"1 + \xff\n", ["1 + \udcff"]),
         (b"x" * LIMIT + b"\n1", ["x" * LIMIT, "1"]),
         (b"x" * LIMIT + b"\r\n1", ["x" * LIMIT, "1"]),
-        # A line within a run is decoded, and grammar.evaluate_line measures it; one longer
-        # than a run is measured in bytes here, and never decoded.
+        # A line within a batch is decoded, and grammar.evaluate_line measures it; one longer
+        # than a batch is measured in bytes here, and never decoded.
         (b"x" * (LIMIT + 1) + b"\n1", ["x" * (LIMIT + 1), "1"]),
-        (b"x" * (RUN + 1) + b"\r\n1", [worker.LineTooLong(RUN + 1), "1"]),
-        (b"1\n" + b"x" * (RUN + 1), ["1", worker.LineTooLong(RUN + 1)]),
+        (b"x" * (BATCH + 1) + b"\r\n1", [worker.LineTooLong(BATCH + 1), "1"]),
+        (b"1\n" + b"x" * (BATCH + 1), ["1", worker.LineTooLong(BATCH + 1)]),
     ],
     ids=[
         "ended",
@@ -54,16 +54,16 @@ RUN = worker.READ_BYTES
         "at-limit",
         "at-limit-crlf",
         "over-limit",
-        "over-a-run-crlf",
-        "over-a-run-last",
+        "over-a-batch-crlf",
+        "over-a-batch-last",
     ],
 )
 def test_slice_lines_examples(payload: bytes, lines: list[worker.Line]) -> None:
     assert list(worker.slice_lines(bytearray(payload), 0, len(payload))) == lines
 
 
-def test_a_line_longer_than_a_run_is_judged_by_its_bytes_and_never_decoded() -> None:
-    long_line = b"1" * (3 * worker.READ_BYTES) + b"\xff"  # not UTF-8: decoding would show it
+def test_a_line_longer_than_a_batch_is_judged_by_its_bytes_and_never_decoded() -> None:
+    long_line = b"1" * (3 * worker.DECODE_BYTES) + b"\xff"  # not UTF-8: decoding would show it
     payload = bytearray(b"1\n" * 1000 + long_line + b"\n2\n")
     lines = list(worker.slice_lines(payload, 0, len(payload)))
     assert lines == ["1"] * 1000 + [worker.LineTooLong(len(long_line)), "2"]
@@ -81,15 +81,15 @@ Script = Sequence[bytes]  # the messages a scripted worker sends, in order
 
 
 def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
-    """A stand-in for worker.run: the worker for the range starting at offset sends the messages
+    """A stand-in for worker.evaluate_slice: the worker for the range starting at offset sends the messages
     scripts[offset], then exits without another word (as if it died)."""
 
-    def run(sender: Connection, payload: bytearray, start: int, end: int) -> None:
+    def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
         for message in scripts[start]:
             sender.send_bytes(message)
         os._exit(0)
 
-    return run
+    return evaluate_slice
 
 
 MakeSlice = Callable[..., worker.Slice]
@@ -101,7 +101,7 @@ def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
     slices: list[worker.Slice] = []
 
     def make(payload: bytes, scripts: dict[int, Script], limit: int = 2**20) -> worker.Slice:
-        monkeypatch.setattr(worker, "run", scripted_workers(scripts))
+        monkeypatch.setattr(worker, "evaluate_slice", scripted_workers(scripts))
         slice_ = worker.Slice(
             bytearray(payload), (0, len(payload)), worker.ReplyBudget(limit), EVENTS
         )
@@ -123,7 +123,7 @@ def run_to_the_end(slice_: worker.Slice) -> bytes:
         assert slice_.receiver
         wait([slice_.receiver], timeout=1)
         slice_.receive()
-    return b"".join(slice_.spool.blocks())
+    return b"".join(slice_.spool.chunks())
 
 
 def test_a_worker_that_says_it_is_done_finishes_its_slice(make_slice: MakeSlice) -> None:
@@ -176,4 +176,4 @@ def test_a_block_that_would_overrun_the_reply_budget_is_refused_before_it_is_spo
     slice_ = make_slice(b"1\n2\n", {0: [b"r1\n", b"r2\n", worker.END_OF_SLICE]}, limit=5)
     with pytest.raises(worker.ReplyTooLarge, match=r"reply too large \(limit 5 bytes\)"):
         run_to_the_end(slice_)
-    assert b"".join(slice_.spool.blocks()) == b"r1\n"
+    assert b"".join(slice_.spool.chunks()) == b"r1\n"
