@@ -52,7 +52,8 @@ def scripted_lines(_: str) -> None:
 
 
 def failing_worker_starts(times: str) -> None:
-    """The first `times` worker starts of each handler fail as fork() does when out of processes."""
+    """The first `times` worker starts of each handler fail as fork() does when out of
+    processes."""
     launch = popen_fork.Popen._launch
     failures_left = [int(times)]
 

@@ -1,9 +1,9 @@
 """worker.py in unit form: how a worker reads its slice's lines, and how a handler's Slice
 keeps its invariants in every state a worker can leave it in.
 
-The Slice tests fork real workers through real Pipes, but each worker runs a script instead of
-``worker.evaluate_slice``: it sends the messages the test names (result blocks, END_OF_SLICE) and then
-exits, or dies, as a real worker might at any point.
+The Slice tests fork real workers through real Pipes, but each worker runs a script instead
+of ``worker.evaluate_slice``: it sends the messages the test names (result blocks,
+END_OF_SLICE) and then exits, or dies, as a real worker might at any point.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ Script = Sequence[bytes]  # the messages a scripted worker sends, in order
 
 
 def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
-    """A stand-in for worker.evaluate_slice: the worker for the range starting at offset sends the messages
-    scripts[offset], then exits without another word (as if it died)."""
+    """A stand-in for worker.evaluate_slice: the worker for the range starting at offset sends
+    the messages scripts[offset], then exits without another word (as if it died)."""
 
     def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
         for message in scripts[start]:
