@@ -1,22 +1,24 @@
 """bluserver: evaluates batches of arithmetic expressions sent over TCP, in worker processes.
 
 Usage: ``python bluserver.py -p 1982 -n 2``.  README.md has the protocol, the limits and a
-reading guide; this is the path of one request through the three kinds of process::
+reading guide.  This module is the server, the handler and the command line; worker.py holds
+both ends of a worker, grammar.py the language, client.py the wire protocol.  The path of one
+request through the three kinds of process::
 
-    client ──[length, lines]──▶ BluServer                   server process: accepts, and
-                                  │ ForkingMixIn              forks one handler per connection
+    client ──[length, lines]──▶ BluServer                     server process: accepts, and
+                                  │ ForkingMixIn                forks a handler per connection
                                   ▼
-                RequestHandler.receive_request              handler process: the request's bytes
-                                  │ slice_bounds              ≤ n byte ranges of whole lines
+                RequestHandler.receive_request                handler process: the request
+                                  │ slice_bounds                ≤ n ranges of whole lines
                                   ▼
-                evaluate_in_workers → Slice.start_worker    one forked Process + Pipe per slice
-                       │                    │
-                 worker.run           worker.run            worker processes: result blocks
-                       │                    │                up the Pipe, b"" when done
-                 Slice.results        Slice.results         spooled to nameless temporary files
+                worker.evaluate_in_workers                    a Slice per range: one forked
+                       │                    │                 Process and Pipe each
+        worker.evaluate_slice      worker.evaluate_slice      worker processes: result blocks
+                       │                    │                 up the Pipe, then END_OF_SLICE
+                 Slice.spool          Slice.spool             nameless temporary files
                        └─────────┬──────────┘
                                  ▼
-    client ◀──[length, results]── RequestHandler.send_reply  read back from the spools, in order
+    client ◀──[length, results]── RequestHandler.send_reply   read back from the spools
 """
 
 from __future__ import annotations
