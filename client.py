@@ -10,7 +10,7 @@ has three parts, in this order:
                         imports this part, so the two sides cannot drift apart; README.md,
                         "The protocol", is its specification.
     The client          one request per run (main): read the input, open the output, send,
-                        receive, check, write.
+                        receive, check, write; a progress line on a terminal (Progress).
     Its command line    parse_args and the argparse types it uses.
 """
 
@@ -26,9 +26,10 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import IO, Callable
+from typing import IO, Callable, NamedTuple
 
 # === The protocol =========================================================================
 # bluserver.py imports this part: both sides frame, count lines and refuse with this code.
@@ -107,6 +108,8 @@ def refusal(reply: bytes | bytearray, request_lines: int) -> str | None:
 
 # TCP keepalive: a silent server is probed after 60 s, every 10 s, and is dead after 6 misses.
 KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
+PROGRESS_INTERVAL_S = 0.25  # how often the progress line is redrawn: live, and costs nothing
+ERASE_LINE = "\r\x1b[K"  # back to column 1, then clear to the end of the line (ANSI)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -200,12 +203,12 @@ def file_mode(path: str) -> int:
 def exchange(payload: bytes, args: argparse.Namespace) -> bytearray:
     """The server's reply to payload, with as many lines; SystemExit if the connection fails,
     the server refuses the request or answers with another number of lines."""
+    address = (args.address, args.port)
     server = f"{args.address}:{args.port}"
     lines = count_lines(payload)
     try:
-        with connect(args.address, args.port, args.timeout) as sock:
-            send_frame(sock, [payload])
-            reply = recv_frame(sock)
+        with Progress(sys.stderr) as progress, connect(*address, args.timeout) as sock:
+            reply = request(sock, payload, lines, progress)
     except OSError as error:
         raise SystemExit(f"client: {describe_connection_failure(error, server)}") from None
     reason = refusal(reply, lines)
@@ -229,6 +232,84 @@ def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
         if hasattr(socket, option):  # not on every platform; the OS defaults apply there
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return sock
+
+
+def request(sock: socket.socket, payload: bytes, lines: int, progress: Progress) -> bytearray:
+    """Send payload as one request and return the reply's bytes, telling progress each step.
+    The same exchange as send_frame then recv_frame, with the reply's header read apart: the
+    wait for it is the server's evaluation, and its length the size of the download."""
+    progress.begin(f"sending {lines} lines", HEADER.size + len(payload))
+    send_frame(sock, [payload], pace=progress.pace)
+    progress.begin(f"the server is evaluating {lines} lines")
+    (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
+    progress.begin(f"receiving {lines} results", size)
+    return recv_exactly(sock, size, progress.pace)
+
+
+class Step(NamedTuple):
+    """What the client is doing, for its progress line."""
+
+    what: str  # "sending 200000 lines"
+    total_bytes: int | None  # what the step moves; None for a wait, which shows its duration
+    started: float  # time.monotonic() when it began
+
+
+class Progress:
+    """A progress line on stream if it is a terminal, redrawn in place; nothing otherwise.
+
+    The loops that move the bytes only record how many they moved (pace); a thread redraws the
+    line every PROGRESS_INTERVAL_S, so those loops never wait for the terminal, and the silent
+    wait for the server still shows time passing.  A new step is drawn at once: each shows, however
+    short.  Leaving the with block erases the line, for the summary or a failure to follow.
+    """
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream if stream is not None and stream.isatty() else None
+        self.step = Step("connecting", None, time.monotonic())
+        self.moved_bytes = 0
+        self.drawing = threading.Lock()  # both threads draw on the one line
+        self.stopped = threading.Event()
+        self.redrawer = threading.Thread(target=self.redraw, name="progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        if self.stream:
+            self.redrawer.start()
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        if self.stream:
+            self.stopped.set()
+            self.redrawer.join()
+            self.write(ERASE_LINE)
+
+    def begin(self, what: str, total_bytes: int | None = None) -> None:
+        self.moved_bytes = 0
+        self.step = Step(what, total_bytes, time.monotonic())  # one assignment: read whole
+        self.draw()
+
+    def pace(self, moved_bytes: int) -> None:
+        """A Pace for send_frame and recv_exactly: one assignment, nothing drawn."""
+        self.moved_bytes = moved_bytes
+
+    def redraw(self) -> None:
+        while not self.stopped.wait(PROGRESS_INTERVAL_S):
+            self.draw()
+
+    def draw(self) -> None:
+        step = self.step
+        if step.total_bytes is None:
+            detail = f"{time.monotonic() - step.started:.0f} s"
+        else:
+            detail = f"{self.moved_bytes / 1e6:.1f} of {step.total_bytes / 1e6:.1f} MB"
+        self.write(f"{ERASE_LINE}client: {step.what}, {detail}")
+
+    def write(self, text: str) -> None:
+        if not self.stream:
+            return
+        # A terminal gone (EIO) loses the progress line, not the request.
+        with self.drawing, contextlib.suppress(OSError):
+            self.stream.write(text)
+            self.stream.flush()
 
 
 def describe_connection_failure(error: OSError, server: str) -> str:
@@ -256,8 +337,9 @@ one result line per input line: the value, an empty line for a blank one, or
 
 The output is written under a temporary name beside OUTPUT and renamed to OUTPUT once all
 results are in: a failure leaves OUTPUT as it was.  It is created before the request is
-sent, so a path that cannot be written costs the server nothing.  At the end, stderr shows
-a one-line summary."""
+sent, so a path that cannot be written costs the server nothing.  On a terminal, stderr
+shows a progress line while the request is sent, evaluated and received; at the end, a
+one-line summary."""
 
 EPILOG = """\
 examples:

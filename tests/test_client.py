@@ -1,4 +1,4 @@
-"""The client: failures in one line, the server's refusals, its output file.
+"""The client: failures in one line, the server's refusals, its output file, its progress line.
 
 Tests run client.py as a subprocess, as a user runs it, or call ``client.main`` where the
 process around it does not matter.  The server is a real one (the ``server`` and
@@ -325,3 +325,58 @@ def test_client_fails_in_one_line_before_connecting_when_the_output_is_read_only
 
     assert_fails_in_one_line(result, f"cannot write {re.escape(str(output))}: Permission denied")
     assert output.read_bytes() == b"keep me\n"
+
+
+# --- The progress line. ------------------------------------------------------------------
+
+
+def test_progress_on_a_terminal_shows_sending_then_evaluating_then_receiving(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n2 * 3\n")
+    terminal, client_stderr = pty.openpty()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(SUBPROCESS_TIMEOUT_S)
+            command = [sys.executable, str(ROOT / "client.py"), str(tmp_path / "input.txt")]
+            port = str(listener.getsockname()[1])
+            process = subprocess.Popen(
+                [*command, str(tmp_path / "output.txt"), "-a", "127.0.0.1", "-p", port],
+                stdin=subprocess.DEVNULL,
+                stderr=client_stderr,
+            )
+            os.close(client_stderr)  # only the client holds it now: it closes with the client
+            try:
+                connection, _ = listener.accept()
+                with connection:
+                    recv_frame(connection)
+                    shown = read_terminal(terminal, until=b"evaluating")
+                    connection.sendall(HEADER.pack(4) + b"2\n")  # half the reply
+                    shown += read_terminal(terminal, until=b"receiving")
+                    connection.sendall(b"6\n")
+                shown += read_terminal(terminal)
+                assert process.wait(SUBPROCESS_TIMEOUT_S) == 0
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    finally:
+        os.close(terminal)
+
+    assert shown.index(b"sending") < shown.index(b"evaluating") < shown.index(b"receiving")
+    assert b"\r\x1b[Kclient: 2 lines, 0 error lines" in shown  # the progress line erased first
+
+
+def test_no_progress_when_stderr_is_a_file(server: ServerProcess, tmp_path: Path) -> None:
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        subprocess.run(
+            [sys.executable, str(ROOT / "client.py"), "-", "-", "-p", str(server.port)],
+            input=b"1 + 1\n",
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            timeout=SUBPROCESS_TIMEOUT_S,
+            check=True,
+        )
+
+    summary = (tmp_path / "stderr.txt").read_text()
+    assert re.fullmatch(r"client: 1 lines, 0 error lines, \d+\.\d\d s\n", summary)
