@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Opened before the request: an output that cannot be written costs the server nothing.
         with open_output(args.output) as output:
             reply = exchange(payload, args)
-            output.write(reply)
+            output.write(equations(payload, reply) if args.format == "equation" else reply)
     except OSError as error:
         raise SystemExit(
             f"client: cannot write {args.output}: {error.strerror or error}"
@@ -312,6 +312,23 @@ class Progress:
             self.stream.flush()
 
 
+def equations(payload: bytes, reply: bytes | bytearray) -> bytes:
+    """The output of --format equation: 'expression = result' for each input line.
+
+    The expression is the input line without the spaces, tabs and '\\r' around it.  An error
+    reads '1/0 = error: division by zero'.  A blank line stays blank, so that line N of the
+    output still answers line N of the input.
+    """
+    lines = count_lines(payload)
+    output = []
+    for expression, result in zip(payload.split(b"\n")[:lines], reply.split(b"\n")[:lines]):
+        if result:
+            output.append(b"%s = %s\n" % (expression.strip(b" \t\r"), result))
+        else:
+            output.append(b"\n")
+    return b"".join(output)
+
+
 def describe_connection_failure(error: OSError, server: str) -> str:
     """One line saying what went wrong with the server, for the person who ran the client."""
     if isinstance(error, ClosedEarly):
@@ -335,16 +352,20 @@ Send a file of arithmetic expressions, one per line, to a bluserver, as one requ
 one result line per input line: the value, an empty line for a blank one, or
 'error: <reason>'.
 
-The output is written under a temporary name beside OUTPUT and renamed to OUTPUT once all
-results are in: a failure leaves OUTPUT as it was.  It is created before the request is
-sent, so a path that cannot be written costs the server nothing.  On a terminal, stderr
-shows a progress line while the request is sent, evaluated and received; at the end, a
-one-line summary."""
+The results go to a temporary file beside the output, renamed to it once all are in: a
+failure leaves the output as it was ('-' and devices such as /dev/null are written in
+place).  It is created before the request is sent: a path that cannot be written costs the
+server nothing.  On a terminal, stderr shows a progress line while the request is sent,
+evaluated and received; at the end, a one-line summary."""
 
 EPILOG = """\
 examples:
   python client.py                                  # operations.txt -> output.txt
   zcat big.txt.gz | python client.py - - -p 2000    # stdin to stdout
+  printf '1 + 2\\n\\n3 / 0\\n' | python client.py - - --format equation
+      1 + 2 = 3
+
+      3 / 0 = error: division by zero
 
 exit status: 0 on success; 1 with a one-line message if the input cannot be read, the
 output cannot be written, the server cannot be reached, goes silent past --timeout,
@@ -379,6 +400,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="give up when the server is silent this long, at most a week"
         " (default: wait while the server is alive)",
+    )
+    add(
+        "--format",
+        choices=("plain", "equation"),
+        default="plain",
+        help="plain: the results as the server sends them; equation: 'expression = result'"
+        " lines, a blank line left blank (default: %(default)s)",
     )
     return parser.parse_args(argv)
 

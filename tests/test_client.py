@@ -1,4 +1,4 @@
-"""The client: failures in one line, the server's refusals, its output file, its progress line.
+"""The client: failures in one line, refusals, its output file, its progress line, its formats.
 
 Tests run client.py as a subprocess, as a user runs it, or call ``client.main`` where the
 process around it does not matter.  The server is a real one (the ``server`` and
@@ -380,3 +380,18 @@ def test_no_progress_when_stderr_is_a_file(server: ServerProcess, tmp_path: Path
 
     summary = (tmp_path / "stderr.txt").read_text()
     assert re.fullmatch(r"client: 1 lines, 0 error lines, \d+\.\d\d s\n", summary)
+
+
+# --- --format equation. ------------------------------------------------------------------
+
+
+def test_equation_format_writes_expression_equals_result_and_leaves_blank_lines_blank(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    input_path = tmp_path / "input.txt"
+    input_path.write_bytes(b"1 + 2\n\n  1/0\t\r\n2 * 3")
+    output = tmp_path / "output.txt"
+
+    client.main([str(input_path), str(output), "-p", str(server.port), "--format", "equation"])
+
+    assert output.read_bytes() == b"1 + 2 = 3\n\n1/0 = error: division by zero\n2 * 3 = 6\n"
