@@ -203,12 +203,11 @@ def file_mode(path: str) -> int:
 def exchange(payload: bytes, args: argparse.Namespace) -> bytearray:
     """The server's reply to payload, with as many lines; SystemExit if the connection fails,
     the server refuses the request or answers with another number of lines."""
-    address = (args.address, args.port)
     server = f"{args.address}:{args.port}"
     lines = count_lines(payload)
     try:
-        with Progress(sys.stderr) as progress, connect(*address, args.timeout) as sock:
-            reply = request(sock, payload, lines, progress)
+        with Progress(sys.stderr) as progress:
+            reply = request(payload, args.address, args.port, args.timeout, progress)
     except OSError as error:
         raise SystemExit(f"client: {describe_connection_failure(error, server)}") from None
     reason = refusal(reply, lines)
@@ -234,22 +233,32 @@ def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
     return sock
 
 
-def request(sock: socket.socket, payload: bytes, lines: int, progress: Progress) -> bytearray:
+def request(
+    payload: bytes,
+    address: str,
+    port: int,
+    timeout_s: float | None,
+    progress: Progress | None = None,
+) -> bytearray:
     """Send payload as one request and return the reply's bytes, telling progress each step.
-    The same exchange as send_frame then recv_frame, with the reply's header read apart: the
-    wait for it is the server's evaluation, and its length the size of the download."""
-    progress.begin(f"sending {lines} lines", HEADER.size + len(payload))
-    send_frame(sock, [payload], pace=progress.pace)
-    progress.begin(f"the server is evaluating {lines} lines")
-    (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
-    progress.begin(f"receiving {lines} results", size)
-    return recv_exactly(sock, size, progress.pace)
+
+    send_frame then recv_frame, with the reply's header read apart: the wait for it is the
+    server's evaluation, and its length the size of what is left to receive.
+    """
+    progress = progress or Progress(None)
+    with connect(address, port, timeout_s) as sock:
+        progress.begin("sending the request", HEADER.size + len(payload))
+        send_frame(sock, [payload], pace=progress.pace)
+        progress.begin("the server is evaluating")
+        (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
+        progress.begin("receiving the results", size)
+        return recv_exactly(sock, size, progress.pace)
 
 
 class Step(NamedTuple):
     """What the client is doing, for its progress line."""
 
-    what: str  # "sending 200000 lines"
+    what: str  # "sending the request"
     total_bytes: int | None  # what the step moves; None for a wait, which shows its duration
     started: float  # time.monotonic() when it began
 
