@@ -266,10 +266,11 @@ class Step(NamedTuple):
 class Progress:
     """A progress line on stream if it is a terminal, redrawn in place; nothing otherwise.
 
-    The loops that move the bytes only record how many they moved (pace); a thread redraws the
-    line every PROGRESS_INTERVAL_S, so those loops never wait for the terminal, and the silent
-    wait for the server still shows time passing.  A new step is drawn at once: each shows, however
-    short.  Leaving the with block erases the line, for the summary or a failure to follow.
+    The loops that move the bytes only record how many they moved (pace); a thread redraws
+    the line every PROGRESS_INTERVAL_S, so those loops never wait for the terminal, and the
+    silent wait for the server still shows time passing.  A new step is drawn at once, so
+    that each shows, however short.  Leaving the with block erases the line, for the summary
+    or a failure message to follow.
     """
 
     def __init__(self, stream: IO[str] | None) -> None:
