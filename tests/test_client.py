@@ -1,0 +1,397 @@
+"""The client: failures in one line, refusals, its output file, its progress line, its formats.
+
+Tests run client.py as a subprocess, as a user runs it, or call ``client.main`` where the
+process around it does not matter.  The server is a real one (the ``server`` and
+``start_server`` fixtures of conftest.py) or a fake one scripted here, which answers what the
+test needs the client to face.  A terminal is a pseudo-terminal the test reads from.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import resource
+import select
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import client
+from client import HEADER, recv_frame
+from conftest import EVENT_TIMEOUT_S, ROOT, ServerProcess
+
+StartServer = Callable[..., ServerProcess]
+
+SUBPROCESS_TIMEOUT_S = 30.0
+
+
+# --- Helpers. ----------------------------------------------------------------------------
+
+
+def run_client(*args: str, stdin: bytes = b"", **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run client.py to completion (options go to subprocess.run); stdout and stderr decoded."""
+    command = [sys.executable, str(ROOT / "client.py"), *args]
+    result = subprocess.run(
+        command,
+        input=stdin,
+        capture_output=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
+        **options,
+    )
+    return subprocess.CompletedProcess(
+        command, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+def run_client_against_fake_server(
+    reply: bytes, input_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run the client against a server that reads the request, sends `reply` verbatim, closes."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(SUBPROCESS_TIMEOUT_S)
+        port = listener.getsockname()[1]
+        args = [
+            sys.executable,
+            str(ROOT / "client.py"),
+            str(input_path),
+            "-",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
+        process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                recv_frame(connection)
+                connection.sendall(reply)
+            stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+def assert_fails_in_one_line(result: subprocess.CompletedProcess[str], pattern: str) -> None:
+    """The client exited 1, wrote nothing to stdout and one line matching pattern to stderr."""
+    assert result.returncode == 1
+    [message] = result.stderr.splitlines()  # so no traceback either
+    assert re.fullmatch(f"client: {pattern}", message), message
+    assert result.stdout == ""
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that is reserved (bound) but refuses connections (not listening)."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        yield placeholder.getsockname()[1]
+
+
+def main_fails_with(*args: str) -> str:
+    """The one-line message client.main(args) exits with (status 1: SystemExit with a string)."""
+    with pytest.raises(SystemExit) as exit_info:
+        client.main(list(args))
+    message = exit_info.value.code
+    assert isinstance(message, str), f"exit status {message}, not a message"
+    return message
+
+
+def read_terminal(terminal: int, until: bytes | None = None) -> bytes:
+    """What was written to a pseudo-terminal, read until `until` has appeared or, if None,
+    until the last process holding its other side has closed it."""
+    shown = b""
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while until is None or until not in shown:
+        ready, _, _ = select.select([terminal], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"timed out waiting for {until!r}; the terminal shows {shown!r}")
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # EIO: nobody holds the other side any more
+            chunk = b""
+        if not chunk:
+            assert until is None, f"closed before {until!r} appeared: {shown!r}"
+            return shown
+        shown += chunk
+    return shown
+
+
+# --- Failures, each in one line. -------------------------------------------------------
+
+
+def test_client_fails_in_one_line_when_the_server_cannot_be_reached() -> None:
+    with refused_port() as port:
+        result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(port), stdin=b"1\n")
+
+    assert_fails_in_one_line(
+        result, rf"cannot connect to 127\.0\.0\.1:{port}: connection refused.*"
+    )
+
+
+def test_client_fails_in_one_line_when_the_input_file_is_missing(tmp_path: Path) -> None:
+    with refused_port() as port:
+        result = run_client(str(tmp_path / "missing.txt"), "-", "-a", "127.0.0.1", "-p", str(port))
+
+    assert_fails_in_one_line(
+        result, f"cannot read {re.escape(str(tmp_path / 'missing.txt'))}: No such file.*"
+    )
+
+
+def test_client_fails_in_one_line_before_connecting_when_the_output_cannot_be_created(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "no such folder" / "output.txt"
+    with refused_port() as port:  # connecting would fail: the output is checked first
+        result = run_client("-", str(output), "-a", "127.0.0.1", "-p", str(port), stdin=b"1\n")
+
+    assert_fails_in_one_line(result, f"cannot write {re.escape(str(output))}: No such file.*")
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"", r"127\.0\.0\.1:\d+ closed the connection early .*\b0 of 8 bytes.*"),
+        (
+            HEADER.pack(100) + b"2\n",
+            r"127\.0\.0\.1:\d+ closed the connection early .*\b2 of 100 bytes.*",
+        ),
+        (HEADER.pack(2) + b"2\n", r".*\b1 lines for 2 input lines"),
+        (HEADER.pack(6) + b"2\n6\n9\n", r".*\b3 lines for 2 input lines"),
+    ],
+    ids=["closes_before_reply", "closes_mid_reply", "too_few_lines", "too_many_lines"],
+)
+def test_client_fails_in_one_line_on_a_broken_reply(
+    reply: bytes, message: str, tmp_path: Path
+) -> None:
+    input_path = tmp_path / "input.txt"
+    input_path.write_bytes(b"1 + 1\n2 * 3\n")
+
+    result = run_client_against_fake_server(reply, input_path)
+
+    assert_fails_in_one_line(result, message)
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e20"])
+def test_timeout_longer_than_a_socket_can_wait_is_a_usage_error(
+    timeout: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n")
+
+    with refused_port() as port, pytest.raises(SystemExit) as exit_info:
+        client.main([str(tmp_path / "input.txt"), "-", "-p", str(port), "--timeout", timeout])
+
+    assert exit_info.value.code == 2
+    assert "argument --timeout: " in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_client_fails_in_one_line_when_stdin_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", None)  # what Python makes of a closed file descriptor 0
+
+    with refused_port() as port:
+        message = main_fails_with("-", "-", "-a", "127.0.0.1", "-p", str(port))
+
+    assert message == "client: cannot read -: stdin is closed"
+
+
+def test_client_fails_in_one_line_before_connecting_when_stdout_is_closed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sys, "stdout", None)  # what Python makes of a closed file descriptor 1
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n")
+
+    with refused_port() as port:
+        message = main_fails_with(str(tmp_path / "input.txt"), "-", "-p", str(port))
+
+    assert message == "client: cannot write -: stdout is closed"
+
+
+# --- Refusals. ---------------------------------------------------------------------------
+
+
+def test_refusal_of_the_whole_request_is_reported_with_the_servers_reason(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server("--max-bytes", "100")
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n" * 50)  # 300 bytes
+
+    message = main_fails_with(
+        str(tmp_path / "input.txt"), str(tmp_path / "output.txt"), "-p", str(server.port)
+    )
+
+    assert message == (
+        f"client: localhost:{server.port} refused the request: "
+        "request too large (300 bytes, limit 100)"
+    )
+    assert not (tmp_path / "output.txt").exists()
+
+
+def test_error_line_answering_a_one_line_request_is_its_result_not_a_refusal(
+    tmp_path: Path,
+) -> None:
+    input_path = tmp_path / "input.txt"
+    input_path.write_bytes(b"1 + 1\n")
+    answer = b"error: request too large (6 bytes, limit 5)\n"
+
+    result = run_client_against_fake_server(HEADER.pack(len(answer)) + answer, input_path)
+
+    assert result.returncode == 0
+    assert result.stdout == answer.decode()
+
+
+# --- The output file. --------------------------------------------------------------------
+
+
+def limit_file_size_to_1000_bytes() -> None:
+    """A child's preexec_fn: writing past 1000 bytes fails with EFBIG ("File too large"), as a
+    full disk would fail it (Python ignores SIGXFSZ, so the write returns the error)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+
+def test_failed_write_leaves_the_previous_output_as_it_was_and_no_temporary_file(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    output = tmp_path / "output.txt"
+    output.write_bytes(b"the previous results\n")
+
+    result = run_client(
+        "-",
+        str(output),
+        "-p",
+        str(server.port),
+        stdin=b"1 + 1\n" * 600,  # a reply of 1200 bytes
+        preexec_fn=limit_file_size_to_1000_bytes,
+    )
+
+    assert_fails_in_one_line(result, f"cannot write {re.escape(str(output))}: File too large")
+    assert output.read_bytes() == b"the previous results\n"
+    assert os.listdir(tmp_path) == ["output.txt"]
+
+
+def test_new_output_file_gets_the_permissions_the_umask_allows(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n")
+    previous_umask = os.umask(0o027)
+    try:
+        client.main(
+            [str(tmp_path / "input.txt"), str(tmp_path / "output.txt"), "-p", str(server.port)]
+        )
+    finally:
+        os.umask(previous_umask)
+
+    assert stat.S_IMODE((tmp_path / "output.txt").stat().st_mode) == 0o640
+
+
+def test_output_that_is_not_a_regular_file_is_written_in_place(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n")
+    terminal, device = pty.openpty()  # a character device, as /dev/null is: not to be replaced
+    try:
+        client.main([str(tmp_path / "input.txt"), os.ttyname(device), "-p", str(server.port)])
+        os.close(device)
+        shown = read_terminal(terminal)
+    finally:
+        os.close(terminal)
+
+    assert shown == b"2\r\n"  # the terminal turns "\n" into "\r\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_client_fails_in_one_line_before_connecting_when_the_output_is_read_only(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "output.txt"
+    output.write_bytes(b"keep me\n")
+    output.chmod(0o444)
+
+    with refused_port() as port:
+        result = run_client("-", str(output), "-p", str(port), stdin=b"1\n")
+
+    assert_fails_in_one_line(result, f"cannot write {re.escape(str(output))}: Permission denied")
+    assert output.read_bytes() == b"keep me\n"
+
+
+# --- The progress line. ------------------------------------------------------------------
+
+
+def test_progress_on_a_terminal_shows_sending_then_evaluating_then_receiving(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n2 * 3\n")
+    terminal, client_stderr = pty.openpty()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(SUBPROCESS_TIMEOUT_S)
+            command = [sys.executable, str(ROOT / "client.py"), str(tmp_path / "input.txt")]
+            port = str(listener.getsockname()[1])
+            process = subprocess.Popen(
+                [*command, str(tmp_path / "output.txt"), "-a", "127.0.0.1", "-p", port],
+                stdin=subprocess.DEVNULL,
+                stderr=client_stderr,
+            )
+            os.close(client_stderr)  # only the client holds it now: it closes with the client
+            try:
+                connection, _ = listener.accept()
+                with connection:
+                    recv_frame(connection)
+                    shown = read_terminal(terminal, until=b"evaluating")
+                    connection.sendall(HEADER.pack(4) + b"2\n")  # half the reply
+                    shown += read_terminal(terminal, until=b"receiving")
+                    connection.sendall(b"6\n")
+                shown += read_terminal(terminal)
+                assert process.wait(SUBPROCESS_TIMEOUT_S) == 0
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    finally:
+        os.close(terminal)
+
+    assert shown.index(b"sending") < shown.index(b"evaluating") < shown.index(b"receiving")
+    assert b"\r\x1b[Kclient: 2 lines, 0 error lines" in shown  # the progress line erased first
+
+
+def test_no_progress_when_stderr_is_a_file(server: ServerProcess, tmp_path: Path) -> None:
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        subprocess.run(
+            [sys.executable, str(ROOT / "client.py"), "-", "-", "-p", str(server.port)],
+            input=b"1 + 1\n",
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            timeout=SUBPROCESS_TIMEOUT_S,
+            check=True,
+        )
+
+    summary = (tmp_path / "stderr.txt").read_text()
+    assert re.fullmatch(r"client: 1 lines, 0 error lines, \d+\.\d\d s\n", summary)
+
+
+# --- --format equation. ------------------------------------------------------------------
+
+
+def test_equation_format_writes_expression_equals_result_and_leaves_blank_lines_blank(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    input_path = tmp_path / "input.txt"
+    input_path.write_bytes(b"1 + 2\n\n  1/0\t\r\n2 * 3")
+    output = tmp_path / "output.txt"
+
+    client.main([str(input_path), str(output), "-p", str(server.port), "--format", "equation"])
+
+    assert output.read_bytes() == b"1 + 2 = 3\n\n1/0 = error: division by zero\n2 * 3 = 6\n"
