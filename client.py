@@ -20,13 +20,14 @@ import argparse
 import contextlib
 import errno
 import itertools
+import math
 import os
+import select
 import socket
 import stat
 import struct
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Callable, NamedTuple
@@ -67,23 +68,28 @@ def recv_frame(sock: socket.socket, pace: Pace | None = None) -> bytearray:
 
 def send_frame(
     sock: socket.socket,
-    blocks: Iterable[bytes],
+    parts: Iterable[bytes],
     length: int | None = None,
     pace: Pace | None = None,
 ) -> None:
-    """Send blocks as one message, read as they go if length gives their total.  Not sendall(): its
-    timeout would bound the whole message, and cut off a slow but steady reader, not each wait."""
+    """Send the parts, one after another, as one message.  With length (their total) given, the
+    parts are taken as they are sent, so that a reply read from disk never sits whole in
+    memory; without it, they are listed first to add up their lengths.
+
+    Not sendall(): its timeout would bound the whole message, and cut off a slow but steady
+    reader; pace sets the timeout before each wait instead."""
     if length is None:
-        blocks = list(blocks)
-        length = sum(map(len, blocks))
+        parts = list(parts)
+        length = sum(map(len, parts))
     sent = 0
-    for block in itertools.chain([HEADER.pack(length)], blocks):
-        unsent = memoryview(block)
+    for part in itertools.chain([HEADER.pack(length)], parts):
+        unsent = memoryview(part)
         while unsent:
             if pace:
                 pace(sent)
             count = sock.send(unsent[:CHUNK_BYTES])
-            unsent, sent = unsent[count:], sent + count
+            unsent = unsent[count:]
+            sent += count
 
 
 def count_lines(data: bytes | bytearray, start: int = 0, end: int | None = None) -> int:
@@ -175,9 +181,6 @@ def replacing(path: str) -> Iterator[IO[bytes]]:
     fsync: this guards against failures of this process (a full disk, a refusal, Ctrl-C), not
     of the machine.
     """
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        # A rename needs only the folder's permission: keep a read-only file's protection.
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     folder, name = os.path.split(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
@@ -207,7 +210,7 @@ def exchange(payload: bytes, args: argparse.Namespace) -> bytearray:
     lines = count_lines(payload)
     try:
         with Progress(sys.stderr) as progress:
-            reply = request(payload, args.address, args.port, args.timeout, progress)
+            reply = round_trip(payload, args.address, args.port, args.timeout, progress)
     except OSError as error:
         raise SystemExit(f"client: {describe_connection_failure(error, server)}") from None
     reason = refusal(reply, lines)
@@ -233,7 +236,7 @@ def connect(address: str, port: int, timeout_s: float | None) -> socket.socket:
     return sock
 
 
-def request(
+def round_trip(
     payload: bytes,
     address: str,
     port: int,
@@ -250,6 +253,7 @@ def request(
         progress.begin("sending the request", HEADER.size + len(payload))
         send_frame(sock, [payload], pace=progress.pace)
         progress.begin("the server is evaluating")
+        progress.wait_for_reply(sock, timeout_s)
         (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
         progress.begin("receiving the results", size)
         return recv_exactly(sock, size, progress.pace)
@@ -266,58 +270,56 @@ class Step(NamedTuple):
 class Progress:
     """A progress line on stream if it is a terminal, redrawn in place; nothing otherwise.
 
-    The loops that move the bytes only record how many they moved (pace); a thread redraws
-    the line every PROGRESS_INTERVAL_S, so those loops never wait for the terminal, and the
-    silent wait for the server still shows time passing.  A new step is drawn at once, so
-    that each shows, however short.  Leaving the with block erases the line, for the summary
-    or a failure message to follow.
+    The line is drawn when a step begins, then at most every PROGRESS_INTERVAL_S: by the loops
+    that move the bytes (pace), and while the server is silent (wait_for_reply), so that it
+    costs the transfer nothing and the wait for the server still shows time passing.
+    Leaving the with block erases the line, for the summary or a failure message to follow.
     """
 
     def __init__(self, stream: IO[str] | None) -> None:
         self.stream = stream if stream is not None and stream.isatty() else None
         self.step = Step("connecting", None, time.monotonic())
-        self.moved_bytes = 0
-        self.drawing = threading.Lock()  # both threads draw on the one line
-        self.stopped = threading.Event()
-        self.redrawer = threading.Thread(target=self.redraw, name="progress", daemon=True)
+        self.drawn_at = 0.0
 
     def __enter__(self) -> Progress:
-        if self.stream:
-            self.redrawer.start()
         return self
 
     def __exit__(self, *exception: object) -> None:
-        if self.stream:
-            self.stopped.set()
-            self.redrawer.join()
-            self.write(ERASE_LINE)
+        self.write(ERASE_LINE)
 
     def begin(self, what: str, total_bytes: int | None = None) -> None:
-        self.moved_bytes = 0
-        self.step = Step(what, total_bytes, time.monotonic())  # one assignment: read whole
-        self.draw()
+        self.step = Step(what, total_bytes, time.monotonic())
+        self.draw(0)
 
     def pace(self, moved_bytes: int) -> None:
-        """A Pace for send_frame and recv_exactly: one assignment, nothing drawn."""
-        self.moved_bytes = moved_bytes
+        """A Pace for send_frame and recv_exactly: redraw, if the line is due."""
+        if self.stream and time.monotonic() - self.drawn_at >= PROGRESS_INTERVAL_S:
+            self.draw(moved_bytes)
 
-    def redraw(self) -> None:
-        while not self.stopped.wait(PROGRESS_INTERVAL_S):
-            self.draw()
+    def wait_for_reply(self, sock: socket.socket, timeout_s: float | None) -> None:
+        """Return once sock has something to read, redrawing the line while it has not;
+        socket.timeout after timeout_s.  Without a line to draw, the read itself waits."""
+        if not self.stream:
+            return
+        waited_from = time.monotonic()
+        while not select.select([sock], [], [], PROGRESS_INTERVAL_S)[0]:
+            self.pace(0)
+            if timeout_s is not None and time.monotonic() - waited_from >= timeout_s:
+                raise socket.timeout("timed out")
 
-    def draw(self) -> None:
+    def draw(self, moved_bytes: int) -> None:
         step = self.step
         if step.total_bytes is None:
             detail = f"{time.monotonic() - step.started:.0f} s"
         else:
-            detail = f"{self.moved_bytes / 1e6:.1f} of {step.total_bytes / 1e6:.1f} MB"
+            detail = f"{moved_bytes / 1e6:.1f} of {step.total_bytes / 1e6:.1f} MB"
         self.write(f"{ERASE_LINE}client: {step.what}, {detail}")
+        self.drawn_at = time.monotonic()
 
     def write(self, text: str) -> None:
         if not self.stream:
             return
-        # A terminal gone (EIO) loses the progress line, not the request.
-        with self.drawing, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a terminal gone (EIO) loses the line, not the request
             self.stream.write(text)
             self.stream.flush()
 
@@ -432,26 +434,22 @@ def timeout_seconds(text: str) -> float:
     return seconds
 
 
-# bluserver.py imports these three for its own command line, until it has its own.
-
-
 def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0 for any free one."""
-    if not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0-65535, not {text}")
+    """argparse type: a TCP port."""
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a whole number 1-65535, not {text}")
     return int(text)
 
 
 def positive_float(text: str) -> float:
-    if not float(text) > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
-    return float(text)
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number greater than 0, not {text}")
-    return int(text)
+    """argparse type: a number greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # false for nan
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, not {text}")
+    return value
 
 
 if __name__ == "__main__":

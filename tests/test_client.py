@@ -312,21 +312,6 @@ def test_output_that_is_not_a_regular_file_is_written_in_place(
     assert shown == b"2\r\n"  # the terminal turns "\n" into "\r\n"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
-def test_client_fails_in_one_line_before_connecting_when_the_output_is_read_only(
-    tmp_path: Path,
-) -> None:
-    output = tmp_path / "output.txt"
-    output.write_bytes(b"keep me\n")
-    output.chmod(0o444)
-
-    with refused_port() as port:
-        result = run_client("-", str(output), "-p", str(port), stdin=b"1\n")
-
-    assert_fails_in_one_line(result, f"cannot write {re.escape(str(output))}: Permission denied")
-    assert output.read_bytes() == b"keep me\n"
-
-
 # --- The progress line. ------------------------------------------------------------------
 
 

@@ -171,7 +171,7 @@ HELP_OPTIONS = {
         "--min-rate",
         "--worker-timeout",
     ],
-    "client.py": ["input", "output", "-a", "-p", "--timeout"],
+    "client.py": ["input", "output", "-a", "-p", "--timeout", "--format"],
 }
 
 

@@ -297,7 +297,7 @@ def timed_request(what: str, server: ServerProcess, payload: bytes, expected: by
 
     Raises RuntimeError if the reply has the wrong number of lines or differs from expected.
     """
-    seconds, reply = timed(client.request, payload, HOST, server.port, REQUEST_TIMEOUT_S)
+    seconds, reply = timed(client.round_trip, payload, HOST, server.port, REQUEST_TIMEOUT_S)
     lines, reply_lines = client.count_lines(payload), client.count_lines(reply)
     if reply_lines != lines:
         raise RuntimeError(f"{what}: the reply has {reply_lines} lines for {lines} input lines")
