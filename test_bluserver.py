@@ -57,7 +57,8 @@ MIXED_REPLY = b"3\nerror: division by zero\nerror: unexpected 'i' at column 1\n6
 
 
 def split_lines(payload: bytes) -> list[bytes]:
-    """The payload's lines as the protocol defines them: '\\n'-separated, final newline optional."""
+    """The payload's lines as the protocol defines them: '\\n'-separated, the final newline
+    optional."""
     if not payload:
         return []
     lines = payload.split(b"\n")
@@ -81,7 +82,8 @@ def expected_reply(payload: bytes) -> bytes:
 
 LINE_MAKERS: list[Callable[[random.Random], bytes]] = [
     lambda rng: (
-        f"{rng.randint(0, 99)} + {rng.randint(0, 99)} * {rng.randint(1, 99)} / {rng.randint(1, 9)}".encode()
+        f"{rng.randint(0, 99)} + {rng.randint(0, 99)} * {rng.randint(1, 99)}"
+        f" / {rng.randint(1, 9)}".encode()
     ),
     lambda rng: f"{rng.randint(0, 9)}-{rng.randint(0, 9)}  *   {rng.randint(0, 9)}".encode(),
     lambda rng: f"({rng.randint(0, 9)} - {rng.randint(0, 9)}) ** 2 % 7 // 2".encode(),
@@ -168,20 +170,8 @@ def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int 
         return None
 
 
-LOG_LINE = re.compile(r"\[(?P<logger>[^\]]+)\] (?P<time>.+?): (?P<level>[A-Z]+) (?P<pairs>.*)")
-LOG_PAIR = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\([^)]*\)|[^ ]+)""")
 JSON_LOG = ("--log-format", "json")  # start_server(*JSON_LOG, ...) for logs that parse_log reads
 JSON_HEAD = {"time", "level", "pname", "pid", "event"}
-
-
-def parse_kv_log(output: str) -> list[dict[str, str]]:
-    """The events of the default key=value format, each value as its text (a Python repr)."""
-    events = []
-    for line in output.splitlines():
-        match = LOG_LINE.fullmatch(line)
-        assert match, f"not a key=value log line: {line!r}"
-        events.append(dict(LOG_PAIR.findall(match["pairs"])))
-    return events
 
 
 def parse_log(output: str) -> list[dict[str, Any]]:
@@ -203,13 +193,6 @@ def request_events(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
         if "uuid" in event:
             by_request.setdefault(event["uuid"], []).append(event)
     return by_request
-
-
-@pytest.fixture(params=["fork", "forkserver", "spawn"])
-def start_method(request: pytest.FixtureRequest) -> str:
-    """The interpreter's default start method (Python 3.14 made it forkserver); workers fork regardless."""
-    method: str = request.param
-    return method
 
 
 # --- slice_bounds, in unit form. ------------------------------------------------------
@@ -253,7 +236,7 @@ def test_slice_bounds_examples(
     assert bluserver.slice_bounds(payload, count) == expected
 
 
-# --- The wire protocol, under both start methods. ---------------------------------------
+# --- The wire protocol. ------------------------------------------------------------------
 
 
 PROTOCOL_CASES = [
@@ -296,10 +279,7 @@ def test_reply_arrives_whether_or_not_the_client_half_closes(
     assert reply == MIXED_REPLY
 
 
-def test_original_examples_give_the_original_results(
-    start_server: StartServer, start_method: str
-) -> None:
-    server = start_server(start_method=start_method)
+def test_original_examples_give_the_original_results(server: ServerProcess) -> None:
     payload = "".join(expression + "\n" for expression, _ in ORIGINAL_EXAMPLES).encode()
 
     reply = server.request(payload)
@@ -319,9 +299,8 @@ def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServe
         )
         for sock, payload in zip(sockets, payloads):
             sock.sendall(payload[5:])
-        replies = [bytes(recv_frame(sock)) for sock in reversed(sockets)][
-            ::-1
-        ]  # no reply waits for another
+        # Read in reverse order: no reply waits for another.
+        replies = [bytes(recv_frame(sock)) for sock in reversed(sockets)][::-1]
     finally:
         for sock in sockets:
             sock.close()

@@ -27,7 +27,6 @@ from tools import make_zipapp
 
 PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
 REPLY = b"3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"
-ALL_REJECTED = b"(1\n7 / 0\n(2\n8 / 0\n"  # with -n 2, both workers reject lines
 SUPPORTED_EXTREMES = ("3.9", "3.13")  # the oldest and newest Python the zipapp must run on
 CLIENT_TIMEOUT_S = 0.5
 RUN_TIMEOUT_S = 30.0
@@ -214,25 +213,18 @@ def test_verbose_log_lines_carry_uuid_pname_pid_and_event(
     server = start_server("-v")
     server.request(PAYLOAD)
     lines = log_lines(server)
-    assert len(lines) >= 5  # server started, request events, shutting down, stopped
     assert [line for line in lines if not KV_EVENT.match(line)] == []
-
-
-def test_grep_by_uuid_follows_one_request_to_its_handler_and_each_worker_process(
-    start_server: Callable[..., ServerProcess],
-) -> None:
-    server = start_server("-vv", "-n", "2")
-    server.request(ALL_REJECTED)
-    logged = "\n".join(log_lines(server))
-    request_ids = set(re.findall(r"uuid='([0-9a-f]{32})'", logged))
-    assert len(request_ids) == 1
-    request_id = request_ids.pop()
-    assert set(re.findall(rf"uuid='{request_id}' pname='([^']+)'", logged)) == {"handler"}
-    worker_pids = re.findall(
-        rf"uuid='{request_id}' .*event='Worker started' worker='worker-\d' worker_pid=(\d+)",
-        logged,
-    )
-    assert len(set(worker_pids)) == 2
+    events = set(re.findall(r" event='([^']+)'", "\n".join(lines)))
+    assert events == {
+        "Server started",
+        "Incoming connection",
+        "Request announced",
+        "Worker started",
+        "Worker finished",
+        "Request served",
+        "Shutting down",
+        "Server stopped",
+    }
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Callable
 
 import pytest
 
+import worker
 from client import HEADER, recv_exactly, recv_frame, send_frame
 from conftest import (
     EVENT_TIMEOUT_S,
@@ -38,6 +39,8 @@ LOG = ("-v", "--log-format", "json")
 SCRIPTED = {"faults": ["scripted_lines"]}
 WORKER_FAILED = b"error: worker failed\n"
 SHUTDOWN_SIGNALS = [signal.SIGTERM, signal.SIGINT]
+# A scripted line that works past a report interval: the results before it are sent up.
+REPORTED = f"sleep {worker.REPORT_INTERVAL_S + 0.1}"
 
 
 # --- Helpers. ---------------------------------------------------------------------------------
@@ -441,7 +444,7 @@ def test_failed_worker_has_only_its_unanswered_lines_run_again(
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
     counter = tmp_path / "evaluations"
     # The sleep makes the worker report the first two results before the fault.
-    payload = f"count {counter}\nsleep 0.6\n{fault} {tmp_path / 'once'}\n1 + 1\n".encode()
+    payload = f"count {counter}\n{REPORTED}\n{fault} {tmp_path / 'once'}\n1 + 1\n".encode()
     assert server.request(payload) == b"counted\nslept\nresumed\n2\n"
     assert counter.read_bytes() == b".", "an answered line was evaluated again"
     failed = server.wait_for_event("Worker failed")
@@ -453,7 +456,7 @@ def test_worker_failing_twice_fails_only_its_unanswered_lines(
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
     payload = (
-        b"sleep 0.6\ndie-once /nonexistent/dir/twice\n1 + 1\n"  # cannot create it: dies every time
+        f"{REPORTED}\ndie-once /nonexistent/dir/twice\n1 + 1\n".encode()  # dies every time
     )
     assert server.request(payload) == b"slept\n" + WORKER_FAILED * 2
     served = server.wait_for_event("Request served")
@@ -676,7 +679,7 @@ def test_second_signal_ends_a_handler_that_has_not_started_running(
 
 
 @pytest.mark.slow
-def test_hundreds_of_sequential_requests_leave_no_zombie_processes(
+def test_sequential_requests_leave_no_zombie_processes(
     start_server: StartServer,
 ) -> None:
     server = start_server()
