@@ -57,7 +57,8 @@ def find_interpreter(version: str) -> str | None:
 
 
 def zipapp_interpreters() -> list[Any]:
-    """The running interpreter, then 3.9 and 3.13: skipped, visibly, where this machine lacks them."""
+    """The running interpreter, then 3.9 and 3.13: skipped, visibly, where this machine lacks
+    them."""
     running = "{}.{}".format(*sys.version_info[:2])
     params = [pytest.param(sys.executable, id=f"running-python{running}")]
     for version in SUPPORTED_EXTREMES:
@@ -188,7 +189,7 @@ def test_help_exits_0_documents_every_option_and_shows_an_example(script: str) -
     undocumented = [
         option
         for option in HELP_OPTIONS[script]
-        # an entry of the option list: "  -a ADDRESS, --address ADDRESS", "  --syslog ADDRESS", "  input"
+        # an entry of the option list: "  -a ADDRESS, --address ADDRESS", "  input"
         if not re.search(
             rf"^ +(?:-\w(?: \S+)?, )?{re.escape(option)}(?: |,|$)", result.stdout, re.MULTILINE
         )

@@ -1,4 +1,4 @@
-"""Reliability: bluserver facing hostile or slow clients, failing workers, its own limits and signals.
+"""Reliability: bluserver facing hostile or slow clients, failing workers, its limits and signals.
 
 Every test runs real servers (conftest.start_server) on ephemeral 127.0.0.1 ports, logging one
 JSON object per line, and waits for logged events or for /proc to show a state, never for
@@ -423,7 +423,7 @@ def test_client_resetting_after_stray_bytes_still_ends_its_handler_and_workers(
     )
 
 
-# --- Workers that are slow, hang, die or cannot start. ---------------------------------------------
+# --- Workers that are slow, hang, die or cannot start. -------------------------------------------
 
 
 def test_slow_worker_that_keeps_reporting_is_not_taken_for_stuck(
@@ -557,7 +557,7 @@ def test_workers_of_a_killed_handler_exit_without_a_traceback(
 
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
-def test_workers_are_forked_from_the_handler_and_hold_only_their_pipe_whatever_the_default_start_method(
+def test_workers_are_forked_from_the_handler_and_hold_only_their_pipe_whatever_the_start_method(
     start_server: StartServer, tmp_path: Path, start_method: str
 ) -> None:
     server = start_server(*LOG, "-n", "1", start_method=start_method, **SCRIPTED)
@@ -616,7 +616,7 @@ def test_max_children_bounds_the_handlers_while_every_waiting_connection_is_serv
     assert events[: events.index("Request served")].count("Incoming connection") == 2
 
 
-# --- Signals, in every state the server can be in. ------------------------------------------------
+# --- Signals, in every state the server can be in. -----------------------------------------------
 
 
 @pytest.mark.parametrize("max_children", ["1", "16"], ids=["all-slots-busy", "a-slot-free"])
