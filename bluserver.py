@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 import worker
-from client import HEADER, Pace, count_lines, recv_exactly, send_frame
+from client import CHUNK_BYTES, HEADER, Pace, count_lines, recv_exactly, send_frame
 
 LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -113,7 +113,7 @@ class RequestTooLarge(Exception):
 
 
 # Why a request is answered with one error line instead of its results.
-REFUSALS = (RequestTooLarge, worker.ReplyTooLarge, worker.ReplyNotStored, worker.OutOfProcesses)
+REFUSALS = (RequestTooLarge, worker.ReplyTooLarge, worker.ReplyNotStored, worker.WorkerNotStarted)
 
 
 class RequestHandler(socketserver.BaseRequestHandler):
@@ -231,9 +231,13 @@ class RequestHandler(socketserver.BaseRequestHandler):
         deadline = time.monotonic() + LINGER_S
         with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
             self.request.shutdown(socket.SHUT_WR)
-            self.request.settimeout(LINGER_S)
-            while time.monotonic() < deadline and self.request.recv(1024 * 1024):
-                pass
+            while True:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    return
+                self.request.settimeout(left_s)
+                if not self.request.recv(CHUNK_BYTES):
+                    return
 
 
 class BluServer(socketserver.ForkingTCPServer):

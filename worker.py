@@ -23,11 +23,12 @@ through a block, dies, or goes silent costs at most ``--worker-timeout``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import multiprocessing
 import os
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, NamedTuple, Union
 
 import grammar
-from client import CHUNK_BYTES, count_lines
+from client import CHUNK_BYTES, HEADER, count_lines
 
 # Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms.
 PROCESSES = multiprocessing.get_context("fork")
@@ -46,8 +47,6 @@ DECODE_BYTES = 256 * 1024  # a worker decodes its lines a batch of about this ma
 BLOCK_BYTES = 256 * 1024  # a worker sends its results at least this many bytes at a time...
 REPORT_INTERVAL_S = 0.5  # ...or after this long, so that its handler can tell slow from stuck
 END_OF_SLICE = b""  # a worker's last message: every line of its slice is answered
-# multiprocessing's framing of one send_bytes() message under 2 GiB: its length, big-endian.
-BLOCK_HEADER = struct.Struct("!i")
 
 ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
 # Waits before trying again to fork a worker when the system is out of processes (EAGAIN).
@@ -84,15 +83,25 @@ def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int)
             results.append(result)
             results_bytes += len(result) + 1  # an estimate: a character is at least one byte
             if results_bytes >= BLOCK_BYTES or time.monotonic() - reported_at >= REPORT_INTERVAL_S:
-                sender.send_bytes(encode_results(results))
+                send_block(sender, encode_results(results))
                 results = []
                 results_bytes = 0
                 reported_at = time.monotonic()
         if results:
-            sender.send_bytes(encode_results(results))
-        sender.send_bytes(END_OF_SLICE)
+            send_block(sender, encode_results(results))
+        send_block(sender, END_OF_SLICE)
     except BrokenPipeError:
         return  # the handler is gone (killed, or it gave up on us): nobody waits for these
+
+
+def send_block(sender: Connection, block: bytes) -> None:
+    """Write block up the Pipe framed as the wire protocol frames a message: its length
+    (client.HEADER), then its bytes.  The framing is ours, at both ends, so that the handler
+    can read what has arrived without waiting for the rest (Slice.whole_blocks)."""
+    unwritten = memoryview(HEADER.pack(len(block)) + block)
+    while unwritten:
+        written = os.write(sender.fileno(), unwritten)
+        unwritten = unwritten[written:]
 
 
 def encode_results(results: list[str]) -> bytes:
@@ -105,8 +114,10 @@ def hold_only(sender: Connection) -> None:
     stderr, whose tracebacks are the one clue to why a worker died; set the language's limits."""
     os.closerange(3, sender.fileno())
     os.closerange(sender.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
-    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
-    os.dup2(0, 1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
     # Evaluating nested parentheses recurses: deep enough for any line the grammar accepts.
     sys.setrecursionlimit(grammar.RECURSION_LIMIT)
     if hasattr(sys, "set_int_max_str_digits"):  # Python 3.11+, 3.10.7+, 3.9.14+
@@ -177,12 +188,13 @@ class ReplyNotStored(Exception):
         super().__init__(f"server could not store the reply ({error.strerror or error})")
 
 
-class OutOfProcesses(Exception):
-    """A worker could not be forked, even after waiting: the system is out of processes."""
+class WorkerNotStarted(Exception):
+    """A worker could not be started, even after waiting: the system is out of processes
+    (EAGAIN), of memory, or of file descriptors."""
 
     def __init__(self, error: OSError) -> None:
         reason = error.strerror or error
-        super().__init__(f"server out of processes ({reason}); try again later")
+        super().__init__(f"server cannot start a worker ({reason}); try again later")
 
 
 class ReplyBudget:
@@ -273,51 +285,54 @@ class Slice:
         self.receiver: Connection | None = None  # the handler's end of the worker's Pipe
         self.unread = bytearray()  # what the worker sent that is not yet a whole block
         self.heard_at = 0.0  # when the worker last sent something, or started
+        self.worked_ticks = -1  # the CPU time it had used then (cpu_ticks)
 
     @property
     def name(self) -> str:
         return self.process.name if self.process else "worker"
 
     def start_worker(self, name: str) -> None:
-        """Fork a worker on the lines not yet answered; once out of attempts, fail them."""
+        """Start a worker on the lines not yet answered; once out of attempts, fail them.
+        While the system cannot start one (out of processes), wait and try again; raise
+        WorkerNotStarted if it still cannot after the last wait."""
         if self.attempts == ATTEMPTS:
             self.fail_the_rest()
             return
         self.attempts += 1
+        for wait_s in (*START_BACKOFF_S, None):
+            try:
+                self.launch(name)
+                return
+            except OSError as error:  # EAGAIN, ENOMEM, EMFILE: nothing was started
+                if wait_s is None:
+                    raise WorkerNotStarted(error) from None
+                reason = str(error)
+                self.events.warning(
+                    "Worker not started", worker=name, reason=reason, retry_s=wait_s
+                )
+                time.sleep(wait_s)  # a pause for the system, not a wait for a condition
+
+    def launch(self, name: str) -> None:
+        """Fork a worker process on payload[start:end], linked to this one by a Pipe."""
         receiver, sender = PROCESSES.Pipe(duplex=False)
         args = (sender, self.payload, self.start, self.end)
-        self.process = PROCESSES.Process(target=evaluate_slice, args=args, name=name)
+        process = PROCESSES.Process(target=evaluate_slice, args=args, name=name)
         try:
-            self.fork_with_backoff(name)
-        except OutOfProcesses:
+            process.start()
+        except OSError:
             receiver.close()
             raise
         finally:
             sender.close()  # the worker's copy only: its death shows here as end of file
         os.set_blocking(receiver.fileno(), False)  # never wait for a block's missing part
+        self.process = process
         self.receiver = receiver
         self.answered = 0
         self.unread.clear()
         self.heard_at = time.monotonic()
-        pid = self.process.pid
+        self.worked_ticks = cpu_ticks(process.pid)
+        pid = process.pid
         self.events.info("Worker started", worker=name, worker_pid=pid, attempt=self.attempts)
-
-    def fork_with_backoff(self, name: str) -> None:
-        """Start self.process; while fork fails (EAGAIN: out of processes), wait and try again.
-        Raise OutOfProcesses if it still fails after the last wait."""
-        assert self.process, "a process to start"
-        for wait_s in (*START_BACKOFF_S, None):
-            try:
-                self.process.start()
-                return
-            except OSError as error:
-                if wait_s is None:
-                    self.process = None
-                    raise OutOfProcesses(error) from None
-                self.events.warning(
-                    "Worker not started", worker=name, reason=str(error), retry_s=wait_s
-                )
-                time.sleep(wait_s)  # a pause for the system, not a wait for a condition
 
     def receive(self) -> None:
         """Spool every whole block the worker has sent, without waiting for more; on its
@@ -354,29 +369,43 @@ class Slice:
 
     def whole_blocks(self) -> Iterator[bytes]:
         """The whole blocks at the front of self.unread, taken out of it."""
-        while len(self.unread) >= BLOCK_HEADER.size:
-            (size,) = BLOCK_HEADER.unpack_from(self.unread)
-            end = BLOCK_HEADER.size + size
+        while len(self.unread) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self.unread)
+            end = HEADER.size + size
             if len(self.unread) < end:
                 return
-            block = bytes(self.unread[BLOCK_HEADER.size : end])
+            block = bytes(self.unread[HEADER.size : end])
             del self.unread[:end]
             yield block
 
     def is_stuck(self, worker_timeout_s: float) -> bool:
-        """True if the worker has sent nothing for worker_timeout_s seconds."""
-        return time.monotonic() - self.heard_at >= worker_timeout_s
+        """True if the worker has sent nothing for worker_timeout_s seconds and has used no CPU
+        time since its last news: stopped (SIGSTOP, a debugger), swapped out or blocked, not
+        merely slow because it shares the CPU with many others (gunicorn's heartbeat idea:
+        stuck is not making progress, not being slow)."""
+        if time.monotonic() - self.heard_at < worker_timeout_s:
+            return False
+        assert self.process, "only a running worker is judged"
+        ticks = cpu_ticks(self.process.pid)
+        if ticks > self.worked_ticks:  # it has been working: that is news too
+            self.worked_ticks = ticks
+            self.heard_at = time.monotonic()
+            return False
+        return True
 
     def retry(self, reason: str) -> None:
         """Stop the worker; run the lines it has not answered once more, if attempts are left."""
         name = self.name
+        answered = self.answered
         self.stop_worker()
-        self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
-        self.start = self.skip_lines(self.start, self.answered)
+        self.start = self.skip_lines(self.start, answered)
         self.answered = 0
-        if self.start == self.end:  # it answered every line, and died before saying so
+        if self.start == self.end:
+            # It answered every line and was lost before it said so: nothing is missing.
+            self.events.info("Worker finished", worker=name, lines=answered, attempt=self.attempts)
             self.finished = True
             return
+        self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
         self.start_worker(name)
 
     def skip_lines(self, offset: int, count: int) -> int:
@@ -416,23 +445,55 @@ class Slice:
         self.process = None
 
 
+def cpu_ticks(pid: int | None) -> int:
+    """The CPU time a process has used, in clock ticks, from Linux's /proc; -1 where it
+    cannot be read (then a silent worker is stuck by the clock alone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return -1
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) ", from field 3
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
+
+
 class ClientWatch:
-    """The client's connection while its request is evaluated: stray bytes it sends after the
-    request are read and dropped (unread, they would make close() reset the connection and cut
-    the reply); a reset raises ConnectionResetError, which cancels the work; end of file is a
-    half-close after sending, and the request is still served."""
+    """The client's connection while its request is evaluated.
+
+    Stray bytes it sends after the request are read and dropped: unread, they would make
+    close() reset the connection and cut the reply.  A reset raises ConnectionResetError (or
+    another ConnectionError), which cancels the work.  End of file is a half-close after
+    sending, and the request is still served; from then on the socket is always readable, so
+    it is no longer waited on, only checked for a reset at each turn of the handler's loop,
+    at least every CHECK_INTERVAL_S.
+    """
+
+    CHECK_INTERVAL_S = REPORT_INTERVAL_S
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.open = True
+        self.half_closed = False
 
     def sockets(self) -> list[socket.socket]:
-        return [self.sock] if self.open else []
+        """What to wait on: the socket, until the client has half-closed it."""
+        return [] if self.half_closed else [self.sock]
+
+    def longest_wait_s(self) -> float:
+        """How long the handler may wait without checking on the client."""
+        return self.CHECK_INTERVAL_S if self.half_closed else math.inf
 
     def drain(self) -> None:
         """Read what the client has sent (it is readable): drop it, or note its half-close."""
-        if not self.sock.recv(1024 * 1024):
-            self.open = False
+        if not self.sock.recv(CHUNK_BYTES):
+            self.half_closed = True
+
+    def check(self) -> None:
+        """Raise ConnectionResetError if a half-closed client has since reset the connection."""
+        if not self.half_closed:
+            return
+        # A reset after the client's end of file leaves an error on the socket (EPIPE).
+        if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
 
 
 @contextlib.contextmanager
@@ -447,8 +508,8 @@ def evaluate_in_workers(
 ) -> Iterator[list[Slice]]:
     """Evaluate each range of payload in a worker; yield the slices, their results spooled.
 
-    Raises ReplyTooLarge,
-    ReplyNotStored, OutOfProcesses, or what the client's socket raises (a reset).  The
+    Raises ReplyTooLarge, ReplyNotStored, WorkerNotStarted, or what the client's socket raises
+    (a reset).  The
     workers are stopped and reaped, and the spools closed, when the with block ends: after
     the reply is sent, so that reaping them never delays it.
     """
@@ -474,11 +535,13 @@ def await_workers(slices: list[Slice], watch: ClientWatch, worker_timeout_s: flo
     take what each worker has sent and replace a worker silent for worker_timeout_s."""
     running = [slice_ for slice_ in slices if not slice_.finished]
     oldest_news = min(slice_.heard_at for slice_ in running)
-    timeout_s = max(0.0, oldest_news + worker_timeout_s - time.monotonic())
+    until_stuck_s = max(0.0, oldest_news + worker_timeout_s - time.monotonic())
+    timeout_s = min(until_stuck_s, watch.longest_wait_s())
     receivers: list[Any] = [slice_.receiver for slice_ in running]
     ready = wait(receivers + watch.sockets(), timeout=timeout_s)
     if watch.sock in ready:
         watch.drain()
+    watch.check()
     for slice_ in running:
         if slice_.finished:
             continue

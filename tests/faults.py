@@ -75,14 +75,16 @@ def file_size_limit(size: str) -> None:
 
 def dying_before_end_of_slice(_: str) -> None:
     """A worker exits after it has sent all its results, before it says it is done."""
-    send_bytes = connection.Connection.send_bytes
+    import worker  # noqa: PLC0415 (here: the faults before it must be in place when it imports)
 
-    def send_or_die(self: connection.Connection, block: bytes, *args: int) -> None:
-        if not block:  # worker.END_OF_SLICE
+    send_block = worker.send_block
+
+    def send_or_die(sender: connection.Connection, block: bytes) -> None:
+        if block == worker.END_OF_SLICE:
             os._exit(1)
-        send_bytes(self, block, *args)
+        send_block(sender, block)
 
-    connection.Connection.send_bytes = send_or_die  # type: ignore[method-assign]
+    worker.send_block = send_or_die
 
 
 def gated_handlers(path: str) -> None:

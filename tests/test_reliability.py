@@ -464,7 +464,7 @@ def test_worker_failing_twice_fails_only_its_unanswered_lines(
     assert [event["attempt"] for event in server.events("Worker failed")] == [1, 2]
 
 
-OUT_OF_PROCESSES = f"server out of processes ({os.strerror(errno.EAGAIN)}); try again later"
+OUT_OF_PROCESSES = f"server cannot start a worker ({os.strerror(errno.EAGAIN)}); try again later"
 
 
 @pytest.mark.parametrize(

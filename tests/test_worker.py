@@ -20,6 +20,7 @@ import pytest
 import bluserver
 import grammar
 import worker
+from client import HEADER
 
 EVENTS = bluserver.EventLog(logging.getLogger("test_worker"), {})
 LIMIT = grammar.MAX_LINE_BYTES
@@ -86,7 +87,7 @@ def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
 
     def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
         for message in scripts[start]:
-            sender.send_bytes(message)
+            worker.send_block(sender, message)
         os._exit(0)
 
     return evaluate_slice
@@ -143,9 +144,9 @@ def test_lines_a_dead_worker_did_not_answer_are_run_again_and_only_those(
 
 def test_a_block_cut_short_is_left_unread_until_it_is_whole() -> None:
     slice_ = worker.Slice(bytearray(b"1\n2\n"), (0, 4), worker.ReplyBudget(100), EVENTS)
-    second = worker.BLOCK_HEADER.pack(3) + b"r2\n"
+    second = HEADER.pack(3) + b"r2\n"
     # What a worker stopped half-way through its second block has sent.
-    slice_.unread += worker.BLOCK_HEADER.pack(3) + b"r1\n" + second[:5]
+    slice_.unread += HEADER.pack(3) + b"r1\n" + second[:5]
     assert list(slice_.whole_blocks()) == [b"r1\n"]
     assert slice_.unread == second[:5]
     slice_.unread += second[5:]
