@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from client import HEADER, recv_exactly
@@ -38,6 +38,7 @@ DEFAULT_PORT = 1982
 DEFAULT_INSTANCES = 3
 DEFAULT_WORKERS = 2
 STARTUP_TIMEOUT_S = 20.0  # for every instance to answer its first empty request
+LISTEN_FDS_START = 3  # systemd's protocol: the first socket handed over is fd 3
 POLL_INTERVAL_S = 0.05  # how often the supervisor looks for signals and exited children
 BIND_LINE = re.compile(r"^(\s*bind\s+\S*:)\d+", re.MULTILINE)
 SERVER_LINE = re.compile(r"^\s*server\s.*\n", re.MULTILINE)
@@ -60,6 +61,23 @@ def haproxy_config(template: str, port: int, instance_ports: Sequence[int]) -> s
     )
     head, tail = config[: first_server.start()], config[first_server.start() :]
     return head + servers + SERVER_LINE.sub("", tail)
+
+
+def socket_activation(listener: socket.socket, env: Mapping[str, str]) -> Callable[[], None]:
+    """A preexec_fn that hands listener to the program Popen starts, as systemd does
+    (sd_listen_fds(3)): the socket at fd 3, LISTEN_FDS=1, and LISTEN_PID set to the pid of the
+    started process itself.  That pid is known only once forked, so the whole environment (env)
+    is set here, between fork and exec: give Popen env=None, and close_fds=False so that fd 3
+    survives exec (Python's own file descriptors are never inherited, PEP 446)."""
+    listener_fd = listener.fileno()
+
+    def hand_over() -> None:
+        os.dup2(listener_fd, LISTEN_FDS_START)
+        os.set_inheritable(LISTEN_FDS_START, True)  # dup2 onto itself (fd 3 already) would not
+        os.environ.clear()
+        os.environ.update(env, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+
+    return hand_over
 
 
 def answers_empty_request(port: int) -> bool:
