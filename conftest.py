@@ -137,7 +137,7 @@ class ServerProcess:
             cwd=cwd,
             env=None if activation else environment,
             preexec_fn=activation,  # noqa: PLW1509 - it makes system calls only, no locks
-            close_fds=not activation,  # fd 3 must reach the server (Python's own fds never do)
+            close_fds=not activation,  # fd 3 must reach the server; the hand-over closes the rest
             stdout=self.stdout,
             stderr=self.stderr_file,
             start_new_session=True,
