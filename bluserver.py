@@ -26,20 +26,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import socketserver
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import worker
 from client import CHUNK_BYTES, HEADER, Pace, count_lines, recv_exactly, send_frame
@@ -48,6 +49,8 @@ LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can 
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; closed or reset
 EXCERPT_CHARS = 80  # how much of a rejected line -vv logs
+SD_LISTEN_FDS_START = 3  # systemd's protocol, sd_listen_fds(3): handed sockets start at fd 3
+TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 logger = logging.getLogger("bluserver")
 
@@ -240,80 +243,303 @@ class RequestHandler(socketserver.BaseRequestHandler):
                     return
 
 
+class HandedSocketError(Exception):
+    """The service manager says it handed a socket over, but it is not one the server can use."""
+
+
+def socket_from_service_manager() -> socket.socket | None:
+    """The listening socket systemd (or tools/cluster.py) handed over, per sd_listen_fds(3): at
+    fd 3, when LISTEN_PID is this process and LISTEN_FDS is 1.  None when no socket is meant for
+    this process: the server then binds its own (-a, -p).
+
+    Raises HandedSocketError when one is meant for it but it is not a listening TCP socket.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None  # none at all, or meant for another process (a parent's, inherited)
+    count = os.environ.get("LISTEN_FDS")
+    # Unset, as sd_listen_fds(3) does: they describe this process, not the ones it forks.
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count != "1":
+        raise HandedSocketError(f"expected 1 socket from the service manager, not {count}")
+    try:
+        handed = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as error:
+        raise HandedSocketError(f"fd 3 from the service manager: {error.strerror}") from None
+    listening = handed.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if handed.family not in TCP_FAMILIES or handed.type != socket.SOCK_STREAM or not listening:
+        raise HandedSocketError("fd 3 from the service manager is not a listening TCP socket")
+    handed.set_inheritable(False)  # no program the server runs needs it
+    return handed
+
+
+def notify_service_manager(state: str) -> None:
+    """Tell the service manager what the server is doing, per sd_notify(3) ("READY=1",
+    "STOPPING=1"): one datagram to the AF_UNIX socket named by $NOTIFY_SOCKET, an abstract one
+    if the name starts with "@".  Nothing when it is unset: no manager asked."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        try:
+            notify.sendto(state.encode(), address)
+        except OSError as error:  # the manager has gone: the server goes on regardless
+            server_events.warning("Service manager not told", state=state, reason=str(error))
+
+
+class SignalPipe:
+    """The signals the server handles, as one byte each in a pipe (``signal.set_wakeup_fd``).
+
+    The pipe, not a Python-level handler, is the record: CPython runs a handler once for
+    signals of one kind that arrive close together, but writes a byte for each; and the
+    pipe wakes the select() that waits for a connection and a signal at once, so nothing
+    blocks signals while the server waits (two SIGTERMs merged into one in sigwait()).
+    """
+
+    def __init__(self, signums: Sequence[signal.Signals]) -> None:
+        self.reader, self.writer = os.pipe()
+        os.set_blocking(self.reader, False)  # received() reads until it is empty
+        os.set_blocking(self.writer, False)  # the C-level handler writes: it must never block
+        signal.set_wakeup_fd(self.writer)
+        for signum in signums:
+            signal.signal(signum, self.noted)
+
+    @staticmethod
+    def noted(signum: int, frame: object) -> None:
+        """Nothing to do: without a handler no byte is written; the byte is the record."""
+
+    def received(self) -> list[signal.Signals]:
+        """The signals that arrived since the last call, in order."""
+        data = bytearray()
+        with contextlib.suppress(BlockingIOError):  # nothing more to read
+            while True:
+                data += os.read(self.reader, 4096)
+        return [signal.Signals(signum) for signum in data]
+
+    def close(self) -> None:
+        """Stop recording signals (in a forked handler: its signals are its own)."""
+        signal.set_wakeup_fd(-1)
+        os.close(self.reader)
+        os.close(self.writer)
+
+
 class BluServer(socketserver.ForkingTCPServer):
-    """Listens, and forks a RequestHandler process per connection, ``max_children`` at once: when all
-    are busy, ``collect_children`` waits for one to exit, and new connections wait in the backlog."""
+    """Listens, and forks a RequestHandler process per connection, ``max_children`` at once.
+
+    One loop (serve_until_signalled, with ``wait``) waits in select() for a signal or for a
+    connection to serve; while every slot is busy it does not look at the listener, and new
+    connections wait in the backlog.  The connections it has accepted that have no handler
+    yet wait in ``waiting``: the backlog, taken at shutdown, and one whose fork failed.
+    """
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
-    request_queue_size = (
-        socket.SOMAXCONN
-    )  # as long a backlog as the kernel allows: none is refused
-    block_on_close = (
-        False  # serve_until_signalled waits for the handlers, so a second signal can stop them
-    )
-    timeout = 0.05  # seconds handle_request waits for a connection: how often a signal is checked
+    request_queue_size = socket.SOMAXCONN  # as long a backlog as the kernel allows: none refused
+    # serve_until_signalled waits for the handlers itself, so that a second signal can stop them.
+    block_on_close = False
+    # After a fork fails (EAGAIN: out of processes), wait this long before trying again; the
+    # loop still reacts to signals meanwhile, and new connections wait in the backlog.
+    fork_retry_s = 0.1
+    # At shutdown, take connections from the backlog for at most this long: a flood of new
+    # ones must not keep the listener open.
+    backlog_take_s = 0.5
 
-    def __init__(self, options: argparse.Namespace) -> None:
+    def __init__(self, options: argparse.Namespace, handed: socket.socket | None = None) -> None:
+        """Bind options.address and options.port, or serve handed: a listening socket from the
+        service manager (socket_from_service_manager)."""
         self.options = options
         self.max_children = options.max_children
         self.active_children: set[int] = set()  # the handlers' pids
+        self.waiting: deque[tuple[socket.socket, Any]] = deque()  # accepted, no handler yet
+        self.fork_retry_at = 0.0  # when to try again to fork a handler for waiting[0]
+        self.fork_failed_for: socket.socket | None = None  # warned about once, not at each try
         self.shutdown_signal: str | None = None  # set by the first SIGINT or SIGTERM
-        super().__init__((options.address, options.port), RequestHandler)
+        self.signals: SignalPipe | None = None  # set when serving starts
+        super().__init__(
+            (options.address, options.port), RequestHandler, bind_and_activate=handed is None
+        )
+        if handed:
+            self.socket.close()  # the one TCPServer made, never bound
+            self.socket = handed
+            self.server_address = handed.getsockname()
+        # A handed socket may be shared: another process may take a connection between this
+        # one's select() and accept(), which must then not block.
+        self.socket.setblocking(False)
+        self.defers_accept = hasattr(socket, "TCP_DEFER_ACCEPT")  # Linux's, as nginx uses it
+        if self.defers_accept:
+            # The kernel keeps a connection from accept() until the client has sent something,
+            # for up to --client-timeout seconds (nginx's "deferred", HAProxy's
+            # "defer-accept"): one that sends nothing takes no handler.  Set on a handed
+            # socket too: the option lives in the socket, and the server knows the timeout.
+            allowance_s = math.ceil(options.client_timeout_s)
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, allowance_s)
+
+    def wait(self) -> bool:
+        """Wait for a signal, and act on it, or for a connection to serve while a slot is free:
+        a waiting one once its retry is due, else one in the backlog.  True if one is due now."""
+        assert self.signals, "serving has started"
+        readers: list[Any] = [self.signals.reader]
+        timeout_s = None  # for ever, until a signal (SIGCHLD: a slot is free) or a connection
+        if self.slot_free() and self.waiting:
+            timeout_s = max(0.0, self.fork_retry_at - time.monotonic())
+        elif self.slot_free() and not self.shutdown_signal:
+            readers.append(self.socket)
+        readable, _, _ = select.select(readers, [], [], timeout_s)
+        for signum in self.signals.received():
+            self.act_on_signal(signum)
+        if not self.slot_free():
+            return False
+        if self.waiting:
+            return time.monotonic() >= self.fork_retry_at
+        return self.socket in readable and not self.shutdown_signal
+
+    def slot_free(self) -> bool:
+        return len(self.active_children) < self.max_children
+
+    def act_on_signal(self, signum: signal.Signals) -> None:
+        """SIGCHLD: reap.  The first SIGINT or SIGTERM: shut down.  Any later one: stop at once."""
+        if signum == signal.SIGCHLD:
+            self.collect_children()
+        elif not self.shutdown_signal:
+            self.begin_shutdown(signum)
+        else:
+            self.stop_now(signum)
+
+    def serve_next(self) -> None:
+        """Hand the next connection to a handler, as socketserver's handle_request() does, unless
+        it is not worth one (verify_request)."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:  # as socketserver: another process took it first, or it was reset
+            return
+        if self.verify_request(request, client_address):
+            self.process_request(request, client_address)
+        else:
+            self.shutdown_request(request)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """The first waiting connection, else one from the backlog (BlockingIOError if none)."""
+        if self.waiting:
+            return self.waiting.popleft()
+        return self.socket.accept()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """False for a connection that has sent nothing: under deferred accept, the kernel hands
+        one over only after --client-timeout seconds of silence, its whole allowance."""
+        if not self.defers_accept:
+            return True
+        try:
+            request.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # left for the handler
+        except BlockingIOError:
+            silent_s = self.options.client_timeout_s
+            reason = f"sent nothing within --client-timeout ({silent_s:g} s)"
+            server_events.warning("Client failed", peer=client_address, reason=reason)
+            return False
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Fork a handler for the connection (ForkingMixIn's); if fork() fails (EAGAIN: out of
+        processes, or ENOMEM), keep the connection and try again after fork_retry_s.
+
+        SIGINT and SIGTERM wait while the process splits, until the child no longer writes to
+        the server's signal pipe (finish_request): a Ctrl-C reaches both, and must count once.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+        try:
+            super().process_request(request, client_address)
+        except OSError as error:  # from fork(), before anything was started
+            if request is not self.fork_failed_for:
+                reason = f"cannot start: {error}"
+                retry_in_s = self.fork_retry_s
+                server_events.warning("Handler failed", reason=reason, retry_in_s=retry_in_s)
+            self.fork_failed_for = request
+            self.waiting.appendleft((request, client_address))
+            self.fork_retry_at = time.monotonic() + self.fork_retry_s
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the handler just forked (ForkingMixIn calls this in the child only): let go of
+        what is the server's — its signal pipe, the connections waiting for other handlers —
+        then run the handler."""
+        assert self.signals, "serving has started"
+        self.signals.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for waiting_request, _ in self.waiting:
+            waiting_request.close()
+        self.waiting.clear()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)  # blocked for the fork
+        super().finish_request(request, client_address)
 
     def collect_children(self, *, blocking: bool = False) -> None:
-        """Reap finished handlers; while all are busy, wait for one or a signal: ForkingMixIn's waitpid()
-        resumes after a signal (PEP 475).  Blocked before reaping, no signal is lost before sigwait()."""
-        wake_signals = {signal.SIGCHLD, *SHUTDOWN_SIGNALS}
-        signal.pthread_sigmask(signal.SIG_BLOCK, wake_signals)
-        try:
-            while True:
-                with contextlib.suppress(ChildProcessError):  # no child left
-                    while pid := os.waitpid(-1, os.WNOHANG)[0]:  # 0: none has finished
-                        self.active_children.discard(pid)
-                if len(self.active_children) < self.max_children or self.shutdown_signal:
-                    return
-                if (signum := signal.sigwait(wake_signals)) != signal.SIGCHLD:
-                    self.shutdown_signal = signal.Signals(signum).name
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, wake_signals)
+        """Reap every handler that has exited, never waiting for one: the loop waits, in
+        select(), for the SIGCHLD that says one has.  (blocking: ForkingMixIn's parameter,
+        always False here since block_on_close is.)"""
+        while self.active_children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # no child left
+                return
+            if not pid:  # none has exited
+                return
+            self.active_children.discard(pid)  # forgotten once reaped: its pid may be reused
+
+    def begin_shutdown(self, signum: signal.Signals) -> None:
+        """The first SIGINT or SIGTERM: take the connections waiting in the backlog, to be
+        served, then close the listener: new connections are refused (a balancer retries
+        them elsewhere), or wait in the socket's backlog if a service manager holds it."""
+        self.shutdown_signal = signum.name
+        self.take_backlog()
+        self.server_close()
+        notify_service_manager("STOPPING=1")
+        server_events.warning(
+            "Shutting down",
+            signal=signum.name,
+            requests_in_flight=len(self.active_children),
+            requests_waiting=len(self.waiting),
+        )
+
+    def take_backlog(self) -> None:
+        """Accept every connection in the listen backlog: closing the listener would reset them,
+        and a balancer that has already sent a request on one cannot send it again."""
+        deadline = time.monotonic() + self.backlog_take_s
+        while time.monotonic() < deadline:
+            try:
+                self.waiting.append(self.socket.accept())
+            except BlockingIOError:  # the backlog is empty
+                return
+            except OSError as error:  # e.g. out of file descriptors: the rest are reset
+                server_events.warning("Backlog not taken", reason=str(error))
+                return
+
+    def stop_now(self, signum: signal.Signals) -> NoReturn:
+        """A second SIGINT or SIGTERM: kill every handler and its workers, close the waiting
+        connections, and exit 1."""
+        for pid in self.active_children:
+            with contextlib.suppress(ProcessLookupError):  # it has just exited
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # no group yet: killed before setup
+                os.killpg(pid, signal.SIGKILL)  # its workers, in the process group it made
+        for request, _ in self.waiting:
+            self.shutdown_request(request)
+        server_events.warning("Stopped at once", signal=signum.name)
+        raise SystemExit(1)
 
 
 def serve_until_signalled(server: BluServer) -> None:
-    """Serve until SIGINT or SIGTERM, then let requests in flight finish; a second signal kills them."""
-
-    def request_shutdown(signum: int, frame: object) -> None:
-        # Only note it: an exception raised here could land mid-fork or mid-accept.
-        server.shutdown_signal = signal.Signals(signum).name
-
-    def stop_now(signum: int, frame: object) -> None:
-        for pid, kill in itertools.product(list(server.active_children), (os.kill, os.killpg)):
-            with contextlib.suppress(ProcessLookupError):  # killpg: no group yet, before setup
-                kill(pid, signal.SIGKILL)  # the handler, then its group: its workers
-        server_events.warning("Stopped at once", signal=signal.Signals(signum).name)
-        raise SystemExit(1)
-
-    for signum in SHUTDOWN_SIGNALS:
-        signal.signal(signum, request_shutdown)
+    """Serve until SIGINT or SIGTERM; then serve the connections in flight, waiting or in the
+    backlog, and return once every handler has exited.  A second signal kills them (exit 1)."""
+    server.signals = SignalPipe([*SHUTDOWN_SIGNALS, signal.SIGCHLD])
     host, port = server.socket.getsockname()[:2]
-    print(
-        f"bluserver: serving on {host}:{port} with up to {server.options.workers} workers per request",
-        flush=True,
-    )
+    workers = server.options.workers
+    banner = f"bluserver: serving on {host}:{port} with up to {workers} workers per request"
+    print(banner, flush=True)
     server_events.info("Server started", **{**vars(server.options), "address": host, "port": port})
-    # Not serve_forever(): leaving it takes shutdown(), which waits for it, from another thread.
-    while not server.shutdown_signal:
-        server.handle_request()  # one connection, or none within server.timeout
-        server.collect_children()
-    for signum in SHUTDOWN_SIGNALS:
-        signal.signal(signum, stop_now)
-    server.server_close()  # stop accepting: new connections are refused from here on
-    in_flight = server.active_children
-    server_events.warning(
-        "Shutting down", signal=server.shutdown_signal, requests_in_flight=len(in_flight)
-    )
-    with contextlib.suppress(ChildProcessError):  # none left
-        while in_flight:
-            in_flight.discard(os.waitpid(-1, 0)[0])  # forgotten once reaped: its pid may be reused
+    notify_service_manager("READY=1")
+    while not server.shutdown_signal or server.active_children or server.waiting:
+        if server.wait():
+            server.serve_next()
     server_events.warning("Server stopped")
 
 
@@ -452,7 +678,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)])
     try:
-        server = BluServer(options)
+        server = BluServer(options, socket_from_service_manager())
+    except HandedSocketError as error:
+        raise SystemExit(f"bluserver: {error}") from None  # exit status 1
     except OSError as error:
         where = (
             f"port {options.port} is already in use (try -p)"

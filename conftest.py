@@ -8,7 +8,8 @@ reading the file (``wait_for_event``) instead of sleeping.
 
 Under ``start_method`` or ``faults``, the server runs through tests/launch.py, which sets
 the interpreter's default multiprocessing start method or installs a fault from
-tests/faults.py before it imports bluserver.
+tests/faults.py before it imports bluserver.  Given a ``listener``, the server is handed that
+listening socket as systemd hands one (socket activation, tools.cluster.socket_activation).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable, NamedTuple
 import pytest
 
 from client import recv_frame, send_frame
+from tools.cluster import socket_activation
 
 ROOT = Path(__file__).resolve().parent
 STARTUP_TIMEOUT_S = 20.0
@@ -109,8 +111,12 @@ class ServerProcess:
         command: Sequence[str] = (),
         cwd: Path = ROOT,
         wait: bool = True,
+        listener: socket.socket | None = None,
     ) -> None:
         """command, if given, runs instead of bluserver.py (e.g. the zipapp under another Python).
+
+        listener, if given, is handed to the server as systemd does (LISTEN_PID, LISTEN_FDS, fd 3),
+        which serves it instead of binding a port of its own.
 
         wait=False returns as soon as the process is launched; call wait_until_serving before
         using it.  Servers launched together start in parallel (start_servers).
@@ -118,15 +124,20 @@ class ServerProcess:
         self.stdout = tempfile.TemporaryFile()  # noqa: SIM115 (closed by cleanup)
         self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by cleanup)
         program = ROOT / ("tests/launch.py" if start_method or faults else "bluserver.py")
+        environment = {
+            **os.environ,
+            **(env or {}),
+            "START_METHOD": start_method or "",
+            "FAULTS": " ".join(faults),
+        }
+        # Socket activation sets the environment itself, in the child (LISTEN_PID is its pid).
+        activation = socket_activation(listener, environment) if listener else None
         self.process = subprocess.Popen(
             [*(command or [sys.executable, str(program)]), "-a", "127.0.0.1", "-p", "0", *args],
             cwd=cwd,
-            env={
-                **os.environ,
-                **(env or {}),
-                "START_METHOD": start_method or "",
-                "FAULTS": " ".join(faults),
-            },
+            env=None if activation else environment,
+            preexec_fn=activation,  # noqa: PLW1509 - it makes system calls only, no locks
+            close_fds=not activation,  # fd 3 must reach the server; the hand-over closes the rest
             stdout=self.stdout,
             stderr=self.stderr_file,
             start_new_session=True,
@@ -159,7 +170,8 @@ class ServerProcess:
         return os.pread(self.stderr_file.fileno(), 1 << 30, 0).decode(errors="backslashreplace")
 
     def events(self, name: str | None = None, **fields: Any) -> list[dict[str, Any]]:
-        """Logged events (of a server run with --log-format json) called name, with these fields."""
+        """Logged events (of a server run with --log-format json) called name, with these
+        fields."""
         events = [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
         return [
             event
@@ -178,7 +190,8 @@ class ServerProcess:
         return [row.pid for row in process_table() if row.ppid == self.pid and row.state != "Z"]
 
     def wait_until_idle(self) -> None:
-        """Wait until the server is its session's only live process: every handler and worker gone."""
+        """Wait until the server is its session's only live process: every handler and worker
+        gone."""
         wait_until(
             lambda: session_processes(self.pid) == [self.pid], "the server's children to exit"
         )

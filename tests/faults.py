@@ -104,3 +104,19 @@ def wait_for(path: str) -> None:
     """Return once the file at path exists (the test's signal to go on)."""
     while not os.path.exists(path):
         time.sleep(0.01)
+
+
+def failing_forks(times: str) -> None:
+    """The first `times` os.fork() calls of the server fail as fork() does when out of processes
+    (EAGAIN: RLIMIT_NPROC, a full process table); the processes it forks after inherit no
+    failures left."""
+    fork = os.fork
+    failures_left = [int(times)]
+
+    def failing_fork() -> int:
+        if failures_left[0] > 0:
+            failures_left[0] -= 1
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return fork()
+
+    os.fork = failing_fork

@@ -1,9 +1,10 @@
-"""Several instances behind HAProxy (deploy/haproxy.cfg, tools/cluster.py) and the systemd unit.
+"""Several instances behind HAProxy (deploy/haproxy.cfg, tools/cluster.py) and the systemd units.
 
 The balancer tests run a real HAProxy on 127.0.0.1 with deploy/haproxy.cfg, its ports
 rewritten by tools.cluster.haproxy_config, in front of real servers (conftest.ServerProcess,
-run with -v and JSON logs, which show which instance served which request). They are skipped
-where haproxy is not installed; .ci/run installs it.
+run with -v and JSON logs, which show which instance served which request), or run `make
+cluster`'s supervisor itself under steady load (tools/drill.py). They are skipped where
+haproxy is not installed; .ci/run installs it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from conftest import (
     wait_for_exit,
     wait_until,
 )
-from tools.cluster import TEMPLATE, answers_empty_request, haproxy_config
+from tools.cluster import TEMPLATE, StartLimit, answers_empty_request, haproxy_config
+from tools.drill import drill, free_port
 
 HAPROXY = shutil.which("haproxy")
 needs_haproxy = pytest.mark.skipif(
@@ -48,23 +50,9 @@ def numbered_lines(count: int) -> tuple[bytes, bytes]:
     return "\n".join(lines).encode() + b"\n", "\n".join(results).encode() + b"\n"
 
 
-def free_port(ports_after: int = 0) -> int:
-    """A port that is free now on 127.0.0.1, and so are the ports_after ports after it."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        try:
-            for following in range(port + 1, port + 1 + ports_after):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", following))
-        except OSError:
-            continue
-        return port
-
-
 def served(server: ServerProcess) -> list[int]:
-    """The line counts of the requests the server logged as served, health checks (0 lines) left out."""
+    """The line counts of the requests the server logged as served, health checks (0 lines)
+    left out."""
     return [event["lines"] for event in server.events("Request served") if event["lines"]]
 
 
@@ -145,9 +133,8 @@ def test_concurrent_clients_are_all_answered_right_and_spread_over_instances(
         lambda: sum(map(len, balancer.served())) == len(sizes), "every request to be logged"
     )
     by_instance = balancer.served()
-    assert sorted(count for counts in by_instance for count in counts) == list(
-        sizes
-    )  # each by one instance
+    each_by_one_instance = sorted(count for counts in by_instance for count in counts)
+    assert each_by_one_instance == list(sizes)
     assert sum(1 for counts in by_instance if counts) > 1, by_instance
 
 
@@ -171,9 +158,7 @@ def test_a_draining_instance_finishes_its_request_while_new_ones_go_to_the_other
 ) -> None:
     payload, expected = numbered_lines(100)
     with balancer.connect() as in_flight:
-        in_flight.sendall(
-            HEADER.pack(len(payload)) + payload[:100]
-        )  # the request has begun, not ended
+        in_flight.sendall(HEADER.pack(len(payload)) + payload[:100])  # begun, not ended
         wait_until(
             lambda: any(
                 instance.events("Request announced", bytes=len(payload))
@@ -237,17 +222,48 @@ def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
     assert result.stderr == "cluster: haproxy is not installed (sudo apt-get install haproxy)\n"
 
 
+@needs_haproxy
+def test_rolling_restart_under_load_replaces_every_instance_and_fails_no_request() -> None:
+    outcome = drill("roll", instances=2, clients=6)
+    assert outcome.failures == []
+    assert sorted(outcome.replaced) == ["blu1", "blu2"]
+    assert outcome.served_during > 0, "requests were served while the instances restarted"
+    assert outcome.exit_status == 0
+
+
+@needs_haproxy
+def test_killed_instance_under_load_is_started_again_and_costs_at_most_what_it_evaluated() -> None:
+    outcome = drill("kill", instances=2, clients=6)
+    assert len(outcome.failures) <= outcome.evaluating_at_kill, outcome.failures
+    assert list(outcome.replaced) == ["blu1"]
+    assert outcome.exit_status == 0
+
+
+def test_start_limit_allows_five_starts_in_ten_seconds() -> None:
+    limit = StartLimit(burst=5, interval_s=10.0)
+    for start in (0.0, 1.0, 2.0, 3.0, 4.0):
+        assert limit.allows_start(start)
+        limit.record_start(start)
+    assert not limit.allows_start(9.9)
+
+
+def test_start_limit_allows_a_start_again_once_the_oldest_is_out_of_the_window() -> None:
+    limit = StartLimit(burst=5, interval_s=10.0)
+    for start in (0.0, 1.0, 2.0, 3.0, 4.0):
+        limit.record_start(start)
+    assert limit.allows_start(10.0)
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
-def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify also checks that ExecStart's program exists: point a copy at this checkout.
-    unit = (ROOT / "deploy" / "bluserver@.service").read_text()
-    local = unit.replace("/opt/bluserver/.venv/bin/python", sys.executable).replace(
-        "/opt/bluserver", str(ROOT)
-    )
-    assert sys.executable in local and "/opt/" not in local
-    (tmp_path / "bluserver@.service").write_text(local)
+    for name in ("bluserver@.service", "bluserver@.socket"):
+        unit = (ROOT / "deploy" / name).read_text()
+        local = unit.replace("/opt/bluserver/.venv/bin/python", sys.executable)
+        (tmp_path / name).write_text(local.replace("/opt/bluserver", str(ROOT)))
+    assert "/opt/" not in (tmp_path / "bluserver@.service").read_text()
     result = subprocess.run(
-        ["systemd-analyze", "verify", "bluserver@1983.service"],
+        ["systemd-analyze", "verify", "bluserver@1983.socket", "bluserver@1983.service"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

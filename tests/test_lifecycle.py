@@ -1,0 +1,186 @@
+"""Lifecycle: how the server starts, stops and restarts without losing a request.
+
+Starting: on a listening socket handed to it (systemd's socket activation), and telling its
+service manager when it serves (sd_notify).  Stopping: the backlog is served, two signals
+are two.  Under pressure: a fork of a handler that fails is retried, a connection that sends
+nothing holds no slot.  Every test runs real servers (conftest.start_server) on 127.0.0.1,
+logging one JSON object per line, and waits for logged events or for /proc to show a state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from client import recv_frame, send_frame
+from conftest import EVENT_TIMEOUT_S, ServerProcess, connect, wait_for_exit, wait_until
+
+StartServer = Callable[..., ServerProcess]
+LOG = ("-v", "--log-format", "json")
+SCRIPTED = {"faults": ["scripted_lines"]}  # a line "gate PATH" waits until the file PATH exists
+LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp shows it (little-endian hosts)
+TCP_LISTEN = "0A"  # the LISTEN state in /proc/net/tcp
+
+
+def accept_queue_length(port: int) -> int:
+    """Connections the kernel has accepted for 127.0.0.1:port that wait for the server to take
+    them: for a listening socket, /proc/net/tcp shows that count as its rx_queue."""
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if fields[1] == f"{LOOPBACK_HEX}:{port:04X}" and fields[3] == TCP_LISTEN:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def signal_pending(pid: int, signum: signal.Signals) -> bool:
+    """Whether signum, sent to process pid, still waits to be delivered (/proc/PID/status: ShdPnd,
+    a hexadecimal mask of the signals pending for the whole process; bit n-1 is signal n)."""
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("ShdPnd:"):
+            return bool(int(row.split()[1], 16) >> (signum - 1) & 1)
+    raise AssertionError(f"no ShdPnd for process {pid}")
+
+
+@contextlib.contextmanager
+def connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """count connections to 127.0.0.1:port, closed at the end."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(connect(port)) for _ in range(count)]
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A listening socket on 127.0.0.1, held by the test as systemd holds a .socket unit's."""
+    with socket.create_server(("127.0.0.1", 0), backlog=socket.SOMAXCONN) as sock:
+        yield sock
+
+
+# --- Stopping. -----------------------------------------------------------------------------------
+
+
+def test_requests_waiting_in_the_backlog_at_shutdown_are_all_served(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server(*LOG, "--max-children", "1", **SCRIPTED)
+    gate = tmp_path / "gate"
+    with connections(server.port, 6) as (in_flight, *waiting):
+        send_frame(in_flight, [f"gate {gate}\n".encode()])
+        server.wait_for_event("Worker started")
+        for number, sock in enumerate(waiting):
+            send_frame(sock, [f"{number} + 1\n".encode()])
+        wait_until(lambda: accept_queue_length(server.port) == 5, "five requests in the backlog")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait_for_event("Shutting down")["requests_waiting"] == 5
+        gate.touch()
+        replies = [recv_frame(sock) for sock in (in_flight, *waiting)]
+    assert replies == [b"released\n", b"1\n", b"2\n", b"3\n", b"4\n", b"5\n"]
+    assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
+
+
+@pytest.mark.parametrize("max_children", ["1", "16"], ids=["all-slots-busy", "a-slot-free"])
+def test_second_signal_sent_once_the_first_is_delivered_stops_at_once_with_status_1(
+    start_server: StartServer, tmp_path: Path, max_children: str
+) -> None:
+    server = start_server(*LOG, "--max-children", max_children, **SCRIPTED)
+    with server.connect() as sock:
+        send_frame(sock, [f"gate {tmp_path / 'gate'}\n".encode()])  # never released
+        server.wait_for_event("Worker started")
+        os.kill(server.pid, signal.SIGTERM)
+        # Not sooner: two signals of a kind pending at once are one for the kernel itself.
+        wait_until(lambda: not signal_pending(server.pid, signal.SIGTERM), "the first delivered")
+        os.kill(server.pid, signal.SIGTERM)
+        assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
+    assert server.events("Stopped at once", signal="SIGTERM")
+
+
+# --- Starting on a socket from the service manager, and telling it. ------------------------------
+
+
+def test_server_serves_the_listening_socket_it_is_handed(
+    start_server: StartServer, listener: socket.socket
+) -> None:
+    server = start_server(*LOG, listener=listener)
+    assert server.port == listener.getsockname()[1]
+    assert server.request(b"1 + 1\n") == b"2\n"
+
+
+def test_requests_sent_between_two_servers_on_a_handed_socket_are_answered_by_the_second(
+    start_server: StartServer, listener: socket.socket
+) -> None:
+    first = start_server(*LOG, listener=listener)
+    assert first.stop() == 0
+    port = listener.getsockname()[1]
+    with connections(port, 3) as queued:  # no server runs: they wait in the socket's backlog
+        for number, sock in enumerate(queued):
+            send_frame(sock, [f"{number} * 10\n".encode()])
+        start_server(*LOG, listener=listener)
+        assert [recv_frame(sock) for sock in queued] == [b"0\n", b"10\n", b"20\n"]
+
+
+def test_handed_socket_defers_accepting_until_a_client_has_sent_something(
+    start_server: StartServer, listener: socket.socket
+) -> None:
+    start_server(listener=listener)
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+
+
+def test_socket_meant_for_another_process_is_ignored_and_the_server_binds_its_own(
+    start_server: StartServer,
+) -> None:
+    # LISTEN_PID names the process the sockets are for: here not the server (pid 1 is init).
+    server = start_server(env={"LISTEN_PID": "1", "LISTEN_FDS": "1"})
+    assert server.request(b"1 + 1\n") == b"2\n"
+
+
+def test_server_tells_its_service_manager_when_it_serves_and_when_it_stops(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(EVENT_TIMEOUT_S)
+        server = start_server(env={"NOTIFY_SOCKET": path})
+        assert notify.recv(1024) == b"READY=1"
+        assert server.stop() == 0
+        assert notify.recv(1024) == b"STOPPING=1"
+
+
+# --- Under pressure: out of processes, idle connections. -----------------------------------------
+
+
+def test_handler_that_cannot_be_forked_is_forked_again_and_the_request_served(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, faults=["failing_forks:2"])
+    assert server.request(b"1 + 1\n") == b"2\n"
+    warnings = [event for event in server.events() if event["level"] == "WARNING"]
+    assert [(event["event"], event["reason"]) for event in warnings] == [
+        ("Handler failed", f"cannot start: [Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}")
+    ]
+    assert "Traceback" not in server.stderr()
+
+
+def test_connection_that_sends_nothing_holds_no_slot(start_server: StartServer) -> None:
+    server = start_server(*LOG, "--max-children", "1")
+    with server.connect(), server.connect() as sock:  # the first one sends nothing
+        send_frame(sock, [b"1 + 1\n"])
+        assert recv_frame(sock) == b"2\n"
+        server.wait_until_idle()  # while the silent connection is open: no handler holds it
+
+
+def test_connection_silent_for_the_client_timeout_is_closed_without_a_handler(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, "--client-timeout", "1")
+    with server.connect() as silent:
+        assert silent.recv(1) == b"", "the server must close a connection that sends nothing"
+    dropped = server.wait_for_event("Client failed")
+    assert dropped["pname"] == "server"
