@@ -409,6 +409,33 @@ def test_client_resetting_after_stray_bytes_still_ends_its_handler_and_workers(
     )
 
 
+def test_client_resetting_after_half_closing_still_cancels_the_work(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # After the client's FIN, worker.ClientWatch stops watching the socket: a later reset is
+    # never seen, and the workers run on (here: until the gate opens, or --worker-timeout).
+    server = start_server(*LOG, "-n", "1", **SCRIPTED)
+    gate = tmp_path / "gate"
+    sock = server.connect()
+    try:
+        send_frame(sock, [f"gate {gate}\n".encode()])
+        sock.shutdown(socket.SHUT_WR)  # "that is all I send" (nc -N, many HTTP-style clients)
+        handler = server.wait_for_event("Worker started")["pid"]
+        wait_until((tmp_path / "gate.waiting").exists, "the worker to reach the gate")
+        reset(sock)
+        wait_until(
+            lambda: handler not in server.handlers(),
+            "the reset to end the handler and its workers",
+            timeout_s=5.0,
+        )
+        assert server.wait_for_event("Client failed")["reason"].startswith(
+            f"[Errno {errno.ECONNRESET}]"
+        )
+    finally:
+        gate.touch()  # let a handler that missed the reset finish, for the cleanup
+        sock.close()
+
+
 # --- Workers that are slow, hang, die or cannot start. -------------------------------------------
 
 
@@ -495,6 +522,27 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
     assert server.events("Worker failed") == []
 
 
+def test_workers_that_are_working_but_share_a_core_are_not_taken_for_stuck(
+    start_server: StartServer,
+) -> None:
+    # A worker reports only between lines.  32 workers of one request on one core (as -n 64
+    # on 2 cores) each take ~2.4 s of wall time for one 75 ms line: silent for longer than
+    # --worker-timeout 1, the shortest allowed, but working all along.
+    line = b"((1))+" * 1666 + b"1\n"  # 9,997 bytes: about 75 ms of pyparsing
+    workers = 32
+    server = start_server(
+        *LOG,
+        "-n",
+        str(workers),
+        "--worker-timeout",
+        "1",
+        command=["taskset", "-c", "0", sys.executable, "bluserver.py"],
+    )
+    assert server.request(line * workers) == b"1667\n" * workers
+    server.wait_for_event("Request served")
+    assert server.events("Worker failed") == []
+
+
 def test_worker_stopped_half_way_through_a_block_is_replaced_not_waited_for(
     start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -524,6 +572,7 @@ def test_worker_lost_after_its_last_result_leaves_a_complete_reply(
     assert server.request(b"1 + 1\n2 * 3" + last_newline) == b"2\n6\n"
     served = server.wait_for_event("Request served")
     assert (served["lines"], served["error_lines"]) == (2, 0)
+    assert [event for event in server.events() if event["level"] == "WARNING"] == []
     assert "Traceback" not in server.stderr()
 
 
