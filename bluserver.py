@@ -56,7 +56,7 @@ logger = logging.getLogger("bluserver")
 
 
 class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """``events.info("Request served", lines=3)``: one event and its fields, with the request's
+    """``event_log.info("Request served", lines=3)``: one event and its fields, with the request's
     id when there is one.  logging's own keywords (``exc_info``, ...) keep their meaning."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -88,7 +88,7 @@ class EventFormatter(logging.Formatter):
         return f"[bluserver] {self.formatTime(record)}: {record.levelname} {pairs}"
 
 
-server_events = EventLog(logger, {})  # the server's own events, outside any request
+server_log = EventLog(logger, {})  # the server's own events, outside any request
 
 
 def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]]:
@@ -123,7 +123,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     """Receives one request, evaluates it in workers, sends the reply.  Runs in its own process."""
 
     server: BluServer
-    request: socket.socket
+    request: socket.socket  # socketserver's name for the connection: see setup
 
     def setup(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches only the server, and killpg() ends
@@ -134,37 +134,40 @@ class RequestHandler(socketserver.BaseRequestHandler):
         self.server.socket.close()  # only the server accepts
         multiprocessing.current_process().name = "handler"
         self.options = self.server.options
-        self.events = EventLog(logger, {"uuid": uuid.uuid4().hex})
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.event_log = EventLog(logger, {"uuid": uuid.uuid4().hex})
+        # socketserver calls the connection "request" (as StreamRequestHandler does, this
+        # names it "connection"): here a request is the message that comes over it.
+        self.connection = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle(self) -> None:
         started = time.monotonic()
-        self.events.info("Incoming connection", peer=self.client_address)
+        self.event_log.info("Incoming connection", peer=self.client_address)
         try:
             payload = self.receive_request()
             self.evaluate_and_reply(payload, started)
         except REFUSALS as error:
-            self.events.warning("Request refused", reason=str(error))
+            self.event_log.warning("Request refused", reason=str(error))
             self.reply_and_linger(f"error: {error}\n".encode())
         except CLIENT_FAILURES as error:
-            self.events.warning("Client failed", reason=str(error) or "timed out")
+            self.event_log.warning("Client failed", reason=str(error) or "timed out")
 
     def evaluate_and_reply(self, payload: bytearray, started: float) -> None:
         """Evaluate payload in workers, send the reply, log the request's summary, linger."""
-        ranges = slice_bounds(payload, self.options.workers)
+        ranges = slice_bounds(payload, self.options.max_workers)
         with worker.evaluate_in_workers(
             payload,
             ranges,
-            self.request,
+            self.connection,
             worker_timeout_s=self.options.worker_timeout_s,
             max_reply_bytes=self.options.max_reply_bytes,
-            events=self.events,
+            event_log=self.event_log,
         ) as slices:
             bytes_out = self.send_reply(slices)
-            if self.events.isEnabledFor(logging.DEBUG):
+            if self.event_log.isEnabledFor(logging.DEBUG):
                 self.log_rejected_lines(payload, slices)
         # Logged once the workers are reaped (leaving the with block), so that the summary is last.
-        self.events.info(
+        self.event_log.info(
             "Request served",
             lines=count_lines(payload),
             error_lines=sum(slice_.error_lines for slice_ in slices),
@@ -187,26 +190,26 @@ class RequestHandler(socketserver.BaseRequestHandler):
             left_s = started + timeout_s + moved / min_rate - time.monotonic()
             if left_s <= 0:
                 raise socket.timeout(f"slower than --min-rate {min_rate} bytes/s")
-            self.request.settimeout(min(timeout_s, left_s))
+            self.connection.settimeout(min(timeout_s, left_s))
 
         return before_wait
 
     def receive_request(self) -> bytearray:
         """The request's bytes; raises RequestTooLarge before reading an oversized body."""
         pace = self.pace()
-        (size,) = HEADER.unpack(recv_exactly(self.request, HEADER.size, pace))
+        (size,) = HEADER.unpack(recv_exactly(self.connection, HEADER.size, pace))
         if size > self.options.max_bytes:
             limit = self.options.max_bytes
             raise RequestTooLarge(f"request too large ({size} bytes, limit {limit})")
-        self.events.info("Request announced", bytes=size)
-        return recv_exactly(self.request, size, pace)
+        self.event_log.info("Request announced", bytes=size)
+        return recv_exactly(self.connection, size, pace)
 
     def send_reply(self, slices: list[worker.Slice]) -> int:
         """Send the slices' spooled results as one frame, in order, read back a chunk at a
         time; return its length."""
         length = sum(slice_.spool.size for slice_ in slices)
         spooled = (chunk for slice_ in slices for chunk in slice_.spool.chunks())
-        send_frame(self.request, spooled, length, self.pace())
+        send_frame(self.connection, spooled, length, self.pace())
         return length
 
     def log_rejected_lines(self, payload: bytearray, slices: list[worker.Slice]) -> None:
@@ -218,13 +221,13 @@ class RequestHandler(socketserver.BaseRequestHandler):
                 if result.startswith(b"error: "):
                     excerpt = line_excerpt(payload, line_start)
                     reason = result[len(b"error: ") : -1].decode()
-                    self.events.debug("Line rejected", line=excerpt, reason=reason)
+                    self.event_log.debug("Line rejected", line=excerpt, reason=reason)
                 line_start = payload.find(b"\n", line_start, slice_.end) + 1
 
     def reply_and_linger(self, reply: bytes) -> None:
         """Send a one-line reply (a refusal), then linger."""
         with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
-            send_frame(self.request, [reply])
+            send_frame(self.connection, [reply])
         self.linger()
 
     def linger(self) -> None:
@@ -233,13 +236,13 @@ class RequestHandler(socketserver.BaseRequestHandler):
         sends a reset, which destroys whatever of the reply the client has not read yet."""
         deadline = time.monotonic() + LINGER_S
         with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
-            self.request.shutdown(socket.SHUT_WR)
+            self.connection.shutdown(socket.SHUT_WR)
             while True:
                 left_s = deadline - time.monotonic()
                 if left_s <= 0:
                     return
-                self.request.settimeout(left_s)
-                if not self.request.recv(CHUNK_BYTES):
+                self.connection.settimeout(left_s)
+                if not self.connection.recv(CHUNK_BYTES):
                     return
 
 
@@ -286,7 +289,7 @@ def notify_service_manager(state: str) -> None:
         try:
             notify.sendto(state.encode(), address)
         except OSError as error:  # the manager has gone: the server goes on regardless
-            server_events.warning("Service manager not told", state=state, reason=str(error))
+            server_log.warning("Service manager not told", state=state, reason=str(error))
 
 
 class SignalPipe:
@@ -434,7 +437,7 @@ class BluServer(socketserver.ForkingTCPServer):
         except BlockingIOError:
             silent_s = self.options.client_timeout_s
             reason = f"sent nothing within --client-timeout ({silent_s:g} s)"
-            server_events.warning("Client failed", peer=client_address, reason=reason)
+            server_log.warning("Client failed", peer=client_address, reason=reason)
             return False
         return True
 
@@ -452,7 +455,7 @@ class BluServer(socketserver.ForkingTCPServer):
             if request is not self.fork_failed_for:
                 reason = f"cannot start: {error}"
                 retry_in_s = self.fork_retry_s
-                server_events.warning("Handler failed", reason=reason, retry_in_s=retry_in_s)
+                server_log.warning("Handler failed", reason=reason, retry_in_s=retry_in_s)
             self.fork_failed_for = request
             self.waiting.appendleft((request, client_address))
             self.fork_retry_at = time.monotonic() + self.fork_retry_s
@@ -493,7 +496,7 @@ class BluServer(socketserver.ForkingTCPServer):
         self.take_backlog()
         self.server_close()
         notify_service_manager("STOPPING=1")
-        server_events.warning(
+        server_log.warning(
             "Shutting down",
             signal=signum.name,
             requests_in_flight=len(self.active_children),
@@ -510,7 +513,7 @@ class BluServer(socketserver.ForkingTCPServer):
             except BlockingIOError:  # the backlog is empty
                 return
             except OSError as error:  # e.g. out of file descriptors: the rest are reset
-                server_events.warning("Backlog not taken", reason=str(error))
+                server_log.warning("Backlog not taken", reason=str(error))
                 return
 
     def stop_now(self, signum: signal.Signals) -> NoReturn:
@@ -523,7 +526,7 @@ class BluServer(socketserver.ForkingTCPServer):
                 os.killpg(pid, signal.SIGKILL)  # its workers, in the process group it made
         for request, _ in self.waiting:
             self.shutdown_request(request)
-        server_events.warning("Stopped at once", signal=signum.name)
+        server_log.warning("Stopped at once", signal=signum.name)
         raise SystemExit(1)
 
 
@@ -532,15 +535,15 @@ def serve_until_signalled(server: BluServer) -> None:
     backlog, and return once every handler has exited.  A second signal kills them (exit 1)."""
     server.signals = SignalPipe([*SHUTDOWN_SIGNALS, signal.SIGCHLD])
     host, port = server.socket.getsockname()[:2]
-    workers = server.options.workers
+    workers = server.options.max_workers
     banner = f"bluserver: serving on {host}:{port} with up to {workers} workers per request"
     print(banner, flush=True)
-    server_events.info("Server started", **{**vars(server.options), "address": host, "port": port})
+    server_log.info("Server started", **{**vars(server.options), "address": host, "port": port})
     notify_service_manager("READY=1")
     while not server.shutdown_signal or server.active_children or server.waiting:
         if server.wait():
             server.serve_next()
-    server_events.warning("Server stopped")
+    server_log.warning("Server stopped")
 
 
 def whole_number(low: int, high: int) -> Callable[[str], int]:
@@ -597,6 +600,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add(
         "-n",
         "--workers",
+        dest="max_workers",
         type=whole_number(1, MAX_WORKERS),
         default=2,
         help=f"most worker processes per request, 1-{MAX_WORKERS} (default: %(default)s)",
@@ -673,9 +677,9 @@ def add_limits(group: argparse._ArgumentGroup) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv)
     multiprocessing.current_process().name = "server"
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(EventFormatter(as_json=options.log_format == "json"))
-    logger.addHandler(handler)
+    log_output = logging.StreamHandler(sys.stdout)
+    log_output.setFormatter(EventFormatter(as_json=options.log_format == "json"))
+    logger.addHandler(log_output)
     logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)])
     try:
         server = BluServer(options, socket_from_service_manager())

@@ -268,14 +268,14 @@ class Slice:
         payload: bytearray,
         bounds: tuple[int, int],
         budget: ReplyBudget,
-        events: logging.LoggerAdapter[logging.Logger],
+        event_log: logging.LoggerAdapter[logging.Logger],
     ) -> None:
         self.payload = payload
         self.first = bounds[0]
         self.start = bounds[0]
         self.end = bounds[1]
         self.budget = budget
-        self.events = events
+        self.event_log = event_log
         self.spool = Spool()
         self.answered = 0  # lines answered by the current attempt
         self.attempts = 0
@@ -307,7 +307,7 @@ class Slice:
                 if wait_s is None:
                     raise WorkerNotStarted(error) from None
                 reason = str(error)
-                self.events.warning(
+                self.event_log.warning(
                     "Worker not started", worker=name, reason=reason, retry_s=wait_s
                 )
                 time.sleep(wait_s)  # a pause for the system, not a wait for a condition
@@ -332,7 +332,7 @@ class Slice:
         self.heard_at = time.monotonic()
         self.worked_ticks = cpu_ticks(process.pid)
         pid = process.pid
-        self.events.info("Worker started", worker=name, worker_pid=pid, attempt=self.attempts)
+        self.event_log.info("Worker started", worker=name, worker_pid=pid, attempt=self.attempts)
 
     def receive(self) -> None:
         """Spool every whole block the worker has sent, without waiting for more; on its
@@ -341,7 +341,7 @@ class Slice:
         closed = self.read_available()
         for block in self.whole_blocks():
             if block == END_OF_SLICE:
-                self.events.info(
+                self.event_log.info(
                     "Worker finished", worker=self.name, lines=self.answered, attempt=self.attempts
                 )
                 self.finished = True
@@ -402,10 +402,12 @@ class Slice:
         self.answered = 0
         if self.start == self.end:
             # It answered every line and was lost before it said so: nothing is missing.
-            self.events.info("Worker finished", worker=name, lines=answered, attempt=self.attempts)
+            self.event_log.info(
+                "Worker finished", worker=name, lines=answered, attempt=self.attempts
+            )
             self.finished = True
             return
-        self.events.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
+        self.event_log.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
         self.start_worker(name)
 
     def skip_lines(self, offset: int, count: int) -> int:
@@ -504,7 +506,7 @@ def evaluate_in_workers(
     *,
     worker_timeout_s: float,
     max_reply_bytes: int,
-    events: logging.LoggerAdapter[logging.Logger],
+    event_log: logging.LoggerAdapter[logging.Logger],
 ) -> Iterator[list[Slice]]:
     """Evaluate each range of payload in a worker; yield the slices, their results spooled.
 
@@ -517,7 +519,7 @@ def evaluate_in_workers(
     slices: list[Slice] = []
     try:
         for number, bounds in enumerate(ranges, 1):
-            slices.append(Slice(payload, bounds, budget, events))
+            slices.append(Slice(payload, bounds, budget, event_log))
             slices[-1].start_worker(f"worker-{number}")
         watch = ClientWatch(client)
         while not all(slice_.finished for slice_ in slices):

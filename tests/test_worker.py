@@ -22,7 +22,7 @@ import grammar
 import worker
 from client import HEADER
 
-EVENTS = bluserver.EventLog(logging.getLogger("test_worker"), {})
+EVENT_LOG = bluserver.EventLog(logging.getLogger("test_worker"), {})
 LIMIT = grammar.MAX_LINE_BYTES
 BATCH = worker.DECODE_BYTES
 
@@ -104,7 +104,7 @@ def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
     def make(payload: bytes, scripts: dict[int, Script], limit: int = 2**20) -> worker.Slice:
         monkeypatch.setattr(worker, "evaluate_slice", scripted_workers(scripts))
         slice_ = worker.Slice(
-            bytearray(payload), (0, len(payload)), worker.ReplyBudget(limit), EVENTS
+            bytearray(payload), (0, len(payload)), worker.ReplyBudget(limit), EVENT_LOG
         )
         slices.append(slice_)
         slice_.start_worker("worker-1")
@@ -143,7 +143,7 @@ def test_lines_a_dead_worker_did_not_answer_are_run_again_and_only_those(
 
 
 def test_a_block_cut_short_is_left_unread_until_it_is_whole() -> None:
-    slice_ = worker.Slice(bytearray(b"1\n2\n"), (0, 4), worker.ReplyBudget(100), EVENTS)
+    slice_ = worker.Slice(bytearray(b"1\n2\n"), (0, 4), worker.ReplyBudget(100), EVENT_LOG)
     second = HEADER.pack(3) + b"r2\n"
     # What a worker stopped half-way through its second block has sent.
     slice_.unread += HEADER.pack(3) + b"r1\n" + second[:5]
