@@ -365,18 +365,19 @@ OPERAND = rf"(?:{WHITESPACE}{OPENING})*{WHITESPACE}{NUMBER}(?:{WHITESPACE}\))*"
 # before them would try every split of a long run of spaces between the two.
 TOKENS_LINE = re.compile(rf"({SIGNS})({OPERAND}(?:{WHITESPACE}{OPERATOR}{OPERAND})*){WHITESPACE}")
 PARENTHESIS = re.compile("[()]")
-LONG_LITERAL = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")
+# An integer literal of over MAX_INT_DIGITS digits; a decimal's digits are a float's, any number.
+LONG_INTEGER = re.compile(rf"(?<![0-9.])[0-9]{{{MAX_INT_DIGITS + 1},}}(?![0-9.])")
 
 
 def fast_tokens(line: str) -> list[Token] | None:
     """The tokens parsed_tokens gives for line if it parses, else None (pyparsing says why).
 
-    A literal of over MAX_INT_DIGITS digits, which fails parsing, is left to pyparsing too.
+    An integer of over MAX_INT_DIGITS digits, which fails parsing, is left to pyparsing too.
     """
     match = TOKENS_LINE.fullmatch(line)
     if match is None or not _balanced(line):
         return None
-    if len(line) > MAX_INT_DIGITS and LONG_LITERAL.search(line):
+    if len(line) > MAX_INT_DIGITS and LONG_INTEGER.search(line):
         return None
     return [match[1].lstrip(" \t"), *_tokens(match[2])]
 
