@@ -21,13 +21,17 @@ from typing import Any, Callable
 import pytest
 
 import client
+from bluserver import MIN_SLICE_BYTES
 from client import recv_frame
 from conftest import ROOT, ServerProcess
 from tools import make_zipapp
 
 PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
 REPLY = b"3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"
-ALL_REJECTED = b"(1\n7 / 0\n(2\n8 / 0\n"  # with -n 2, both workers reject lines
+# With -n 2, both workers reject lines: each half is a slice's minimum, mostly blank lines.
+REJECTED_IN_EACH_HALF = (
+    b"(1\n7 / 0\n" + b"\n" * MIN_SLICE_BYTES + b"(2\n8 / 0\n" + b"\n" * MIN_SLICE_BYTES
+)
 SUPPORTED_EXTREMES = ("3.9", "3.13")  # the oldest and newest Python the zipapp must run on
 CLIENT_TIMEOUT_S = 0.5
 RUN_TIMEOUT_S = 30.0
@@ -220,7 +224,7 @@ def test_grep_by_uuid_follows_one_request_to_its_handler_and_each_worker_process
     start_server: Callable[..., ServerProcess],
 ) -> None:
     server = start_server("-vv", "-n", "2")
-    server.request(ALL_REJECTED)
+    server.request(REJECTED_IN_EACH_HALF)
     logged = "\n".join(log_lines(server))
     request_ids = set(re.findall(r"uuid='([0-9a-f]{32})'", logged))
     assert len(request_ids) == 1

@@ -310,7 +310,7 @@ def test_client_resetting_during_evaluation_ends_its_handler_and_workers(
     path = tmp_path / "gate"
     sock = server.connect()
     send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
-    server.wait_for_event("Worker started", worker="worker-2")
+    server.wait_for_event("Worker started", worker="worker-1")  # a small request's only worker
     reset(sock)
     server.wait_until_idle()
     assert server.wait_for_event("Client failed")["reason"].startswith(
@@ -489,7 +489,7 @@ def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
     path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
     with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
-        server.wait_for_event("Worker started", worker="worker-2")
+        server.wait_for_event("Worker started", worker="worker-1")  # a small request's only worker
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("Shutting down")
         server.process.send_signal(signal.SIGTERM)
