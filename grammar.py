@@ -19,19 +19,21 @@ tests/grammar_oracle.py: the most straightforward form, and the place to start r
 the pyparsing grammar (section "The grammar") parses the same lines as one chain of operands
 and operators, each element named after its rule::
 
-    line      ::= signs expr end_of_line
-    expr      ::= operand (operator operand)*
-    operand   ::= run | group
-    group     ::= opening expr ')'
-    run       ::= number (operator number)*           a stretch without parentheses: one regex
-    opening   ::= '(' signs
-    operator  ::= binary signs
-    signs     ::= ('+' | '-')*
-    binary    ::= '+' | '-' | '*' | '//' | '/' | '%' | '**'
+    line           ::= signs expr end_of_line
+    expr           ::= operand (operator operand)*
+    operand        ::= run | group
+    group          ::= opening expr ')'
+    run            ::= simple_operand (operator simple_operand)*          one regex
+    simple_operand ::= number | opening number (operator number)* ')'     no group inside
+    opening        ::= '(' signs
+    operator       ::= binary signs
+    signs          ::= ('+' | '-')*
+    binary         ::= '+' | '-' | '*' | '//' | '/' | '%' | '**'
 
 and ``evaluate`` applies the precedence levels to the chain's tokens with a stack: operator-
 precedence parsing, Dijkstra's *shunting-yard* algorithm.  pyparsing tries every level of the
-first grammar for every number (680 µs a line); the chain costs it one element per group.
+first grammar for every number (680 µs a line); the chain costs it a regex per run and ~30 µs
+per group that holds a group.
 
 **Why signs ride on the operator before them.**  A '-' right after an operand is the binary
 minus, anywhere else it is a sign.  Writing ``operator ::= binary signs`` (and ``opening ::=
@@ -123,8 +125,9 @@ BINARY = r"\*\*|//|[-+*/%]"  # '**' and '//' before '*' and '/'
 SIGNS = r"(?:[ \t]*[+-])*"
 OPERATOR = rf"(?:{BINARY}){SIGNS}"
 OPENING = rf"\({SIGNS}"
-ATOM = rf"(?:{NUMBER}|{OPENING}[ \t]*{NUMBER}(?:[ \t]*{OPERATOR}[ \t]*{NUMBER})*[ \t]*\))"
-RUN = rf"{ATOM}(?:[ \t]*{OPERATOR}[ \t]*{ATOM})*"
+SIMPLE_GROUP = rf"{OPENING}[ \t]*{NUMBER}(?:[ \t]*{OPERATOR}[ \t]*{NUMBER})*[ \t]*\)"
+SIMPLE_OPERAND = rf"(?:{NUMBER}|{SIMPLE_GROUP})"
+RUN = rf"{SIMPLE_OPERAND}(?:[ \t]*{OPERATOR}[ \t]*{SIMPLE_OPERAND})*"
 TOKEN = re.compile(rf"{NUMBER}|{OPERATOR}|{OPENING}|\)")  # spaces and tabs between are skipped
 
 # A token is a number or text: the signs that start the line ('', '-', '- +'), an opening with
@@ -187,7 +190,8 @@ nesting = Nesting()
 expr = pp.Forward()
 signs = pp.Regex(SIGNS)  # may match nothing: an optional element would cost an exception
 operator = pp.Regex(OPERATOR)
-# One regex for what needs no recursion: pyparsing spends ~30 µs on each group it walks.
+# One regex for what needs no recursion (groups holding no group): pyparsing spends ~30 µs
+# on each group it walks.
 run = pp.Regex(RUN).set_parse_action(nesting.run_tokens)
 opening = pp.Regex(OPENING).set_parse_action(nesting.open_group)
 closing = pp.Literal(")").set_parse_action(nesting.close_group)
@@ -360,10 +364,13 @@ def evaluate_flat(tokens: list[str]) -> Number:
 # regular language (signs ride on the operator or '(' before them), so one regular expression
 # checks them all; a count of open groups then checks the balance and MAX_NESTING.
 WHITESPACE = "[ \t]*"
-OPERAND = rf"(?:{WHITESPACE}{OPENING})*{WHITESPACE}{NUMBER}(?:{WHITESPACE}\))*"
+# A number with the openings before it and the closings after it.
+BRACKETED_NUMBER = rf"(?:{WHITESPACE}{OPENING})*{WHITESPACE}{NUMBER}(?:{WHITESPACE}\))*"
 # The signs are matched with the spaces before them (pyparsing skips those): a WHITESPACE
 # before them would try every split of a long run of spaces between the two.
-TOKENS_LINE = re.compile(rf"({SIGNS})({OPERAND}(?:{WHITESPACE}{OPERATOR}{OPERAND})*){WHITESPACE}")
+TOKENS_LINE = re.compile(
+    rf"({SIGNS})({BRACKETED_NUMBER}(?:{WHITESPACE}{OPERATOR}{BRACKETED_NUMBER})*){WHITESPACE}"
+)
 PARENTHESIS = re.compile("[()]")
 # An integer literal of over MAX_INT_DIGITS digits; a decimal's digits are a float's, any number.
 LONG_INTEGER = re.compile(rf"(?<![0-9.])[0-9]{{{MAX_INT_DIGITS + 1},}}(?![0-9.])")
