@@ -29,6 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bluserver
+from bluserver import MIN_SLICE_BYTES
 from client import HEADER, recv_frame, send_frame
 from conftest import ServerProcess, wait_for_exit, wait_until
 from grammar import evaluate_line
@@ -203,6 +204,10 @@ payloads = st.one_of(
     st.lists(st.sampled_from([b"\n", b"\r\n", b"1", b" + ", b"22", b"\xff"]), max_size=100).map(
         b"".join
     ),
+    # Large enough to be cut: lines of about 20 KB, and a line longer than a slice.
+    st.lists(
+        st.sampled_from([b"1 + 1\n" * 3000, b"22\n", b"\xff" * 40_000, b"\r\n"]), max_size=12
+    ).map(b"".join),
 )
 
 
@@ -218,6 +223,7 @@ def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(
     assert all(start < end for start, end in bounds)
     assert all(payload[end - 1 : end] == b"\n" for end in edges[1:-1])
     assert len(bounds) <= min(count, len(split_lines(payload)))
+    assert len(bounds) <= max(1, len(payload) // MIN_SLICE_BYTES)
 
 
 @pytest.mark.parametrize(
@@ -227,8 +233,21 @@ def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(
         (b"1 + 1", 4, [(0, 5)]),
         (b"1\n", 4, [(0, 2)]),
         (b"1\n2\n3\n4\n", 1, [(0, 8)]),
+        (b"1\n2\n3\n4\n", 4, [(0, 8)]),
+        (
+            b"1\n" * MIN_SLICE_BYTES,
+            4,
+            [(0, MIN_SLICE_BYTES), (MIN_SLICE_BYTES, 2 * MIN_SLICE_BYTES)],
+        ),
     ],
-    ids=["empty_gets_none", "line_without_newline", "one_line_gets_one", "one_worker_gets_all"],
+    ids=[
+        "empty_gets_none",
+        "line_without_newline",
+        "one_line_gets_one",
+        "one_worker_gets_all",
+        "small_request_gets_one",
+        "one_per_minimum_slice",
+    ],
 )
 def test_slice_bounds_examples(
     payload: bytes, count: int, expected: list[tuple[int, int]]
@@ -327,7 +346,7 @@ def servers_with_1_2_and_4_workers(server: ServerProcess) -> Iterator[list[Serve
         one.cleanup()
 
 
-@pytest.mark.parametrize("line_count", [1, 2, 3, 1000])
+@pytest.mark.parametrize("line_count", [1, 2, 3, 10_000])  # 10,000 lines: 4 slices at -n 4
 def test_reply_is_the_same_for_1_2_and_4_workers(
     servers_with_1_2_and_4_workers: list[ServerProcess], line_count: int
 ) -> None:
@@ -380,7 +399,7 @@ def test_request_served_event_sums_up_the_request(start_server: StartServer) -> 
         "error_lines": 2,
         "bytes_in": len(MIXED_PAYLOAD),
         "bytes_out": len(MIXED_REPLY),
-        "workers": 2,
+        "workers": 1,  # a small request: one slice (MIN_SLICE_BYTES)
     }
     assert isinstance(served["seconds"], float)
 
@@ -389,12 +408,14 @@ def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(
     start_server: StartServer,
 ) -> None:
     server = start_server("-v", "-n", "4", *JSON_LOG)
+    long_line = b"1" + b" " * MIN_SLICE_BYTES + b"\n"  # a line as long as a slice's minimum
     payloads = [
         b"",
-        b"1\n",
-        b"22\n22\n",
-        b"333\n333\n333\n",
-        b"4444\n" * 6,
+        long_line,
+        long_line * 2,
+        long_line * 3,
+        long_line * 6,
+        b"4444\n" * 6,  # small: one worker
     ]  # lengths tell them apart
     for payload in payloads:
         server.request(payload)
@@ -413,16 +434,18 @@ def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(
 
     assert sorted(served.items()) == [
         (0, (0, 0)),
-        (2, (1, 1)),
-        (6, (2, 2)),
-        (12, (3, 3)),
-        (30, (4, 4)),
+        (30, (1, 1)),
+        (len(long_line), (1, 1)),
+        (2 * len(long_line), (2, 2)),
+        (3 * len(long_line), (3, 3)),
+        (6 * len(long_line), (4, 4)),
     ]
 
 
 def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: StartServer) -> None:
     server = start_server("-vv", "-n", "2", *JSON_LOG)
-    server.request(b"1 + 1\nbad one\n2 * 2\n1/0\n")  # one bad line in each worker's half
+    padding = b"1 + 1\n" * (MIN_SLICE_BYTES // 6)  # a slice each for two workers
+    server.request(b"bad one\n" + padding + b"1/0\n" + padding)  # a bad line in each slice
     server.stop()
 
     events = parse_log(server.output())

@@ -4,8 +4,10 @@ Read top to bottom: the original project's examples, Python's precedence and sem
 the exact error texts, the limits, and then four properties checked by Hypothesis on
 generated lines:
 
-- the fast paths (``evaluate_flat`` for the flat form, ``UNNESTED_LINE`` for lines
-  without parentheses) give exactly what pyparsing (``parsed_tokens``) gives;
+- the fast paths give exactly what the pyparsing grammar, the definition of the language,
+  gives: ``evaluate_flat`` the same values on the flat form, and ``fast_tokens`` the same
+  tokens as ``parsed_tokens`` on every line that parses, and None on every other line
+  (which pyparsing answers, with its message and column);
 - random expression trees, rendered to text with the fewest parentheses Python needs
   (plus some redundant ones), give what a small reference evaluator in this file
   computes by walking the tree with Python's operators;
@@ -229,6 +231,34 @@ def test_line_of_exactly_the_byte_limit_is_evaluated() -> None:
     )
 
 
+def test_line_too_long_gives_the_error_text_for_a_size_in_bytes() -> None:
+    # worker.py answers with it for a line it measures in bytes, before decoding it.
+    assert grammar.line_too_long(12000) == "error: line too long (12000 bytes, limit 10000)"
+
+
+FOUR_BYTE_DIGIT = "\U0001d7cf"  # MATHEMATICAL BOLD DIGIT ONE: 4 bytes in UTF-8
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        pytest.param(
+            FOUR_BYTE_DIGIT * 2500,
+            f"error: unexpected {FOUR_BYTE_DIGIT!r} at column 1",
+            id="10000-bytes",
+        ),
+        pytest.param(
+            FOUR_BYTE_DIGIT * 2501,
+            "error: line too long (10004 bytes, limit 10000)",
+            id="10004-bytes-in-2501-characters",
+        ),
+        pytest.param("٣" * 4999, "error: unexpected '٣' at column 1", id="9998-bytes"),
+    ],
+)
+def test_line_length_is_counted_in_utf8_bytes(line: str, expected: str) -> None:
+    assert evaluate_line(line) == expected
+
+
 def test_integers_of_4300_digits_are_allowed() -> None:
     assert evaluate_line("9" * 4300) == "9" * 4300
     assert evaluate_line("10 ** 4299") == "1" + "0" * 4299
@@ -236,6 +266,8 @@ def test_integers_of_4300_digits_are_allowed() -> None:
 
 
 NESTING = [
+    pytest.param("(" * 200 + "1" + ")" * 200, "1", id="200-parentheses"),
+    pytest.param("(" * 199 + "-(1)" + ")" * 199, "-1", id="200-parentheses-innermost-in-a-run"),
     pytest.param("(" * 100 + "1" + ")" * 100, "1", id="100-parentheses"),
     pytest.param("-(" * 100 + "1" + ")" * 100, "1", id="100-signed-parentheses"),
     pytest.param("-(" * 101 + "1" + ")" * 101, "-1", id="101-signed-parentheses"),
@@ -246,6 +278,18 @@ NESTING = [
 @pytest.mark.parametrize(("line", "expected"), NESTING)
 def test_at_least_100_levels_of_nesting_are_evaluated(line: str, expected: str) -> None:
     assert evaluate_line(line) == expected
+
+
+TOO_DEEP = [
+    pytest.param("(" * 201 + "1" + ")" * 201, id="201-parentheses"),
+    pytest.param("(" * 200 + "-(1)" + ")" * 200, id="201-parentheses-innermost-in-a-run"),
+    pytest.param("(" * 201 + "1", id="201-unclosed-parentheses"),
+]
+
+
+@pytest.mark.parametrize("line", TOO_DEEP)
+def test_more_than_200_levels_of_nesting_are_an_error(line: str) -> None:
+    assert evaluate_line(line) == TOO_DEEPLY_NESTED
 
 
 def test_evaluation_works_after_a_too_deeply_nested_line() -> None:
@@ -314,21 +358,39 @@ def test_flat_path_leaves_other_lines_to_the_grammar(line: str) -> None:
     assert grammar.flat_tokens(line) is None
 
 
-UNNESTED_LINES = [
-    pytest.param("1+1", id="flat-form-without-spaces"),
-    pytest.param(" - 2 ** -3.5 // 4 % 5 ", id="every-operator-and-signs"),
-    pytest.param("\t+-1", id="signs-only-before-the-number"),
+FAST_PATH_LINES = [
+    pytest.param("1+1", ["", 1, "+", 1], id="flat-form-without-spaces"),
+    pytest.param(" - 2 ** -3.5 // 4 % 5 ", ["-", 2, "** -", 3.5, "//", 4, "%", 5], id="signs"),
+    pytest.param("\t+-1", ["+-", 1], id="signs-only-before-the-number"),
+    pytest.param("-( -1)", ["-", "( -", 1, ")"], id="signs-after-opening"),
+    pytest.param("((1) * 2)", ["", "(", "(", 1, ")", "*", 2, ")"], id="nested-groups"),
+    pytest.param("(" * 200 + "1" + ")" * 200, ["", *"(" * 200, 1, *")" * 200], id="deepest"),
 ]
 
 
-@pytest.mark.parametrize("line", UNNESTED_LINES)
-def test_unnested_path_takes_lines_without_parentheses(line: str) -> None:
-    assert grammar.UNNESTED_LINE.fullmatch(line)
+@pytest.mark.parametrize(("line", "tokens"), FAST_PATH_LINES)
+def test_fast_path_gives_the_tokens_of_every_valid_line(line: str, tokens: list[object]) -> None:
+    assert grammar.fast_tokens(line) == tokens
 
 
-@pytest.mark.parametrize("line", ["(1)", "1 +", "-", "1 2", "1.", "٣"])
-def test_unnested_path_leaves_nesting_and_errors_to_pyparsing(line: str) -> None:
-    assert not grammar.UNNESTED_LINE.fullmatch(line)
+FAST_PATH_DECLINES = [
+    pytest.param("(1", id="unclosed-group"),
+    pytest.param("1)", id="unopened-group"),
+    pytest.param("(1))+((1)", id="balanced-count-wrong-order"),
+    pytest.param("()", id="empty-group"),
+    pytest.param("1 +", id="missing-operand"),
+    pytest.param("-", id="signs-alone"),
+    pytest.param("1 2", id="missing-operator"),
+    pytest.param("1.", id="decimal-without-fraction"),
+    pytest.param("٣", id="non-ascii-digit"),
+    pytest.param("1" * 4301, id="integer-too-long"),
+    pytest.param("(" * 201 + "1" + ")" * 201, id="nested-too-deeply"),
+]
+
+
+@pytest.mark.parametrize("line", FAST_PATH_DECLINES)
+def test_fast_path_leaves_every_invalid_line_to_pyparsing(line: str) -> None:
+    assert grammar.fast_tokens(line) is None
 
 
 # --- Property: the fast paths agree with pyparsing. -----------------------------------
@@ -451,7 +513,8 @@ def reference_result(tree: Tree) -> str:
 
 
 def reference_value(tree: Tree) -> grammar.Number:
-    """Value of tree, operands left to right as Python computes them; raise Refused past the limits."""
+    """Value of tree, operands left to right as Python computes them; raise Refused past the
+    limits."""
     if isinstance(tree, Literal):
         return allowed(float(tree.text) if "." in tree.text else int(tree.text))
     if isinstance(tree, Signed):
@@ -464,7 +527,8 @@ def reference_value(tree: Tree) -> grammar.Number:
 
 
 def certainly_too_many_digits(base: grammar.Number, exponent: grammar.Number) -> bool:
-    """True if base ** exponent is an integer of over 4300 digits; if False, it is cheap to compute.
+    """True if base ** exponent is an integer of over 4300 digits; if False, it is cheap to
+    compute.
 
     |base| >= 2 ** (bits - 1), so |base| ** exponent >= 2 ** (exponent * (bits - 1)); if
     that is False the power has under 2 * SMALLEST_TOO_LARGE.bit_length() bits.
@@ -637,15 +701,71 @@ def test_any_line_of_the_grammar_characters_gives_what_it_gave_before_optimisati
     assert evaluate_line(line) == grammar_oracle.evaluate_line(line)
 
 
+def fits_and_not_blank(line: str) -> bool:
+    """Whether evaluate_line evaluates line: blank and too long lines are answered before."""
+    return bool(line.strip(" \t")) and len(line.encode()) <= grammar.MAX_LINE_BYTES
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.one_of(
         EXPRESSIONS.map(lambda expression: expression.text),
         faulty_lines(),
         st.text(GRAMMAR_CHARACTERS, max_size=60),
-    ).filter(lambda line: line.strip(" \t"))
+    ).filter(fits_and_not_blank)
 )
 def test_fast_paths_never_change_a_result(line: str) -> None:
+    assert evaluate_line(line) == pyparsing_outcome(line)
+
+
+def parsed_or_none(line: str) -> list[grammar.Token] | None:
+    """pyparsing's tokens for line, or None if it does not parse."""
+    try:
+        return grammar.parsed_tokens(line)
+    except grammar.EvaluationError:
+        return None
+
+
+def typed(tokens: list[grammar.Token] | None) -> list[tuple[type, grammar.Token]] | None:
+    """tokens with their types, which == ignores (1 == 1.0)."""
+    return None if tokens is None else [(type(token), token) for token in tokens]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.builds(
+            lambda lead, expression, trail: lead + expression.text + trail,
+            SPACES,
+            EXPRESSIONS,
+            SPACES,
+        ),
+        faulty_lines(),
+        st.text(GRAMMAR_CHARACTERS, max_size=40),
+    )
+)
+@example(" \t- -( +1 ) ** - 2\t")
+@example("(1))+((1)")  # as many '(' as ')', in the wrong order
+@example("(" * 200 + "-(1)" + ")" * 200)  # the 201st group, inside pyparsing's run
+@example("1 + " + "1" * 4301)
+@example("1" * 4301 + ".0 % 0")  # a decimal of any length is a float
+def test_fast_path_takes_exactly_the_lines_pyparsing_parses_and_gives_its_tokens(
+    line: str,
+) -> None:
+    assert typed(grammar.fast_tokens(line)) == typed(parsed_or_none(line))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(grammar.MAX_NESTING - 2, grammar.MAX_NESTING + 2),
+    st.sampled_from(["(", "(-", "( ", " ("]),
+    EXPRESSIONS,
+    st.sampled_from(["", "^", ")", "+"]),
+)
+def test_nesting_limit_is_the_same_with_and_without_the_fast_path(
+    depth: int, opening: str, expression: Expression, end: str
+) -> None:
+    line = opening * depth + expression.text + ")" * depth + end
     assert evaluate_line(line) == pyparsing_outcome(line)
 
 

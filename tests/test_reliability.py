@@ -246,6 +246,24 @@ def test_a_100_mib_line_costs_its_bytes_not_their_text(
     assert server.wait_for_event("Line rejected")["line"] == repr("1" * 80)[:80]
 
 
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [(b"", b" "), (b"\xff", b"1")],
+    ids=["blank-over-the-limit", "not-utf8-over-the-limit"],
+)
+def test_a_line_over_the_limit_gets_the_same_result_whether_or_not_it_is_last(
+    start_server: StartServer, head: bytes, body: bytes
+) -> None:
+    # worker.slice_lines judges a line longer than a batch by its bytes, and decodes the
+    # others for grammar.evaluate_line to judge: either way, the same result, which does not
+    # depend on what follows the line (nor on -n, which moves the slice ends).
+    line = head + body * 20_000  # twice grammar.MAX_LINE_BYTES
+    server = start_server("-n", "1")
+    alone = server.request(line + b"\n")
+    followed = server.request(line + b"\n1 + 1\n")
+    assert followed == alone + b"2\n"
+
+
 def test_a_spool_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serving(
     start_server: StartServer,
 ) -> None:
@@ -371,7 +389,7 @@ def test_client_resetting_during_evaluation_ends_its_handler_and_workers(
     path = tmp_path / "gate"
     sock = server.connect()
     send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
-    server.wait_for_event("Worker started", worker="worker-2")
+    server.wait_for_event("Worker started", worker="worker-1")  # a small request's only worker
     reset(sock)
     server.wait_until_idle()
     assert server.wait_for_event("Client failed")["reason"].startswith(
@@ -684,7 +702,7 @@ def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
     path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
     with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
-        server.wait_for_event("Worker started", worker="worker-2")
+        server.wait_for_event("Worker started", worker="worker-1")  # a small request's only worker
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("Shutting down")
         server.process.send_signal(signal.SIGTERM)

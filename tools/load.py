@@ -145,15 +145,17 @@ class LoadClient:
         return sum(result.startswith("error: ") for result in self.expected)
 
 
-def run_clients(clients: Iterable[LoadClient], port: int, timeout_s: float) -> list[LoadClient]:
-    """Drive the clients against port, CONCURRENCY at a time, each until it is done or
+def run_clients(
+    clients: Iterable[LoadClient], port: int, timeout_s: float, concurrency: int = CONCURRENCY
+) -> list[LoadClient]:
+    """Drive the clients against port, concurrency at a time, each until it is done or
     fails; clients still waiting after timeout_s fail.  Returns them; closes every socket."""
     deadline = time.monotonic() + timeout_s
     waiting = iter(clients)
     started: list[LoadClient] = []
     with selectors.DefaultSelector() as selector:
         try:
-            for _ in range(CONCURRENCY):
+            for _ in range(concurrency):
                 start_next(waiting, selector, port, started)
             while selector.get_map() and time.monotonic() < deadline:
                 for key, _ in selector.select(timeout=deadline - time.monotonic()):
