@@ -419,7 +419,7 @@ def test_client_resetting_after_stray_bytes_still_ends_its_handler_and_workers(
     sock = server.connect()
     send_frame(sock, [f"gate {tmp_path / 'gate'}\n1 + 1\n".encode()])
     sock.sendall(b"stray")
-    server.wait_for_event("Worker started", worker="worker-2")
+    wait_until((tmp_path / "gate.waiting").exists, "the worker to reach the gate")
     reset(sock)
     server.wait_until_idle()
     assert server.wait_for_event("Client failed")["reason"].startswith(
