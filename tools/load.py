@@ -84,7 +84,8 @@ class LoadClient:
             raise OSError(code, f"cannot connect to {HOST}:{port}: {os.strerror(code)}")
 
     def step(self) -> int:
-        """Send or receive what the socket allows now; return the events to wait for next, 0 when done.
+        """Send or receive what the socket allows now; return the events to wait for next, 0
+        when done.
 
         Raises OSError if the connection fails.
         """
@@ -118,7 +119,8 @@ class LoadClient:
         return 0
 
     def verify(self, reply: bytearray) -> None:
-        """Count the reply's lines that differ from the expected results; a wrong count is a failure."""
+        """Count the reply's lines that differ from the expected results; a wrong count is a
+        failure."""
         results = reply.decode("utf-8").split("\n")
         if results.pop() != "" or len(results) != len(self.expected):
             self.failure = (
@@ -131,7 +133,11 @@ class LoadClient:
         self.mismatches = len(wrong)
         if wrong:
             first = wrong[0]
-            self.first_mismatch = f"line {first + 1} {self.lines[first]!r}: got {results[first]!r}, expected {self.expected[first]!r}"
+            got = results[first]
+            expected = self.expected[first]
+            self.first_mismatch = (
+                f"line {first + 1} {self.lines[first]!r}: got {got!r}, expected {expected!r}"
+            )
 
     def problem(self) -> str | None:
         """What went wrong for this client, if anything."""
@@ -184,7 +190,8 @@ def start_next(
 
 
 def step(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> bool:
-    """Let the client of key act on its socket, and wait for what it needs next; True once it is done."""
+    """Let the client of key act on its socket, and wait for what it needs next; True once it
+    is done."""
     load_client: LoadClient = key.data
     try:
         events = load_client.step()
@@ -218,7 +225,8 @@ def show_problems(clients: Sequence[LoadClient]) -> bool:
 
 
 def load_run(port: int) -> int:
-    """CLIENTS clients of LINES_PER_CLIENT lines at once; print the summary line, return the exit status."""
+    """CLIENTS clients of LINES_PER_CLIENT lines at once; print the summary line, return the
+    exit status."""
     clients = [
         LoadClient(number, *request_lines(number, LINES_PER_CLIENT)) for number in range(CLIENTS)
     ]
@@ -256,7 +264,8 @@ def throughput_runs(ports: Sequence[int]) -> int:
                 return 1
             rates[port].append(len(done) / seconds)
     print(
-        f"load: {THROUGHPUT_REQUESTS:,} requests of {THROUGHPUT_LINES} lines, {CONCURRENCY} at a time, "
+        f"load: {THROUGHPUT_REQUESTS:,} requests of {THROUGHPUT_LINES} lines, "
+        f"{CONCURRENCY} at a time, "
         f"every reply verified; requests/s, the median of {THROUGHPUT_RUNS} runs:"
     )
     for port, port_rates in rates.items():
@@ -288,7 +297,8 @@ def server_ports(ports: list[int] | None) -> Iterator[list[int]]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tools.load",
-        description=f"{CLIENTS} concurrent clients x {LINES_PER_CLIENT:,} lines against bluserver, "
+        description=f"{CLIENTS} concurrent clients x {LINES_PER_CLIENT:,} lines against "
+        "bluserver, "
         "every reply verified line by line; exit status 1 on any mismatch or failure.",
     )
     parser.add_argument(
@@ -297,13 +307,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         action="append",
         dest="ports",
-        help=f"use the server on {HOST}:PORT (default: start one with -n {WORKERS} and stop it after); "
+        help=f"use the server on {HOST}:PORT (default: start one with -n {WORKERS} and stop "
+        "it after); "
         "--throughput takes several, measured in turn",
     )
     parser.add_argument(
         "--throughput",
         action="store_true",
-        help=f"measure requests per second instead: {THROUGHPUT_RUNS} runs of {THROUGHPUT_REQUESTS:,} requests "
+        help="measure requests per second instead: "
+        f"{THROUGHPUT_RUNS} runs of {THROUGHPUT_REQUESTS:,} requests "
         f"of {THROUGHPUT_LINES} lines, {CONCURRENCY} at a time",
     )
     args = parser.parse_args(argv)

@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     output = build(parser.parse_args(argv).output)
     print(
-        f"make_zipapp: wrote {output} ({output.stat().st_size / 1024:.0f} KiB, pyparsing {pyparsing.__version__})"
+        f"make_zipapp: wrote {output} ({output.stat().st_size / 1024:.0f} KiB, "
+        f"pyparsing {pyparsing.__version__})"
     )
     return 0
 
