@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 import bluserver
 from bluserver import MIN_SLICE_BYTES
 from client import HEADER, recv_frame, send_frame
-from conftest import ServerProcess, wait_for_exit, wait_until
 from grammar import evaluate_line
+from tests.harness import ServerProcess, wait_for_exit, wait_until
 
 StartServer = Callable[..., ServerProcess]
 

@@ -27,7 +27,7 @@ import pytest
 
 import client
 from client import HEADER, recv_frame
-from conftest import EVENT_TIMEOUT_S, ROOT, ServerProcess
+from tests.harness import EVENT_TIMEOUT_S, ROOT, ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 

@@ -1,7 +1,7 @@
 """Several instances behind HAProxy (deploy/haproxy.cfg, tools/cluster.py) and the systemd units.
 
 The balancer tests run a real HAProxy on 127.0.0.1 with deploy/haproxy.cfg, its ports
-rewritten by tools.cluster.haproxy_config, in front of real servers (conftest.ServerProcess,
+rewritten by tools.cluster.haproxy_config, in front of real servers (tests.harness.ServerProcess,
 run with -v and JSON logs, which show which instance served which request), or run `make
 cluster`'s supervisor itself under steady load (tools/drill.py). They are skipped where
 haproxy is not installed; .ci/run installs it.
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from client import HEADER, recv_frame
-from conftest import (
+from tests.harness import (
     EXIT_TIMEOUT_S,
     ROOT,
     ServerProcess,

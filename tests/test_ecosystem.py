@@ -22,7 +22,7 @@ import pytest
 
 import client
 from client import recv_frame
-from conftest import ROOT, ServerProcess
+from tests.harness import ROOT, ServerProcess
 from tools import make_zipapp
 
 PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"

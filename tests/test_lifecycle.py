@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from client import recv_frame, send_frame
-from conftest import EVENT_TIMEOUT_S, ServerProcess, connect, wait_for_exit, wait_until
+from tests.harness import EVENT_TIMEOUT_S, ServerProcess, connect, wait_for_exit, wait_until
 
 StartServer = Callable[..., ServerProcess]
 LOG = ("-v", "--log-format", "json")

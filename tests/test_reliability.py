@@ -24,7 +24,7 @@ import pytest
 
 import worker
 from client import HEADER, recv_exactly, recv_frame, send_frame
-from conftest import (
+from tests.harness import (
     EVENT_TIMEOUT_S,
     ROOT,
     ServerProcess,

@@ -2,7 +2,7 @@
 
 Run ``make bench`` (``python -m tools.bench [--repeats N] [--quick]``).  It prints one table
 of times and ratios, each ratio marked against its target.  Servers are started the one way
-the tests start them (``conftest.ServerProcess``) on 127.0.0.1 and an ephemeral port.
+the tests start them (``tests.harness.ServerProcess``) on 127.0.0.1 and an ephemeral port.
 
 Two deterministic workloads.  The flat one is seed-like: 300,000 lines of 2-10 integers
 1-99 joined by ``+ - * /`` with single spaces, plus the seed's hostile lines.  The full
@@ -58,8 +58,8 @@ from simpleeval import SimpleEval
 
 import client
 import grammar
-from conftest import ServerProcess
 from tests import grammar_oracle
+from tests.harness import ServerProcess
 
 Number = Union[int, float]
 Result = TypeVar("Result")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import EXIT_TIMEOUT_S, ROOT, process_table, session_processes, wait_until
+from tests.harness import EXIT_TIMEOUT_S, ROOT, process_table, session_processes, wait_until
 from tools.cluster import HOST, answers_empty_request
 from tools.load import LoadClient, request_lines, step
 

@@ -14,7 +14,7 @@
 7. disk      4 MB of results under ``prlimit --fsize=1048576`` (no file past 1 MiB, as on a
              full disk): what the client gets, and whether the server serves the next request.
 
-Servers are started the one way the tests start them (``conftest.ServerProcess``).
+Servers are started the one way the tests start them (``tests.harness.ServerProcess``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import time
 
 from client import HEADER, recv_exactly, recv_frame, send_frame
-from conftest import ServerProcess, session_processes, wait_until
+from tests.harness import ServerProcess, session_processes, wait_until
 from tools.bench import peak_rss_sampler
 
 LOG = ("-v", "--log-format", "json")

@@ -11,7 +11,7 @@ Run ``make load``, or ``.venv/bin/python -m tools.load [-p PORT] [--throughput]`
   several instances").
 
 Without -p it starts its own server (``bluserver.py -a 127.0.0.1 -p 0 -n 2``, with
-conftest.ServerProcess: the one way to start a real server) and stops it at the end with
+tests.harness.ServerProcess: the one way to start a real server) and stops it at the end with
 SIGTERM, after which the server must exit 0; with -p it uses whatever listens on
 127.0.0.1:PORT.
 
@@ -39,8 +39,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from client import CHUNK_BYTES, HEADER
-from conftest import ServerProcess
 from grammar import evaluate_line
+from tests.harness import ServerProcess
 from tools.bench import HOST, HOSTILE_LINES, SEED, seed_like_lines, to_payload
 
 CLIENTS = 50
