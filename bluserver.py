@@ -397,7 +397,7 @@ class BluServer(socketserver.ForkingTCPServer):
             timeout_s = max(0.0, self.fork_retry_at - time.monotonic())
         elif self.slot_free() and not self.shutdown_signal:
             readers.append(self.socket)
-        readable, _, _ = select.select(readers, [], [], timeout_s)
+        readable = select.select(readers, [], [], timeout_s)[0]  # those of readers ready
         for signum in self.signals.received():
             self.act_on_signal(signum)
         if not self.slot_free():

@@ -56,7 +56,7 @@ import re
 from functools import lru_cache
 from itertools import islice
 from operator import add, floordiv, mod, mul, sub, truediv
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 import pyparsing as pp
 
@@ -242,23 +242,32 @@ def evaluate(tokens: list[Token]) -> Number:
             if token.count("-") % 2:  # the signs after '('
                 waiting.append(NEGATE)
         else:
-            symbol, precedence, negated = _operator_meaning(token)
-            if symbol != "**":  # right to left: '**' waits for its whole right operand
-                while waiting and PRECEDENCE[waiting[-1]] >= precedence:
+            meaning = _operator_meaning(token)
+            if meaning.symbol != "**":  # right to left: '**' waits for its whole right operand
+                while waiting and PRECEDENCE[waiting[-1]] >= meaning.precedence:
                     _apply(waiting.pop(), values)
-            waiting.append(symbol)
-            if negated:
+            waiting.append(meaning.symbol)
+            if meaning.negates:
                 waiting.append(NEGATE)
     while waiting:
         _apply(waiting.pop(), values)
     return values[0]
 
 
+class OperatorMeaning(NamedTuple):
+    """What an operator token (an operator and the signs after it) means to evaluate."""
+
+    symbol: str  # the binary operator: '+', '**', ...
+    precedence: int  # PRECEDENCE[symbol]
+    negates: bool  # whether its signs negate the operand after it (an odd number of '-')
+
+
 @lru_cache(maxsize=256)  # a few operator texts make up nearly every line: '+', '* -', ...
-def _operator_meaning(token: str) -> tuple[str, int, bool]:
-    """An operator token's symbol, its precedence, and whether its signs negate the operand."""
+def _operator_meaning(token: str) -> OperatorMeaning:
+    """What an operator token means: its symbol, its precedence, and its signs."""
     symbol = token[:2] if token[:2] in BINARY_OPERATORS else token[0]  # '**' and '//'
-    return symbol, PRECEDENCE[symbol], token.count("-", len(symbol)) % 2 == 1
+    negates = token.count("-", len(symbol)) % 2 == 1
+    return OperatorMeaning(symbol, PRECEDENCE[symbol], negates)
 
 
 def _apply(operator_symbol: str, values: list[Number]) -> None:

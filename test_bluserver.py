@@ -32,12 +32,18 @@ import bluserver
 from bluserver import MIN_SLICE_BYTES
 from client import HEADER, recv_frame, send_frame
 from grammar import evaluate_line
-from tests.harness import ServerProcess, wait_for_exit, wait_until
+from tests.harness import (
+    SUBPROCESS_TIMEOUT_S,
+    ServerProcess,
+    run_client,
+    run_python,
+    wait_for_exit,
+    wait_until,
+)
 
 StartServer = Callable[..., ServerProcess]
 
 ROOT = Path(__file__).resolve().parent
-SUBPROCESS_TIMEOUT_S = 30.0
 BURST_CONNECTIONS = 300
 BURST_ATTEMPTS = 3  # the signal lands in the accept-and-fork path 6 to 8 times in 10 (measured)
 DRAIN_TIMEOUT_S = 10.0  # ample for a server to finish BURST_CONNECTIONS empty requests and exit
@@ -106,30 +112,6 @@ def varied_payload(line_count: int, seed: int) -> bytes:
     if lines and rng.random() < 0.5:
         lines[-1] = lines[-1].rstrip(b"\r\n")  # the final newline is optional
     return b"".join(lines)
-
-
-def run_python(
-    *args: str, cwd: Path = ROOT, stdin: bytes = b""
-) -> subprocess.CompletedProcess[str]:
-    """Run `python *args` to completion; stdout and stderr decoded, newlines untouched."""
-    command = [sys.executable, *args]
-    result = subprocess.run(
-        command,
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-        check=False,
-    )
-    return subprocess.CompletedProcess(
-        command, result.returncode, result.stdout.decode(), result.stderr.decode()
-    )
-
-
-def run_client(
-    *args: str, cwd: Path = ROOT, stdin: bytes = b""
-) -> subprocess.CompletedProcess[str]:
-    return run_python(str(ROOT / "client.py"), *args, cwd=cwd, stdin=stdin)
 
 
 def accepts_connections(port: int) -> bool:

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout: bluserver.py is h
 STARTUP_TIMEOUT_S = 20.0
 EVENT_TIMEOUT_S = 20.0  # how long to wait for something that must happen
 EXIT_TIMEOUT_S = 30.0
+SUBPROCESS_TIMEOUT_S = 30.0  # how long a command the tests run (a client, --help) may take
 POLL_S = 0.01  # how often a wait checks its condition
 
 
@@ -234,3 +235,25 @@ class ServerProcess:
             self.stdout.close()
             self.stderr_file.close()
         assert not leftovers, f"processes outlived the server: {leftovers}"
+
+
+def run_python(*args: str, stdin: bytes = b"", **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run `python *args` in the checkout to completion (options go to subprocess.run, cwd
+    among them); stdout and stderr decoded, newlines untouched."""
+    command = [sys.executable, *args]
+    result = subprocess.run(
+        command,
+        input=stdin,
+        capture_output=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
+        **{"cwd": ROOT, **options},
+    )
+    return subprocess.CompletedProcess(
+        command, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+def run_client(*args: str, stdin: bytes = b"", **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run client.py to completion, as run_python runs a command."""
+    return run_python(str(ROOT / "client.py"), *args, stdin=stdin, **options)

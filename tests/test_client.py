@@ -21,36 +21,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
 import client
 from client import HEADER, recv_frame
-from tests.harness import EVENT_TIMEOUT_S, ROOT, ServerProcess
+from tests.harness import (
+    EVENT_TIMEOUT_S,
+    ROOT,
+    SUBPROCESS_TIMEOUT_S,
+    ServerProcess,
+    run_client,
+)
 
 StartServer = Callable[..., ServerProcess]
 
-SUBPROCESS_TIMEOUT_S = 30.0
-
 
 # --- Helpers. ----------------------------------------------------------------------------
-
-
-def run_client(*args: str, stdin: bytes = b"", **options: Any) -> subprocess.CompletedProcess[str]:
-    """Run client.py to completion (options go to subprocess.run); stdout and stderr decoded."""
-    command = [sys.executable, str(ROOT / "client.py"), *args]
-    result = subprocess.run(
-        command,
-        input=stdin,
-        capture_output=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-        check=False,
-        **options,
-    )
-    return subprocess.CompletedProcess(
-        command, result.returncode, result.stdout.decode(), result.stderr.decode()
-    )
 
 
 def run_client_against_fake_server(
@@ -380,3 +368,65 @@ def test_equation_format_writes_expression_equals_result_and_leaves_blank_lines_
     client.main([str(input_path), str(output), "-p", str(server.port), "--format", "equation"])
 
     assert output.read_bytes() == b"1 + 2 = 3\n\n1/0 = error: division by zero\n2 * 3 = 6\n"
+
+
+# --- Waiting for the server, and --timeout. -----------------------------------------------
+
+PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
+CLIENT_TIMEOUT_S = 0.5  # --timeout against a silent server
+
+
+@pytest.fixture
+def silent_server() -> Iterator[socket.socket]:
+    """A listening socket that nobody serves: the kernel completes connections into its backlog.
+
+    A client's connect succeeds and its small request fits in the socket buffers, so the
+    client then waits for a reply that never comes.  The test accepts the connection
+    afterwards, to read what the client sent.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(SUBPROCESS_TIMEOUT_S)
+        yield listener
+
+
+def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
+    silent_server: socket.socket, tmp_path: Path
+) -> None:
+    port = str(silent_server.getsockname()[1])
+    result = run_client(
+        "-",
+        str(tmp_path / "out.txt"),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        port,
+        "--timeout",
+        str(CLIENT_TIMEOUT_S),
+        stdin=PAYLOAD,
+    )
+    assert result.returncode == 1
+    assert re.fullmatch(r"client: [^\n]*--timeout[^\n]*\n", result.stderr), result.stderr
+    assert not (tmp_path / "out.txt").exists()
+    # The client had connected and sent its whole request: it timed out waiting for the reply.
+    connection, _ = silent_server.accept()
+    with connection:
+        connection.settimeout(SUBPROCESS_TIMEOUT_S)
+        assert recv_frame(connection) == PAYLOAD
+        assert connection.recv(1) == b""  # and it closed the connection when it gave up
+
+
+def test_client_waits_for_a_live_server_as_long_as_it_takes_by_default(
+    silent_server: socket.socket,
+) -> None:
+    # Silence alone is no failure (the server sends nothing until the reply is complete):
+    # no timeout, and TCP keepalive probes to notice a dead peer.
+    with client.connect("127.0.0.1", silent_server.getsockname()[1], timeout_s=None) as sock:
+        assert sock.gettimeout() is None
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "soon"])
+def test_client_timeout_that_is_not_a_positive_number_is_a_usage_error(timeout: str) -> None:
+    result = run_client("-", "-", "--timeout", timeout)
+    assert result.returncode == 2
+    assert "argument --timeout" in result.stderr.splitlines()[-1]

@@ -10,26 +10,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-import client
-from client import recv_frame
-from tests.harness import ROOT, ServerProcess
+from tests.harness import ROOT, SUBPROCESS_TIMEOUT_S, ServerProcess
 from tools import make_zipapp
 
 PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
 REPLY = b"3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"
 SUPPORTED_EXTREMES = ("3.9", "3.13")  # the oldest and newest Python the zipapp must run on
-CLIENT_TIMEOUT_S = 0.5
-RUN_TIMEOUT_S = 30.0
 
 
 # --- Helpers: interpreters, processes, the client. --------------------------------------
@@ -70,16 +64,6 @@ def zipapp_interpreters() -> list[Any]:
         )
         params.append(pytest.param(python, id=f"python{version}", marks=() if python else missing))
     return params
-
-
-def run_client(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "client.py"), *args],
-        input=stdin,
-        capture_output=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
 
 
 def log_lines(server: ServerProcess) -> list[str]:
@@ -147,7 +131,7 @@ def test_make_zipapp_writes_the_archive_to_the_path_given_on_its_command_line(
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=RUN_TIMEOUT_S,
+        timeout=SUBPROCESS_TIMEOUT_S,
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -182,7 +166,7 @@ def test_help_exits_0_documents_every_option_and_shows_an_example(script: str) -
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=RUN_TIMEOUT_S,
+        timeout=SUBPROCESS_TIMEOUT_S,
         check=False,
     )
     assert result.returncode == 0
@@ -226,59 +210,3 @@ def test_verbose_log_lines_carry_uuid_pname_pid_and_event(
         "Shutting down",
         "Server stopped",
     }
-
-
-@pytest.fixture
-def silent_server() -> Iterator[socket.socket]:
-    """A listening socket that nobody serves: the kernel completes connections into its backlog.
-
-    A client's connect succeeds and its small request fits in the socket buffers, so the
-    client then waits for a reply that never comes.  The test accepts the connection
-    afterwards, to read what the client sent.
-    """
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(RUN_TIMEOUT_S)
-        yield listener
-
-
-def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
-    silent_server: socket.socket, tmp_path: Path
-) -> None:
-    port = str(silent_server.getsockname()[1])
-    result = run_client(
-        "-",
-        str(tmp_path / "out.txt"),
-        "-a",
-        "127.0.0.1",
-        "-p",
-        port,
-        "--timeout",
-        str(CLIENT_TIMEOUT_S),
-        stdin=PAYLOAD,
-    )
-    assert result.returncode == 1
-    assert re.fullmatch(rb"client: [^\n]*--timeout[^\n]*\n", result.stderr), result.stderr
-    assert not (tmp_path / "out.txt").exists()
-    # The client had connected and sent its whole request: it timed out waiting for the reply.
-    connection, _ = silent_server.accept()
-    with connection:
-        connection.settimeout(RUN_TIMEOUT_S)
-        assert recv_frame(connection) == PAYLOAD
-        assert connection.recv(1) == b""  # and it closed the connection when it gave up
-
-
-def test_client_waits_for_a_live_server_as_long_as_it_takes_by_default(
-    silent_server: socket.socket,
-) -> None:
-    # Silence alone is no failure (the server sends nothing until the reply is complete):
-    # no timeout, and TCP keepalive probes to notice a dead peer.
-    with client.connect("127.0.0.1", silent_server.getsockname()[1], timeout_s=None) as sock:
-        assert sock.gettimeout() is None
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-
-
-@pytest.mark.parametrize("timeout", ["0", "-1", "soon"])
-def test_client_timeout_that_is_not_a_positive_number_is_a_usage_error(timeout: str) -> None:
-    result = run_client("-", "-", "--timeout", timeout)
-    assert result.returncode == 2
-    assert b"argument --timeout" in result.stderr.splitlines()[-1]
