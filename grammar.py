@@ -94,6 +94,9 @@ def _power(base: Number, exponent: Number) -> Number:
     """base ** exponent, refusing before computing an integer of over MAX_INT_DIGITS digits."""
     if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0:
         # About exponent * log10(|base|) digits; _apply checks the exact boundary in the result.
+        # The exponent alone first: with |base| >= 2, over 4 * MAX_INT_DIGITS is too many digits
+        # for sure (2 ** 4 > 10), and an exponent that large (an integer of thousands of digits)
+        # would overflow the float product that follows.
         digits_over = (
             exponent > 4 * MAX_INT_DIGITS or exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
         )
