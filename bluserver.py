@@ -590,10 +590,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Evaluate batches of arithmetic expressions sent over TCP, in worker "
         "processes.\nA client sends a request of lines; the reply has one result line per line.",
         epilog="examples:\n"
-        "  python bluserver.py                  # localhost:1982, 2 workers per request\n"
+        "  python bluserver.py                  # localhost:1982, up to 2 workers per request\n"
         "  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v --log-format json\n"
-        "\nsignals: the first SIGINT (Ctrl-C) or SIGTERM stops accepting, lets requests in\n"
-        "flight finish and exits 0; a second one ends them at once and exits 1.\n"
+        "\nsignals: the first SIGINT (Ctrl-C) or SIGTERM takes the connections already waiting,\n"
+        "stops accepting, serves them and the requests in flight, and exits 0; a second one\n"
+        "ends them at once and exits 1.\n"
+        "socket activation: started by systemd with a listening socket (LISTEN_PID,\n"
+        "LISTEN_FDS), it serves that socket and ignores -a and -p (deploy/bluserver@.socket).\n"
         "exit status: 1 if the address cannot be used, 2 on bad arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
