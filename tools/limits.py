@@ -12,7 +12,9 @@
 6. line      one 100 MiB line with a 4-byte character: the peak RSS of the largest server
              process, against the request's size;
 7. disk      4 MB of results under ``prlimit --fsize=1048576`` (no file past 1 MiB, as on a
-             full disk): what the client gets, and whether the server serves the next request.
+             full disk): what the client gets, and whether the server serves the next request;
+8. idle      32 connections open that send nothing, default options: the median time of 20
+             one-line requests meanwhile.
 
 Servers are started the one way the tests start them (``tests.harness.ServerProcess``).
 """
@@ -20,6 +22,7 @@ Servers are started the one way the tests start them (``tests.harness.ServerProc
 from __future__ import annotations
 
 import socket
+import statistics
 import sys
 import time
 
@@ -153,6 +156,26 @@ def disk() -> str:
         server.cleanup()
 
 
+def idle() -> str:
+    server = ServerProcess([])
+    idle_connections = [server.connect() for _ in range(32)]
+    try:
+        seconds = []
+        for _ in range(20):
+            started = time.monotonic()
+            answer = server.request(b"6 * 7\n")
+            seconds.append(time.monotonic() - started)
+        verdict = "right" if answer == b"42\n" else f"WRONG {answer!r}"
+        median_ms = statistics.median(seconds) * 1000
+        return (
+            f"1-line request with 32 idle connections open: median {median_ms:.1f} ms, {verdict}"
+        )
+    finally:
+        for connection in idle_connections:
+            connection.close()
+        server.cleanup()
+
+
 def main() -> int:
     for name, measure in [
         ("memory", memory),
@@ -162,6 +185,7 @@ def main() -> int:
         ("reply", reply),
         ("line", line),
         ("disk", disk),
+        ("idle", idle),
     ]:
         print(f"{name:8} {measure()}", flush=True)
     return 0
