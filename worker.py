@@ -256,7 +256,8 @@ class Spool:
 class Slice:
     """A range of whole lines of the request, the worker evaluating it, and its results.
 
-    Invariants, whatever happens to the worker:
+    Invariants, whatever happens to the worker (a spool that cannot be written ends the
+    whole request instead, with ReplyNotStored):
     - ``spool`` holds one result line for each line of payload[first:start], then one for each
       of the first ``answered`` lines of payload[start:end], in order;
     - a worker evaluates payload[start:end]: a new attempt starts past the lines answered;
