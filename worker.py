@@ -436,13 +436,17 @@ class Slice:
     def stop_worker(self) -> None:
         """End the worker and reap it: a finished one is given EXIT_GRACE_S to exit on its own
         (a killed one loses what coverage and the like write at exit); others are killed."""
+        if self.receiver and self.finished:
+            # Its end of the Pipe closes when it exits: wait for that end of file.  Not
+            # join(timeout): hold_only closed the pipe by which multiprocessing would know,
+            # so join would wait as long as the worker takes, however long that is.
+            wait([self.receiver], EXIT_GRACE_S)
         if self.receiver:
             self.receiver.close()
             self.receiver = None
         if self.process and self.process.pid:
-            if self.finished:
-                self.process.join(EXIT_GRACE_S)
-            # SIGKILL also ends a stopped process (SIGSTOP, a debugger), where SIGTERM waits.
+            # SIGKILL also ends a stopped process (SIGSTOP, a debugger), where SIGTERM waits;
+            # to one that has exited (a zombie until reaped) it does nothing.
             self.process.kill()
             self.process.join()
         self.process = None

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Callable
+from typing import Callable, Union
 
 import pytest
 
@@ -78,7 +79,8 @@ def test_slice_lines_reads_only_its_range() -> None:
 # --- Slice: what a handler keeps of a worker, whatever the worker does. --------------------------
 
 
-Script = Sequence[bytes]  # the messages a scripted worker sends, in order
+Script = Sequence[Union[bytes, None]]  # what a scripted worker sends, in order
+STOPPED = None  # in a script: the worker stops itself there (SIGSTOP), as a debugger would
 
 
 def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
@@ -87,7 +89,10 @@ def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
 
     def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
         for message in scripts[start]:
-            worker.send_block(sender, message)
+            if message is STOPPED:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            else:
+                worker.send_block(sender, message)
         os._exit(0)
 
     return evaluate_slice
@@ -178,3 +183,29 @@ def test_a_block_that_would_overrun_the_reply_budget_is_refused_before_it_is_spo
     with pytest.raises(worker.ReplyTooLarge, match=r"reply too large \(limit 5 bytes\)"):
         run_to_the_end(slice_)
     assert b"".join(slice_.spool.chunks()) == b"r1\n"
+
+
+class WaitedTooLong(Exception):
+    """stop_worker did not return: it waited for a worker that will never exit on its own."""
+
+
+def test_a_finished_worker_that_never_exits_is_killed_not_waited_for(
+    make_slice: MakeSlice,
+) -> None:
+    slice_ = make_slice(b"1\n", {0: [b"1\n", worker.END_OF_SLICE, STOPPED]})
+    assert run_to_the_end(slice_) == b"1\n"
+    process = slice_.process
+    assert process
+    # A safety net, not a timing: without it a regression would hang the suite for ever.
+    previous = signal.signal(signal.SIGALRM, raise_waited_too_long)
+    signal.alarm(30)
+    try:
+        slice_.stop_worker()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert process.exitcode == -signal.SIGKILL
+
+
+def raise_waited_too_long(signum: int, frame: object) -> None:
+    raise WaitedTooLong
