@@ -88,6 +88,7 @@ def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
     the messages scripts[offset], then exits without another word (as if it died)."""
 
     def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
+        worker.hold_only(sender)  # as a real worker: it closes what fork inherited
         for message in scripts[start]:
             if message is STOPPED:
                 os.kill(os.getpid(), signal.SIGSTOP)
