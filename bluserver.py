@@ -1,4 +1,4 @@
-"""bluserver: evaluates batches of arithmetic expressions sent over TCP, in worker processes.
+"""bluserver: evaluates arithmetic expressions sent over TCP, one per line, in worker processes.
 
 Usage: ``python bluserver.py -p 1982 -n 2``.  README.md has the protocol, the limits and a
 reading guide.  This module is the server, the handler and the command line; worker.py holds
@@ -43,7 +43,15 @@ from collections.abc import Sequence
 from typing import Any, Callable, NoReturn
 
 import worker
-from client import CHUNK_BYTES, HEADER, Pace, count_lines, recv_exactly, send_frame
+from client import (
+    CHUNK_BYTES,
+    ERROR_PREFIX,
+    HEADER,
+    BeforeWait,
+    count_lines,
+    recv_exactly,
+    send_frame,
+)
 
 LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -55,6 +63,10 @@ TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 logger = logging.getLogger("bluserver")
 
 
+# logging's own keywords: an event's fields are every other keyword.
+LOGGING_KEYWORDS = ("exc_info", "stack_info", "stacklevel", "extra")
+
+
 class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """``event_log.info("Request served", lines=3)``: one event and its fields, with the request's
     id when there is one.  logging's own keywords (``exc_info``, ...) keep their meaning."""
@@ -62,10 +74,8 @@ class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         own = {key: kwargs.pop(key) for key in LOGGING_KEYWORDS if key in kwargs}
         context = dict(self.extra or {})
-        return msg, {**own, "extra": {"context": context, "fields": kwargs}}
-
-
-LOGGING_KEYWORDS = ("exc_info", "stack_info", "stacklevel")
+        extra = {**own.pop("extra", {}), "context": context, "fields": kwargs}
+        return msg, {**own, "extra": extra}
 
 
 class EventFormatter(logging.Formatter):
@@ -182,12 +192,12 @@ class RequestHandler(socketserver.BaseRequestHandler):
             error_lines=sum(slice_.error_lines for slice_ in slices),
             bytes_in=len(payload),
             bytes_out=bytes_out,
-            workers=len(slices),
+            slices=len(slices),
             seconds=round(time.monotonic() - started, 6),
         )
         self.linger()
 
-    def pace(self) -> Pace:
+    def pace(self) -> BeforeWait:
         """Apache mod_reqtimeout's rule: --client-timeout seconds plus one per --min-rate bytes
         moved, no wait longer than --client-timeout.  A steady client is served; one that
         trickles is cut off."""
@@ -227,9 +237,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
         for slice_ in slices:
             line_start = slice_.first
             for result in slice_.spool.lines():
-                if result.startswith(b"error: "):
+                if result.startswith(ERROR_PREFIX):
                     excerpt = line_excerpt(payload, line_start)
-                    reason = result[len(b"error: ") : -1].decode()
+                    reason = result[len(ERROR_PREFIX) : -1].decode()
                     self.event_log.debug("Line rejected", line=excerpt, reason=reason)
                 line_start = payload.find(b"\n", line_start, slice_.end) + 1
 
@@ -304,7 +314,8 @@ def notify_service_manager(state: str) -> None:
 class SignalPipe:
     """The signals the server handles, as one byte each in a pipe (``signal.set_wakeup_fd``).
 
-    The pipe, not a Python-level handler, is the record: CPython runs a handler once for
+    The pipe, not a Python-level signal handler, is the record: CPython runs a signal handler
+    once for
     signals of one kind that arrive close together, but writes a byte for each; and the
     pipe wakes the select() that waits for a connection and a signal at once, so nothing
     blocks signals while the server waits (two SIGTERMs merged into one in sigwait()).
@@ -313,14 +324,14 @@ class SignalPipe:
     def __init__(self, signums: Sequence[signal.Signals]) -> None:
         self.reader, self.writer = os.pipe()
         os.set_blocking(self.reader, False)  # received() reads until it is empty
-        os.set_blocking(self.writer, False)  # the C-level handler writes: it must never block
+        os.set_blocking(self.writer, False)  # C's signal handler writes: it must never block
         signal.set_wakeup_fd(self.writer)
         for signum in signums:
             signal.signal(signum, self.noted)
 
     @staticmethod
     def noted(signum: int, frame: object) -> None:
-        """Nothing to do: without a handler no byte is written; the byte is the record."""
+        """Nothing to do: without a signal handler no byte is written; the byte is the record."""
 
     def received(self) -> list[signal.Signals]:
         """The signals that arrived since the last call, in order."""
@@ -422,13 +433,13 @@ class BluServer(socketserver.ForkingTCPServer):
         """Hand the next connection to a handler, as socketserver's handle_request() does, unless
         it is not worth one (verify_request)."""
         try:
-            request, client_address = self.get_request()
+            connection, client_address = self.get_request()
         except OSError:  # as socketserver: another process took it first, or it was reset
             return
-        if self.verify_request(request, client_address):
-            self.process_request(request, client_address)
+        if self.verify_request(connection, client_address):
+            self.process_request(connection, client_address)
         else:
-            self.shutdown_request(request)
+            self.shutdown_request(connection)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """The first waiting connection, else one from the backlog (BlockingIOError if none)."""
@@ -436,13 +447,13 @@ class BluServer(socketserver.ForkingTCPServer):
             return self.waiting.popleft()
         return self.socket.accept()
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def verify_request(self, connection: Any, client_address: Any) -> bool:
         """False for a connection that has sent nothing: under deferred accept, the kernel hands
         one over only after --client-timeout seconds of silence, its whole allowance."""
         if not self.defers_accept:
             return True
         try:
-            request.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # left for the handler
+            connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # left for the handler
         except BlockingIOError:
             silent_s = self.options.client_timeout_s
             reason = f"sent nothing within --client-timeout ({silent_s:g} s)"
@@ -450,7 +461,7 @@ class BluServer(socketserver.ForkingTCPServer):
             return False
         return True
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, connection: Any, client_address: Any) -> None:
         """Fork a handler for the connection (ForkingMixIn's); if fork() fails (EAGAIN: out of
         processes, or ENOMEM), keep the connection and try again after fork_retry_s.
 
@@ -459,30 +470,30 @@ class BluServer(socketserver.ForkingTCPServer):
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         try:
-            super().process_request(request, client_address)
+            super().process_request(connection, client_address)
         except OSError as error:  # from fork(), before anything was started
-            if request is not self.fork_failed_for:
+            if connection is not self.fork_failed_for:
                 reason = f"cannot start: {error}"
                 retry_in_s = self.fork_retry_s
-                server_log.warning("Handler failed", reason=reason, retry_in_s=retry_in_s)
-            self.fork_failed_for = request
-            self.waiting.appendleft((request, client_address))
+                server_log.warning("Handler not started", reason=reason, retry_in_s=retry_in_s)
+            self.fork_failed_for = connection
+            self.waiting.appendleft((connection, client_address))
             self.fork_retry_at = time.monotonic() + self.fork_retry_s
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
+    def finish_request(self, connection: Any, client_address: Any) -> None:
         """In the handler just forked (ForkingMixIn calls this in the child only): let go of
         what is the server's — its signal pipe, the connections waiting for other handlers —
         then run the handler."""
         assert self.signals, "serving has started"
         self.signals.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for waiting_request, _ in self.waiting:
-            waiting_request.close()
+        for waiting_connection, _ in self.waiting:
+            waiting_connection.close()
         self.waiting.clear()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)  # blocked for the fork
-        super().finish_request(request, client_address)
+        super().finish_request(connection, client_address)
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap every handler that has exited, never waiting for one: the loop waits, in
@@ -509,7 +520,7 @@ class BluServer(socketserver.ForkingTCPServer):
             "Shutting down",
             signal=signum.name,
             requests_in_flight=len(self.active_children),
-            requests_waiting=len(self.waiting),
+            connections_waiting=len(self.waiting),
         )
 
     def take_backlog(self) -> None:
@@ -533,8 +544,8 @@ class BluServer(socketserver.ForkingTCPServer):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):  # no group yet: killed before setup
                 os.killpg(pid, signal.SIGKILL)  # its workers, in the process group it made
-        for request, _ in self.waiting:
-            self.shutdown_request(request)
+        for connection, _ in self.waiting:
+            self.shutdown_request(connection)
         server_log.warning("Stopped at once", signal=signum.name)
         raise SystemExit(1)
 
@@ -559,7 +570,7 @@ def whole_number(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from low to high."""
 
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(f"must be a whole number {low}-{high}, not {text}")
         return int(text)
 
@@ -587,7 +598,7 @@ MAX_WORKERS = 64  # a fork each: far more than cores only costs time and memory 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Evaluate batches of arithmetic expressions sent over TCP, in worker "
+        description="Evaluate arithmetic expressions sent over TCP, one per line, in worker "
         "processes.\nA client sends a request of lines; the reply has one result line per line.",
         epilog="examples:\n"
         "  python bluserver.py                  # localhost:1982, up to 2 workers per request\n"
@@ -613,6 +624,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "-n",
         "--workers",
         dest="max_workers",
+        metavar="WORKERS",
         type=whole_number(1, MAX_WORKERS),
         default=2,
         help=f"most worker processes per request, 1-{MAX_WORKERS} (default: %(default)s)",

@@ -39,20 +39,22 @@ HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
 CHUNK_BYTES = 1024 * 1024  # upper bound on one recv() or send() call
 ERROR_PREFIX = b"error: "  # starts an error line, and a refusal
 
-Pace = Callable[[int], None]  # called with the bytes moved so far, before each wait
+BeforeWait = Callable[[int], None]  # called with the bytes moved so far, before each wait
 
 
 class ClosedEarly(ConnectionError):
     """The peer closed the connection before sending all it had announced."""
 
 
-def recv_exactly(sock: socket.socket, size: int, pace: Pace | None = None) -> bytearray:
-    """Exactly size bytes, or ClosedEarly.  The buffer grows as they arrive: a header is only a
-    claim, and announcing a gigabyte then sending nothing must cost nothing."""
+def recv_exactly(
+    sock: socket.socket, size: int, before_wait: BeforeWait | None = None
+) -> bytearray:
+    """Exactly size bytes, or ClosedEarly.  The buffer grows as they arrive: a header is a claim,
+    not a commitment, and announcing a gigabyte then sending nothing must cost nothing."""
     buffer = bytearray()
     while len(buffer) < size:
-        if pace:
-            pace(len(buffer))
+        if before_wait:
+            before_wait(len(buffer))
         chunk = sock.recv(min(size - len(buffer), CHUNK_BYTES))
         if not chunk:
             raise ClosedEarly(f"connection closed after {len(buffer)} of {size} bytes")
@@ -60,24 +62,24 @@ def recv_exactly(sock: socket.socket, size: int, pace: Pace | None = None) -> by
     return buffer
 
 
-def recv_frame(sock: socket.socket, pace: Pace | None = None) -> bytearray:
+def recv_frame(sock: socket.socket, before_wait: BeforeWait | None = None) -> bytearray:
     """Receive one length-prefixed message."""
-    (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size, pace))
-    return recv_exactly(sock, size, pace)
+    (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size, before_wait))
+    return recv_exactly(sock, size, before_wait)
 
 
 def send_frame(
     sock: socket.socket,
     parts: Iterable[bytes],
     length: int | None = None,
-    pace: Pace | None = None,
+    before_wait: BeforeWait | None = None,
 ) -> None:
     """Send the parts, one after another, as one message.  With length (their total) given, the
     parts are taken as they are sent, so that a reply read from disk never sits whole in
     memory; without it, they are listed first to add up their lengths.
 
     Not sendall(): its timeout would bound the whole message, and cut off a slow but steady
-    reader; pace sets the timeout before each wait instead."""
+    reader; before_wait (the server's pace) sets the timeout before each wait instead."""
     if length is None:
         parts = list(parts)
         length = sum(map(len, parts))
@@ -85,8 +87,8 @@ def send_frame(
     for part in itertools.chain([HEADER.pack(length)], parts):
         unsent = memoryview(part)
         while unsent:
-            if pace:
-                pace(sent)
+            if before_wait:
+                before_wait(sent)
             count = sock.send(unsent[:CHUNK_BYTES])
             unsent = unsent[count:]
             sent += count
@@ -251,12 +253,12 @@ def round_trip(
     progress = progress or Progress(None)
     with connect(address, port, timeout_s) as sock:
         progress.begin("sending the request", HEADER.size + len(payload))
-        send_frame(sock, [payload], pace=progress.pace)
+        send_frame(sock, [payload], before_wait=progress.moved)
         progress.begin("the server is evaluating")
         progress.wait_for_reply(sock, timeout_s)
         (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
         progress.begin("receiving the results", size)
-        return recv_exactly(sock, size, progress.pace)
+        return recv_exactly(sock, size, progress.moved)
 
 
 class Step(NamedTuple):
@@ -271,7 +273,7 @@ class Progress:
     """A progress line on stream if it is a terminal, redrawn in place; nothing otherwise.
 
     The line is drawn when a step begins, then at most every PROGRESS_INTERVAL_S: by the loops
-    that move the bytes (pace), and while the server is silent (wait_for_reply), so that it
+    that move the bytes (moved), and while the server is silent (wait_for_reply), so that it
     costs the transfer nothing and the wait for the server still shows time passing.
     Leaving the with block erases the line, for the summary or a failure message to follow.
     """
@@ -291,8 +293,8 @@ class Progress:
         self.step = Step(what, total_bytes, time.monotonic())
         self.draw(0)
 
-    def pace(self, moved_bytes: int) -> None:
-        """A Pace for send_frame and recv_exactly: redraw, if the line is due."""
+    def moved(self, moved_bytes: int) -> None:
+        """A BeforeWait for send_frame and recv_exactly: redraw, if the line is due."""
         if self.stream and time.monotonic() - self.drawn_at >= PROGRESS_INTERVAL_S:
             self.draw(moved_bytes)
 
@@ -303,7 +305,7 @@ class Progress:
             return
         waited_from = time.monotonic()
         while not select.select([sock], [], [], PROGRESS_INTERVAL_S)[0]:
-            self.pace(0)
+            self.moved(0)
             if timeout_s is not None and time.monotonic() - waited_from >= timeout_s:
                 raise socket.timeout("timed out")
 
@@ -436,7 +438,7 @@ def timeout_seconds(text: str) -> float:
 
 def port_number(text: str) -> int:
     """argparse type: a TCP port."""
-    if not text.isdigit() or not 0 < int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be a whole number 1-65535, not {text}")
     return int(text)
 

@@ -1,10 +1,11 @@
-"""The arithmetic language: its pyparsing grammar, how a parsed line is evaluated, a fast path.
+"""The arithmetic language: its pyparsing grammar, how a parsed line is evaluated, fast paths.
 
 worker.py calls ``evaluate_line`` once per line: it returns the value as text, ``""`` for a
 blank line, or ``error: <reason>``, and no line makes it raise, hang or exhaust memory.
 
-The language is Python's arithmetic on non-negative literals.  Its precedence levels, loosest
-first, written as pyparsing's ``fourFn.py`` example writes its own::
+The language is Python's arithmetic on non-negative literals.  Its precedence levels, one
+rule each, loosest first (pyparsing's ``fourFn.py`` writes its BNF the same way, a rule per
+level)::
 
     line      ::= expr end_of_line
     expr      ::= term (('+' | '-') term)*
@@ -40,11 +41,13 @@ minus, anywhere else it is a sign.  Writing ``operator ::= binary signs`` (and `
 '(' signs``) makes that distinction in the tokens themselves: operands and operators
 alternate, no lexer has to look behind, and the line's tokens form a regular language apart
 from the balance of parentheses.  ``evaluate`` turns each sign into a NEGATE that binds
-tighter than ``*`` and looser than ``**`` on its left: ``-2 ** 2`` is -4, ``2 ** -1`` is 0.5.
+tighter than ``*`` and looser than a ``**`` after it (``-2 ** 2`` is -4); a ``**`` before it
+takes the signed operand whole (``2 ** -1`` is 0.5).
 
-**The fast path** (last section) is an optimisation, proven equal to the grammar by
-tests/test_grammar.py: one regular expression checks a line's tokens and a counter the
-balance of its parentheses, so a valid line reaches ``evaluate`` without pyparsing.  pyparsing
+**The fast paths** (last section) are an optimisation, proven equal to the grammar by
+tests/test_grammar.py: the original's flat form has a path of its own, and for every other
+line one regular expression checks its tokens and a counter the balance of its
+parentheses, so a valid line reaches ``evaluate`` without pyparsing.  pyparsing
 stays the definition of the language and answers every line the fast path declines: every
 invalid line, whose message and column are pyparsing's.
 """
@@ -95,8 +98,8 @@ def _power(base: Number, exponent: Number) -> Number:
     if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0:
         # About exponent * log10(|base|) digits; _apply checks the exact boundary in the result.
         # The exponent alone first: with |base| >= 2, over 4 * MAX_INT_DIGITS is too many digits
-        # for sure (2 ** 4 > 10), and an exponent that large (an integer of thousands of digits)
-        # would overflow the float product that follows.
+        # for sure (2 ** 4 > 10), and an exponent of over 308 digits (a literal may have 4,300)
+        # cannot be converted to the float the estimate multiplies (OverflowError).
         digits_over = (
             exponent > 4 * MAX_INT_DIGITS or exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
         )

@@ -362,13 +362,13 @@ def test_request_served_event_sums_up_the_request(start_server: StartServer) -> 
     ]
 
     assert {
-        key: served[key] for key in ("lines", "error_lines", "bytes_in", "bytes_out", "workers")
+        key: served[key] for key in ("lines", "error_lines", "bytes_in", "bytes_out", "slices")
     } == {
         "lines": 4,
         "error_lines": 2,
         "bytes_in": len(MIXED_PAYLOAD),
         "bytes_out": len(MIXED_REPLY),
-        "workers": 1,  # a small request: one slice (MIN_SLICE_BYTES)
+        "slices": 1,  # a small request: one slice (MIN_SLICE_BYTES)
     }
     assert isinstance(served["seconds"], float)
 
@@ -393,7 +393,7 @@ def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(
     by_request = request_events(parse_log(server.output()))
     served = {
         event["bytes_in"]: (
-            event["workers"],
+            event["slices"],
             sum(other["event"] == "Worker started" for other in events),
         )
         for events in by_request.values()

@@ -6,7 +6,7 @@ results::
 
     handler process                                   worker process
     ───────────────                                   ──────────────
-    evaluate_in_workers(payload, bounds, ...)
+    evaluate_in_workers(payload, ranges, ...)
       Slice.start_worker ── fork, Pipe ─────────────▶ evaluate_slice(sender, payload, ...)
       wait() for news, a silent worker, the client      slice_lines: the slice's lines
       Slice.receive ◀──────── result block ───────────   grammar.evaluate_line, per line
@@ -33,7 +33,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Connection, wait
+
+# multiprocessing calls a Pipe's ends Connections; here a connection is a client's socket.
+from multiprocessing.connection import Connection as PipeEnd
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any, NamedTuple, Union
 
@@ -67,7 +70,7 @@ class LineTooLong(NamedTuple):
 Line = Union[str, LineTooLong]
 
 
-def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
+def evaluate_slice(sender: PipeEnd, payload: bytearray, start: int, end: int) -> None:
     """Evaluate the lines of payload[start:end] and send their results up sender, in blocks
     of whole result lines, then END_OF_SLICE.  Runs in the worker process."""
     hold_only(sender)
@@ -94,7 +97,7 @@ def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int)
         return  # the handler is gone (killed, or it gave up on us): nobody waits for these
 
 
-def send_block(sender: Connection, block: bytes) -> None:
+def send_block(sender: PipeEnd, block: bytes) -> None:
     """Write block up the Pipe framed as the wire protocol frames a message: its length
     (client.HEADER), then its bytes.  The framing is ours, at both ends, so that the handler
     can read what has arrived without waiting for the rest (Slice.whole_blocks)."""
@@ -109,7 +112,7 @@ def encode_results(results: list[str]) -> bytes:
     return "\n".join(results).encode() + b"\n"
 
 
-def hold_only(sender: Connection) -> None:
+def hold_only(sender: PipeEnd) -> None:
     """Close what fork inherited (the client's socket, the server's stdout) but sender and
     stderr, whose tracebacks are the one clue to why a worker died; set the language's limits."""
     os.closerange(3, sender.fileno())
@@ -283,7 +286,7 @@ class Slice:
         self.error_lines = 0
         self.finished = False
         self.process: BaseProcess | None = None
-        self.receiver: Connection | None = None  # the handler's end of the worker's Pipe
+        self.receiver: PipeEnd | None = None  # the handler's end of the worker's Pipe
         self.unread = bytearray()  # what the worker sent that is not yet a whole block
         self.heard_at = 0.0  # when the worker last sent something, or started
         self.worked_ticks = -1  # the CPU time it had used then (cpu_ticks)
@@ -360,7 +363,7 @@ class Slice:
         assert self.receiver, "only a running worker sends"
         while True:
             try:
-                data = os.read(self.receiver.fileno(), BLOCK_BYTES)
+                data = os.read(self.receiver.fileno(), CHUNK_BYTES)
             except BlockingIOError:
                 return False
             if not data:
@@ -475,15 +478,17 @@ class ClientWatch:
     at least every CHECK_INTERVAL_S.
     """
 
+    # As often as working workers report: checking costs one system call, and the loop wakes
+    # that often anyway while they work.
     CHECK_INTERVAL_S = REPORT_INTERVAL_S
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, connection: socket.socket) -> None:
+        self.connection = connection
         self.half_closed = False
 
     def sockets(self) -> list[socket.socket]:
         """What to wait on: the socket, until the client has half-closed it."""
-        return [] if self.half_closed else [self.sock]
+        return [] if self.half_closed else [self.connection]
 
     def longest_wait_s(self) -> float:
         """How long the handler may wait without checking on the client."""
@@ -491,7 +496,7 @@ class ClientWatch:
 
     def drain(self) -> None:
         """Read what the client has sent (it is readable): drop it, or note its half-close."""
-        if not self.sock.recv(CHUNK_BYTES):
+        if not self.connection.recv(CHUNK_BYTES):
             self.half_closed = True
 
     def check(self) -> None:
@@ -499,7 +504,7 @@ class ClientWatch:
         if not self.half_closed:
             return
         # A reset after the client's end of file leaves an error on the socket (EPIPE).
-        if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        if self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
 
 
@@ -507,7 +512,7 @@ class ClientWatch:
 def evaluate_in_workers(
     payload: bytearray,
     ranges: list[tuple[int, int]],
-    client: socket.socket,
+    connection: socket.socket,
     *,
     worker_timeout_s: float,
     max_reply_bytes: int,
@@ -515,10 +520,9 @@ def evaluate_in_workers(
 ) -> Iterator[list[Slice]]:
     """Evaluate each range of payload in a worker; yield the slices, their results spooled.
 
-    Raises ReplyTooLarge, ReplyNotStored, WorkerNotStarted, or what the client's socket raises
-    (a reset).  The
-    workers are stopped and reaped, and the spools closed, when the with block ends: after
-    the reply is sent, so that reaping them never delays it.
+    Raises ReplyTooLarge, ReplyNotStored, WorkerNotStarted, or what the client's connection
+    raises (a reset).  The workers are stopped and reaped, and the spools closed, when the
+    with block ends: after the reply is sent, so that reaping them never delays it.
     """
     budget = ReplyBudget(max_reply_bytes)
     slices: list[Slice] = []
@@ -526,7 +530,7 @@ def evaluate_in_workers(
         for number, bounds in enumerate(ranges, 1):
             slices.append(Slice(payload, bounds, budget, event_log))
             slices[-1].start_worker(f"worker-{number}")
-        watch = ClientWatch(client)
+        watch = ClientWatch(connection)
         while not all(slice_.finished for slice_ in slices):
             await_workers(slices, watch, worker_timeout_s)
         yield slices
@@ -546,12 +550,10 @@ def await_workers(slices: list[Slice], watch: ClientWatch, worker_timeout_s: flo
     timeout_s = min(until_stuck_s, watch.longest_wait_s())
     receivers: list[Any] = [slice_.receiver for slice_ in running]
     ready = wait(receivers + watch.sockets(), timeout=timeout_s)
-    if watch.sock in ready:
+    if watch.connection in ready:
         watch.drain()
     watch.check()
     for slice_ in running:
-        if slice_.finished:
-            continue
         slice_.receive()  # all it has sent, also since the wait ended
         if not slice_.finished and slice_.is_stuck(worker_timeout_s):
             slice_.retry("stuck")

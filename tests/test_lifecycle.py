@@ -78,7 +78,7 @@ def test_requests_waiting_in_the_backlog_at_shutdown_are_all_served(
             send_frame(sock, [f"{number} + 1\n".encode()])
         wait_until(lambda: accept_queue_length(server.port) == 5, "five requests in the backlog")
         server.process.send_signal(signal.SIGTERM)
-        assert server.wait_for_event("Shutting down")["requests_waiting"] == 5
+        assert server.wait_for_event("Shutting down")["connections_waiting"] == 5
         gate.touch()
         replies = [recv_frame(sock) for sock in (in_flight, *waiting)]
     assert replies == [b"released\n", b"1\n", b"2\n", b"3\n", b"4\n", b"5\n"]
@@ -164,7 +164,7 @@ def test_handler_that_cannot_be_forked_is_forked_again_and_the_request_served(
     assert server.request(b"1 + 1\n") == b"2\n"
     warnings = [event for event in server.events() if event["level"] == "WARNING"]
     assert [(event["event"], event["reason"]) for event in warnings] == [
-        ("Handler failed", f"cannot start: [Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}")
+        ("Handler not started", f"cannot start: [Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}")
     ]
     assert "Traceback" not in server.stderr()
 
