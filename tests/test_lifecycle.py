@@ -164,7 +164,10 @@ def test_handler_that_cannot_be_forked_is_forked_again_and_the_request_served(
     assert server.request(b"1 + 1\n") == b"2\n"
     warnings = [event for event in server.events() if event["level"] == "WARNING"]
     assert [(event["event"], event["reason"]) for event in warnings] == [
-        ("Handler not started", f"cannot start: [Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}")
+        (
+            "Handler not started",
+            f"cannot start: [Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}",
+        )
     ]
     assert "Traceback" not in server.stderr()
 
