@@ -12,7 +12,6 @@ slicing and block splitting.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import signal
@@ -32,17 +31,18 @@ from bluserver import MIN_SLICE_BYTES
 from client import HEADER, recv_frame, send_frame
 from grammar import evaluate_line
 from tests.harness import (
+    JSON_LOG,
+    ROOT,
     SUBPROCESS_TIMEOUT_S,
     ServerProcess,
+    StartServer,
+    StartServers,
     run_client,
     run_python,
     wait_for_exit,
     wait_until,
 )
 
-StartServer = Callable[..., ServerProcess]
-
-ROOT = Path(__file__).resolve().parent
 BURST_CONNECTIONS = 300
 BURST_ATTEMPTS = 3  # the signal lands in the accept-and-fork path 6 to 8 times in 10 (measured)
 DRAIN_TIMEOUT_S = 10.0  # ample for a server to finish BURST_CONNECTIONS empty requests and exit
@@ -138,22 +138,6 @@ def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int 
         return wait_for_exit(process, timeout_s)
     except subprocess.TimeoutExpired:
         return None
-
-
-JSON_LOG = ("--log-format", "json")  # start_server(*JSON_LOG, ...) for logs that parse_log reads
-JSON_HEAD = {"time", "level", "pname", "pid", "event"}
-
-
-def parse_log(output: str) -> list[dict[str, Any]]:
-    """The events of a server started with --log-format json: one JSON object per line."""
-    events = []
-    for line in output.splitlines():
-        event = json.loads(line)
-        assert isinstance(event, dict) and event.keys() >= JSON_HEAD, (
-            f"not a JSON log event: {line!r}"
-        )
-        events.append(event)
-    return events
 
 
 def request_events(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -351,15 +335,28 @@ def test_multi_megabyte_request_of_200k_lines_round_trips(server: ServerProcess)
 
 # --- Logs. ----------------------------------------------------------------------------
 
+JSON_HEAD = {"time", "level", "pname", "pid", "event"}  # the fields every event starts with
+
+
+def test_json_log_is_one_object_per_line_each_with_time_level_pname_pid_and_event(
+    start_server: StartServer,
+) -> None:
+    server = start_server("-vv", "-n", "2", *JSON_LOG)
+    server.request(MIXED_PAYLOAD)
+    server.stop()
+
+    events = server.events()  # the lines that are JSON objects
+
+    assert len(events) == len(server.output().splitlines())
+    assert [event for event in events if not event.keys() >= JSON_HEAD] == []
+
 
 def test_request_served_event_sums_up_the_request(start_server: StartServer) -> None:
     server = start_server("-v", "-n", "2", *JSON_LOG)
     server.request(MIXED_PAYLOAD)
     server.stop()
 
-    [served] = [
-        event for event in parse_log(server.output()) if event["event"] == "Request served"
-    ]
+    [served] = server.events("Request served")
 
     assert {
         key: served[key] for key in ("lines", "error_lines", "bytes_in", "bytes_out", "workers")
@@ -390,7 +387,7 @@ def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(
         server.request(payload)
     server.stop()
 
-    by_request = request_events(parse_log(server.output()))
+    by_request = request_events(server.events())
     served = {
         event["bytes_in"]: (
             event["workers"],
@@ -417,7 +414,7 @@ def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: Star
     server.request(b"bad one\n" + padding + b"1/0\n" + padding)  # a bad line in each slice
     server.stop()
 
-    events = parse_log(server.output())
+    events = server.events()
 
     server_pid = server.process.pid
     assert all("uuid" not in event for event in events if event["pid"] == server_pid)
@@ -444,11 +441,10 @@ def test_rejected_line_is_logged_as_a_repr_excerpt_cut_at_80_chars(
     server.request(f"1\n{bad_line}\n2\n".encode())
     server.stop()
 
-    output = server.output()
-    [rejected] = [event for event in parse_log(output) if event["event"] == "Line rejected"]
+    [rejected] = server.events("Line rejected")
 
     assert rejected["line"] == repr(bad_line)[:80]
-    assert "x" * 80 not in output
+    assert "x" * 80 not in server.output()
 
 
 def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: StartServer) -> None:
@@ -456,9 +452,7 @@ def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: Sta
     server.request(b"1\r\nbad one\r\n2\r\n")
     server.stop()
 
-    [rejected] = [
-        event for event in parse_log(server.output()) if event["event"] == "Line rejected"
-    ]
+    [rejected] = server.events("Line rejected")
 
     assert rejected["line"] == "'bad one'"
 
@@ -471,7 +465,7 @@ def test_rejected_lines_are_logged_only_with_vv(
     server.request(MIXED_PAYLOAD)
     server.stop()
 
-    events = parse_log(server.output())
+    events = server.events()
 
     assert not [event for event in events if event["event"] == "Line rejected"]
     assert bool([event for event in events if event["event"] == "Request served"]) == bool(
@@ -579,7 +573,7 @@ def test_signal_stops_the_server_with_exit_0(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_a_burst_of_connections_still_stops_the_server(
-    start_servers: Callable[..., list[ServerProcess]], signum: signal.Signals
+    start_servers: StartServers, signum: signal.Signals
 ) -> None:
     for server in start_servers(*[[]] * BURST_ATTEMPTS):  # started at once, each burst in turn
         connect_in_a_burst(server, signum)

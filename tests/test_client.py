@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -32,11 +31,9 @@ from tests.harness import (
     ROOT,
     SUBPROCESS_TIMEOUT_S,
     ServerProcess,
+    StartServer,
     run_client,
 )
-
-StartServer = Callable[..., ServerProcess]
-
 
 # --- Helpers. ----------------------------------------------------------------------------
 

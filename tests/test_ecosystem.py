@@ -14,11 +14,11 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, SUBPROCESS_TIMEOUT_S, ServerProcess
+from tests.harness import ServerProcess, StartServer, run_python
 from tools import make_zipapp
 
 PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
@@ -91,7 +91,7 @@ def lone_zipapp(built_zipapp: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("python", zipapp_interpreters())
 def test_zipapp_copied_alone_serves_without_site_packages_and_exits_0_on_sigterm(
-    python: str, lone_zipapp: Path, start_server: Callable[..., ServerProcess]
+    python: str, lone_zipapp: Path, start_server: StartServer
 ) -> None:
     server = start_server(
         "-n", "2", command=[python, "-S", lone_zipapp.name], cwd=lone_zipapp.parent
@@ -126,14 +126,7 @@ def test_make_zipapp_writes_the_archive_to_the_path_given_on_its_command_line(
     tmp_path: Path,
 ) -> None:
     output = tmp_path / "elsewhere" / "custom.pyz"
-    result = subprocess.run(
-        [sys.executable, "-m", "tools.make_zipapp", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-        check=False,
-    )
+    result = run_python("-m", "tools.make_zipapp", str(output))
     assert result.returncode == 0, result.stderr
     assert zipfile.is_zipfile(output)
     assert str(output) in result.stdout
@@ -161,14 +154,7 @@ HELP_OPTIONS = {
 
 @pytest.mark.parametrize("script", sorted(HELP_OPTIONS))
 def test_help_exits_0_documents_every_option_and_shows_an_example(script: str) -> None:
-    result = subprocess.run(
-        [sys.executable, script, "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-        check=False,
-    )
+    result = run_python(script, "--help")
     assert result.returncode == 0
     undocumented = [
         option
@@ -193,7 +179,7 @@ KV_EVENT = re.compile(
 
 
 def test_verbose_log_lines_carry_uuid_pname_pid_and_event(
-    start_server: Callable[..., ServerProcess],
+    start_server: StartServer,
 ) -> None:
     server = start_server("-v")
     server.request(PAYLOAD)

@@ -16,16 +16,20 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from client import recv_frame, send_frame
-from tests.harness import EVENT_TIMEOUT_S, ServerProcess, connect, wait_for_exit, wait_until
+from tests.harness import (
+    EVENT_TIMEOUT_S,
+    LOG,
+    SCRIPTED,
+    StartServer,
+    connect,
+    wait_for_exit,
+    wait_until,
+)
 
-StartServer = Callable[..., ServerProcess]
-LOG = ("-v", "--log-format", "json")
-SCRIPTED = {"faults": ["scripted_lines"]}  # a line "gate PATH" waits until the file PATH exists
 LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp shows it (little-endian hosts)
 TCP_LISTEN = "0A"  # the LISTEN state in /proc/net/tcp
 

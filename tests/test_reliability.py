@@ -14,11 +14,9 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -26,17 +24,17 @@ import worker
 from client import HEADER, recv_exactly, recv_frame, send_frame
 from tests.harness import (
     EVENT_TIMEOUT_S,
-    ROOT,
-    ServerProcess,
+    JSON_LOG,
+    LOG,
+    SCRIPTED,
+    StartServer,
     process_table,
+    run_python,
     session_processes,
     wait_for_exit,
     wait_until,
 )
 
-StartServer = Callable[..., ServerProcess]
-LOG = ("-v", "--log-format", "json")
-SCRIPTED = {"faults": ["scripted_lines"]}
 WORKER_FAILED = b"error: worker failed\n"
 SHUTDOWN_SIGNALS = [signal.SIGTERM, signal.SIGINT]
 # A scripted line that works past a report interval: the results before it are sent up.
@@ -91,13 +89,6 @@ def reset(sock: socket.socket) -> None:
     """Close sock with a reset (RST) rather than an orderly FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def run_server_expecting_failure(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "bluserver.py", *args]
-    return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=EVENT_TIMEOUT_S, check=False
-    )
 
 
 # --- Requests larger than --max-bytes, and what a header may claim. ----------------------------
@@ -211,7 +202,7 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
         send_frame(sock, [b"10 ** 1000\n" * lines])
         wait_until(lambda: len(server.events("Worker finished")) == 2, "both workers to finish")
         handler = server.events("Worker finished")[0]["pid"]
-        peak_kib = proc_status(handler, "VmHWM")  # the reply waits, unread, in the spool files
+        peak_kib = proc_peak_kib(handler)  # the reply waits, unread, in the spool files
         assert os.listdir(tmp_path) == [], (
             "a spool file must have no name, so that it vanishes with its process"
         )
@@ -231,9 +222,7 @@ def test_a_100_mib_line_costs_its_bytes_not_their_text(
     line = b"1" * (100 * 2**20) + "\U0001f600".encode()
     gate = tmp_path / "gate"  # holds the worker, once past the line, for its peak to be read
     payload = line + f"\ngate {gate}\n".encode()
-    server = start_server(
-        "-vv", "--log-format", "json", "-n", "1", "--max-bytes", str(2**30), **SCRIPTED
-    )
+    server = start_server("-vv", *JSON_LOG, "-n", "1", "--max-bytes", str(2**30), **SCRIPTED)
     with server.connect() as sock:
         send_frame(sock, [payload])
         started = server.wait_for_event("Worker started")
@@ -365,9 +354,7 @@ TRUNCATED_REQUESTS = {
 def test_client_closing_before_sending_all_it_declared_is_one_warning_without_traceback(
     start_server: StartServer, sent: bytes, rst: bool, reason: str
 ) -> None:
-    server = start_server(
-        "--log-format", "json"
-    )  # warnings only: the failure is the one line logged
+    server = start_server(*JSON_LOG)  # warnings only: the failure is the one line logged
     sock = server.connect()
     sock.sendall(sent)
     reset(sock) if rst else sock.close()
@@ -753,7 +740,7 @@ def test_sequential_requests_leave_no_zombie_processes(
 
 def test_address_that_cannot_be_bound_is_reported_in_one_line_and_exits_1() -> None:
     # 192.0.2.1 (TEST-NET-1) is not an address of this machine: bind() fails, nothing is sent.
-    result = run_server_expecting_failure("-a", "192.0.2.1", "-p", "0")
+    result = run_python("bluserver.py", "-a", "192.0.2.1", "-p", "0")
     assert (result.returncode, result.stdout) == (1, "")
     assert (
         result.stderr
