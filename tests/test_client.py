@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,37 +39,44 @@ from tests.harness import (
 # --- Helpers. ----------------------------------------------------------------------------
 
 
-def run_client_against_fake_server(
-    reply: bytes, input_path: Path
-) -> subprocess.CompletedProcess[str]:
-    """Run the client against a server that reads the request, sends `reply` verbatim, closes."""
+@contextmanager
+def client_facing_a_fake_server(
+    *args: str, **popen_options: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
+    """Start client.py with args against a fake server on 127.0.0.1, and read its request;
+    yield the client's process and its connection, on which the test answers.
+
+    popen_options go to subprocess.Popen.  The connection is closed, and the client killed
+    if it is still running, at the end.
+    """
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(SUBPROCESS_TIMEOUT_S)
-        port = listener.getsockname()[1]
-        args = [
-            sys.executable,
-            str(ROOT / "client.py"),
-            str(input_path),
-            "-",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ]
-        process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        port = str(listener.getsockname()[1])
+        command = [sys.executable, str(ROOT / "client.py"), *args, "-a", "127.0.0.1", "-p", port]
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **popen_options)
         try:
             connection, _ = listener.accept()
             with connection:
                 recv_frame(connection)
-                connection.sendall(reply)
-            stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+                yield process, connection
         finally:
             if process.poll() is None:
                 process.kill()
-                process.communicate()
-    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
+                process.wait()
+
+
+def run_client_against_fake_server(
+    reply: bytes, input_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run the client against a server that reads the request, sends `reply` verbatim, closes."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with client_facing_a_fake_server(str(input_path), "-", **pipes) as (process, connection):
+        connection.sendall(reply)
+        connection.close()
+        stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    return subprocess.CompletedProcess(
+        process.args, process.returncode, stdout.decode(), stderr.decode()
+    )
 
 
 # The environment without coverage's variables: a client run with it is not measured.
@@ -311,30 +319,16 @@ def test_progress_on_a_terminal_shows_sending_then_evaluating_then_receiving(
     (tmp_path / "input.txt").write_bytes(b"1 + 1\n2 * 3\n")
     terminal, client_stderr = pty.openpty()
     try:
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            listener.settimeout(SUBPROCESS_TIMEOUT_S)
-            command = [sys.executable, str(ROOT / "client.py"), str(tmp_path / "input.txt")]
-            port = str(listener.getsockname()[1])
-            process = subprocess.Popen(
-                [*command, str(tmp_path / "output.txt"), "-a", "127.0.0.1", "-p", port],
-                stdin=subprocess.DEVNULL,
-                stderr=client_stderr,
-            )
+        with client_facing_a_fake_server(
+            str(tmp_path / "input.txt"), str(tmp_path / "output.txt"), stderr=client_stderr
+        ) as (process, connection):
             os.close(client_stderr)  # only the client holds it now: it closes with the client
-            try:
-                connection, _ = listener.accept()
-                with connection:
-                    recv_frame(connection)
-                    shown = read_terminal(terminal, until=b"evaluating")
-                    connection.sendall(HEADER.pack(4) + b"2\n")  # half the reply
-                    shown += read_terminal(terminal, until=b"receiving")
-                    connection.sendall(b"6\n")
-                shown += read_terminal(terminal)
-                assert process.wait(SUBPROCESS_TIMEOUT_S) == 0
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+            shown = read_terminal(terminal, until=b"evaluating")
+            connection.sendall(HEADER.pack(4) + b"2\n")  # half the reply
+            shown += read_terminal(terminal, until=b"receiving")
+            connection.sendall(b"6\n")
+            shown += read_terminal(terminal)
+            assert process.wait(SUBPROCESS_TIMEOUT_S) == 0
     finally:
         os.close(terminal)
 
