@@ -136,7 +136,9 @@ def test_client_fails_in_one_line_when_the_server_cannot_be_reached() -> None:
         result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(port), stdin=b"1\n")
 
     assert_fails_in_one_line(
-        result, rf"cannot connect to 127\.0\.0\.1:{port}: connection refused.*"
+        result,
+        rf"cannot connect to 127\.0\.0\.1:{port}: connection refused"
+        r" \(is the server running\? try: make run\)",
     )
 
 
@@ -145,7 +147,8 @@ def test_client_fails_in_one_line_when_the_input_file_is_missing(tmp_path: Path)
         result = run_client(str(tmp_path / "missing.txt"), "-", "-a", "127.0.0.1", "-p", str(port))
 
     assert_fails_in_one_line(
-        result, f"cannot read {re.escape(str(tmp_path / 'missing.txt'))}: No such file.*"
+        result,
+        f"cannot read {re.escape(str(tmp_path / 'missing.txt'))}: No such file or directory",
     )
 
 
@@ -156,19 +159,26 @@ def test_client_fails_in_one_line_before_connecting_when_the_output_cannot_be_cr
     with refused_port() as port:  # connecting would fail: the output is checked first
         result = run_client("-", str(output), "-a", "127.0.0.1", "-p", str(port), stdin=b"1\n")
 
-    assert_fails_in_one_line(result, f"cannot write {re.escape(str(output))}: No such file.*")
+    assert_fails_in_one_line(
+        result, f"cannot write {re.escape(str(output))}: No such file or directory"
+    )
 
 
 @pytest.mark.parametrize(
     ("reply", "message"),
     [
-        (b"", r"127\.0\.0\.1:\d+ closed the connection early .*\b0 of 8 bytes.*"),
+        (
+            b"",
+            r"127\.0\.0\.1:\d+ closed the connection early"
+            r" \(connection closed after 0 of 8 bytes\)",
+        ),
         (
             HEADER.pack(100) + b"2\n",
-            r"127\.0\.0\.1:\d+ closed the connection early .*\b2 of 100 bytes.*",
+            r"127\.0\.0\.1:\d+ closed the connection early"
+            r" \(connection closed after 2 of 100 bytes\)",
         ),
-        (HEADER.pack(2) + b"2\n", r".*\b1 lines for 2 input lines"),
-        (HEADER.pack(6) + b"2\n6\n9\n", r".*\b3 lines for 2 input lines"),
+        (HEADER.pack(2) + b"2\n", r"127\.0\.0\.1:\d+ answered 1 lines for 2 input lines"),
+        (HEADER.pack(6) + b"2\n6\n9\n", r"127\.0\.0\.1:\d+ answered 3 lines for 2 input lines"),
     ],
     ids=["closes_before_reply", "closes_mid_reply", "too_few_lines", "too_many_lines"],
 )
@@ -181,19 +191,6 @@ def test_client_fails_in_one_line_on_a_broken_reply(
     result = run_client_against_fake_server(reply, input_path)
 
     assert_fails_in_one_line(result, message)
-
-
-@pytest.mark.parametrize("timeout", ["inf", "1e20"])
-def test_timeout_longer_than_a_socket_can_wait_is_a_usage_error(
-    timeout: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    (tmp_path / "input.txt").write_bytes(b"1 + 1\n")
-
-    with refused_port() as port, pytest.raises(SystemExit) as exit_info:
-        client.main([str(tmp_path / "input.txt"), "-", "-p", str(port), "--timeout", timeout])
-
-    assert exit_info.value.code == 2
-    assert "argument --timeout: " in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_client_fails_in_one_line_when_stdin_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,7 +398,7 @@ def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
         stdin=PAYLOAD,
     )
     assert result.returncode == 1
-    assert re.fullmatch(r"client: [^\n]*--timeout[^\n]*\n", result.stderr), result.stderr
+    assert result.stderr == f"client: 127.0.0.1:{port} sent nothing for too long (see --timeout)\n"
     assert not (tmp_path / "out.txt").exists()
     # The client had connected and sent its whole request: it timed out waiting for the reply.
     connection, _ = silent_server.accept()
@@ -411,7 +408,7 @@ def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
         assert connection.recv(1) == b""  # and it closed the connection when it gave up
 
 
-def test_client_waits_for_a_live_server_as_long_as_it_takes_by_default(
+def test_connection_without_a_timeout_blocks_and_has_tcp_keepalive_on(
     silent_server: socket.socket,
 ) -> None:
     # Silence alone is no failure (the server sends nothing until the reply is complete):
@@ -421,8 +418,25 @@ def test_client_waits_for_a_live_server_as_long_as_it_takes_by_default(
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
 
 
-@pytest.mark.parametrize("timeout", ["0", "-1", "soon"])
-def test_client_timeout_that_is_not_a_positive_number_is_a_usage_error(timeout: str) -> None:
-    result = run_client("-", "-", "--timeout", timeout)
-    assert result.returncode == 2
-    assert "argument --timeout" in result.stderr.splitlines()[-1]
+NOT_POSITIVE = "argument --timeout: must be a number greater than 0, not {}"
+LONGER_THAN_A_WEEK = (
+    "argument --timeout: must be at most 604800 seconds (a week), not {};"
+    " leave --timeout out to wait while the server is alive"
+)
+BAD_TIMEOUTS = {
+    "zero": ("0", NOT_POSITIVE.format("0")),
+    "negative": ("-1", NOT_POSITIVE.format("-1")),
+    "word": ("soon", NOT_POSITIVE.format("soon")),
+    "infinite": ("inf", LONGER_THAN_A_WEEK.format("inf")),
+    "longer-than-a-socket-can-wait": ("1e20", LONGER_THAN_A_WEEK.format("1e20")),
+}
+
+
+@pytest.mark.parametrize(("timeout", "complaint"), BAD_TIMEOUTS.values(), ids=BAD_TIMEOUTS.keys())
+def test_timeout_that_is_not_a_positive_number_of_at_most_a_week_is_a_usage_error(
+    timeout: str, complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        client.parse_args(["-", "-", "--timeout", timeout])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {complaint}")
