@@ -269,14 +269,15 @@ def test_a_spool_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serv
 # --- Clients that are idle, slow, trickling, or leave. -------------------------------------------
 
 
-STALLED_REQUESTS = {
+# Requests the client stops sending part-way: what it sent of a 100-byte request.
+PARTIAL_REQUESTS = {
     "within-the-header": HEADER.pack(100)[:3],
     "after-the-header": HEADER.pack(100),
     "within-the-body": HEADER.pack(100) + b"1 + 1\n",
 }
 
 
-@pytest.mark.parametrize("sent", STALLED_REQUESTS.values(), ids=STALLED_REQUESTS.keys())
+@pytest.mark.parametrize("sent", PARTIAL_REQUESTS.values(), ids=PARTIAL_REQUESTS.keys())
 def test_client_stalled_mid_request_is_disconnected_and_its_handler_exits(
     start_server: StartServer, sent: bytes
 ) -> None:
@@ -336,28 +337,28 @@ def test_client_that_stops_reading_the_reply_is_disconnected(start_server: Start
         server.wait_until_idle()
 
 
+# The partial requests, closed (FIN) or reset (RST), and the reason the handler logs.
 TRUNCATED_REQUESTS = {
-    "within-the-header": (HEADER.pack(100)[:3], False, "connection closed after 3 of 8 bytes"),
-    "after-the-header": (HEADER.pack(100), False, "connection closed after 0 of 100 bytes"),
-    "within-the-body": (
-        HEADER.pack(100) + b"1 + 1\n",
-        False,
-        "connection closed after 6 of 100 bytes",
-    ),
-    "reset-within-the-body": (HEADER.pack(100) + b"1 + 1\n", True, f"[Errno {errno.ECONNRESET}] "),
+    "within-the-header": ("within-the-header", False, "connection closed after 3 of 8 bytes"),
+    "after-the-header": ("after-the-header", False, "connection closed after 0 of 100 bytes"),
+    "within-the-body": ("within-the-body", False, "connection closed after 6 of 100 bytes"),
+    "reset-within-the-body": ("within-the-body", True, f"[Errno {errno.ECONNRESET}] "),
 }
 
 
 @pytest.mark.parametrize(
-    ("sent", "rst", "reason"), TRUNCATED_REQUESTS.values(), ids=TRUNCATED_REQUESTS.keys()
+    ("partial", "rst", "reason"), TRUNCATED_REQUESTS.values(), ids=TRUNCATED_REQUESTS.keys()
 )
 def test_client_closing_before_sending_all_it_declared_is_one_warning_without_traceback(
-    start_server: StartServer, sent: bytes, rst: bool, reason: str
+    start_server: StartServer, partial: str, rst: bool, reason: str
 ) -> None:
     server = start_server(*JSON_LOG)  # warnings only: the failure is the one line logged
     sock = server.connect()
-    sock.sendall(sent)
-    reset(sock) if rst else sock.close()
+    sock.sendall(PARTIAL_REQUESTS[partial])
+    if rst:
+        reset(sock)
+    else:
+        sock.close()
     dropped = server.wait_for_event("Client failed")
     assert dropped["reason"].startswith(reason)
     assert server.stop() == 0
