@@ -679,27 +679,6 @@ def test_shutdown_signal_refuses_new_connections_and_finishes_the_request_in_fli
     assert session_processes(server.pid) == [], "the server reaps every child before it exits"
 
 
-@pytest.mark.parametrize("max_children", ["1", "16"], ids=["all-slots-busy", "a-slot-free"])
-def test_second_signal_ends_every_handler_and_worker_at_once_with_status_1(
-    start_server: StartServer, tmp_path: Path, max_children: str
-) -> None:
-    server = start_server(*LOG, "--max-children", max_children, **SCRIPTED)
-    path = tmp_path / "gate"  # what a scripted "gate PATH" line waits for
-    with server.connect() as sock:
-        send_frame(sock, [f"gate {path}\n1 + 1\n".encode()])
-        server.wait_for_event("Worker started", worker="worker-1")  # a small request's only worker
-        server.process.send_signal(signal.SIGTERM)
-        server.wait_for_event("Shutting down")
-        server.process.send_signal(signal.SIGTERM)
-        assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
-        with pytest.raises(ConnectionError):  # closed without a reply
-            recv_frame(sock)
-    wait_until(
-        lambda: not session_processes(server.pid), "the killed handler and workers to be gone"
-    )
-    assert server.events("Stopped at once", signal="SIGTERM")
-
-
 def test_second_signal_ends_a_handler_that_has_not_started_running(
     start_server: StartServer, tmp_path: Path
 ) -> None:
