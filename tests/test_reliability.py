@@ -214,6 +214,22 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
     assert peak_kib < 40 * 1024, f"the handler's peak RSS was {peak_kib} KiB for a 40 MB reply"
 
 
+def test_a_spool_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serving(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, faults=["file_size_limit:1048576"])
+    reply = server.request(b"10 ** 4000\n" * 1000)  # 4 MB of results
+    assert reply == b"error: server could not store the reply (File too large)\n"
+    [refused] = server.events("Request refused")
+    assert (refused["level"], refused["reason"]) == ("WARNING", reply[7:-1].decode())
+    assert server.events("Worker failed") == []
+    assert server.request(b"6 * 7\n") == b"42\n"
+    assert "Traceback" not in server.stderr()
+
+
+# --- Lines longer than the line limit, and limits the environment cannot change. -----------------
+
+
 def test_a_100_mib_line_costs_its_bytes_not_their_text(
     start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -253,17 +269,13 @@ def test_a_line_over_the_limit_gets_the_same_result_whether_or_not_it_is_last(
     assert followed == alone + b"2\n"
 
 
-def test_a_spool_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serving(
-    start_server: StartServer,
-) -> None:
-    server = start_server(*LOG, faults=["file_size_limit:1048576"])
-    reply = server.request(b"10 ** 4000\n" * 1000)  # 4 MB of results
-    assert reply == b"error: server could not store the reply (File too large)\n"
-    [refused] = server.events("Request refused")
-    assert (refused["level"], refused["reason"]) == ("WARNING", reply[7:-1].decode())
-    assert server.events("Worker failed") == []
-    assert server.request(b"6 * 7\n") == b"42\n"
-    assert "Traceback" not in server.stderr()
+def test_language_limits_do_not_depend_on_the_environment(start_server: StartServer) -> None:
+    server = start_server(env={"PYTHONINTMAXSTRDIGITS": "640"})
+    digits = "7" * 700
+    assert (
+        server.request(f"10 ** 700\n{digits} + 0\n".encode())
+        == f"1{'0' * 700}\n{digits}\n".encode()
+    )
 
 
 # --- Clients that are idle, slow, trickling, or leave. -------------------------------------------
@@ -624,16 +636,7 @@ def test_workers_are_forked_from_the_handler_and_hold_only_their_pipe_whatever_t
     assert len(pipes) == 1, files  # its Pipe to the handler (stderr is the harness's file)
 
 
-def test_language_limits_do_not_depend_on_the_environment(start_server: StartServer) -> None:
-    server = start_server(env={"PYTHONINTMAXSTRDIGITS": "640"})
-    digits = "7" * 700
-    assert (
-        server.request(f"10 ** 700\n{digits} + 0\n".encode())
-        == f"1{'0' * 700}\n{digits}\n".encode()
-    )
-
-
-# --- Many clients at once. ---------------------------------------------------------------------
+# --- Many clients, at once and one after another. ------------------------------------------------
 
 
 def test_max_children_bounds_the_handlers_while_every_waiting_connection_is_served(
@@ -652,6 +655,25 @@ def test_max_children_bounds_the_handlers_while_every_waiting_connection_is_serv
     assert replies == [b"released\n"] * 3
     events = [event["event"] for event in server.events()]
     assert events[: events.index("Request served")].count("Incoming connection") == 2
+
+
+@pytest.mark.slow
+def test_sequential_requests_leave_no_zombie_processes(
+    start_server: StartServer,
+) -> None:
+    server = start_server()
+    for number in range(100):
+        assert (
+            server.request(f"{number} * 2\n1 + {number}\n".encode())
+            == f"{number * 2}\n{1 + number}\n".encode()
+        )
+    server.wait_until_idle()  # zombies are not live: this waits for them to be reaped too
+    wait_until(
+        lambda: (
+            not [row for row in process_table() if row.session == server.pid and row.state == "Z"]
+        ),
+        "every finished handler to be reaped",
+    )
 
 
 # --- Signals, in every state the server can be in. -----------------------------------------------
@@ -696,23 +718,7 @@ def test_second_signal_ends_a_handler_that_has_not_started_running(
         )
 
 
-@pytest.mark.slow
-def test_sequential_requests_leave_no_zombie_processes(
-    start_server: StartServer,
-) -> None:
-    server = start_server()
-    for number in range(100):
-        assert (
-            server.request(f"{number} * 2\n1 + {number}\n".encode())
-            == f"{number * 2}\n{1 + number}\n".encode()
-        )
-    server.wait_until_idle()  # zombies are not live: this waits for them to be reaped too
-    wait_until(
-        lambda: (
-            not [row for row in process_table() if row.session == server.pid and row.state == "Z"]
-        ),
-        "every finished handler to be reaped",
-    )
+# --- An address that cannot be bound. ------------------------------------------------------------
 
 
 def test_address_that_cannot_be_bound_is_reported_in_one_line_and_exits_1() -> None:
