@@ -130,9 +130,8 @@ def test_oversized_request_sent_in_full_at_once_still_gets_the_error_reply(
     start_server: StartServer,
 ) -> None:
     server = start_server("--max-bytes", "1000")
-    body = b"1 + 1\n" * (
-        8 * 1024 * 1024 // 6
-    )  # more than the socket buffers hold: the server must drain it
+    # More than the socket buffers hold: the server must drain it.
+    body = b"1 + 1\n" * (8 * 1024 * 1024 // 6)
     with server.connect() as sock:
         send_frame(sock, [body])
         assert (
@@ -146,9 +145,7 @@ def test_announced_length_reserves_no_memory_before_the_bytes_arrive(
 ) -> None:
     server = start_server(*LOG)
     with server.connect() as sock:
-        sock.sendall(
-            HEADER.pack(200 * 1024 * 1024) + b"1 + 1\n"
-        )  # 200 MiB announced, 6 bytes sent
+        sock.sendall(HEADER.pack(200 * 1024 * 1024) + b"1 + 1\n")  # 200 MiB announced, 6 sent
         handler = server.wait_for_event("Request announced")["pid"]
         wait_until(
             lambda: process_state(handler) == "S", "the handler to wait for the rest of the body"
@@ -337,13 +334,11 @@ def test_client_sending_slowly_but_steadily_is_served_although_it_takes_longer_t
 def test_client_that_stops_reading_the_reply_is_disconnected(start_server: StartServer) -> None:
     server = start_server(*LOG, "--client-timeout", "0.25")
     with socket.socket() as sock:
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024
-        )  # before connecting: a small window
+        # Before connecting: a small window.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         sock.connect(("127.0.0.1", server.port))
-        send_frame(
-            sock, [b"10 ** 1000\n" * 8000]
-        )  # an 8 MB reply: more than the socket buffers hold
+        # An 8 MB reply: more than the socket buffers hold.
+        send_frame(sock, [b"10 ** 1000\n" * 8000])
         dropped = server.wait_for_event("Client failed")
         assert dropped["reason"] == "timed out"
         server.wait_until_idle()
@@ -459,9 +454,8 @@ def test_slow_worker_that_keeps_reporting_is_not_taken_for_stuck(
     start_server: StartServer,
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
-    assert (
-        server.request(b"sleep 0.25\n" * 6) == b"slept\n" * 6
-    )  # 1.5 s of work, reported every 0.5 s
+    # 1.5 s of work, reported every 0.5 s.
+    assert server.request(b"sleep 0.25\n" * 6) == b"slept\n" * 6
     server.wait_for_event("Request served")
     assert server.events("Worker failed") == []
 
@@ -484,9 +478,8 @@ def test_worker_failing_twice_fails_only_its_unanswered_lines(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
-    payload = (
-        f"{REPORTED}\ndie-once /nonexistent/dir/twice\n1 + 1\n".encode()  # dies every time
-    )
+    # The die-once line dies every time: it cannot create its file in a missing directory.
+    payload = f"{REPORTED}\ndie-once /nonexistent/dir/twice\n1 + 1\n".encode()
     assert server.request(payload) == b"slept\n" + WORKER_FAILED * 2
     served = server.wait_for_event("Request served")
     assert (served["lines"], served["error_lines"]) == (3, 2)
@@ -522,9 +515,8 @@ def test_results_a_late_handler_finds_waiting_are_taken_not_run_again(
     with server.connect() as sock:
         send_frame(sock, [f"gate {path}\n".encode()])
         started = server.wait_for_event("Worker started")
-        os.kill(
-            started["pid"], signal.SIGSTOP
-        )  # the handler: it cannot read what the worker sends
+        # The handler: it cannot read what the worker sends.
+        os.kill(started["pid"], signal.SIGSTOP)
         release(path)
         wait_until(
             lambda: process_state(started["worker_pid"]) in ("Z", "gone"),
