@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 import grammar
 from grammar import evaluate_line
+from test_bluserver import ORIGINAL_EXAMPLES
 from tests import grammar_oracle
 
 DIVISION_BY_ZERO = "error: division by zero"
@@ -65,16 +66,10 @@ def is_one_line(text: str) -> bool:
 
 # --- Examples: each table is one behaviour, each row one case. ----------------------
 
-ORIGINAL_EXAMPLES = [
-    pytest.param(
-        "38 - 83 - 52 + 30 - 24 - 89 / 66 + 18 / 7 * 77", "105.65151515151518", id="float-result"
-    ),
-    pytest.param("57 + 87 - 24 * 27 / 8 + 53 - 87 * 6 * 60 - 30", "-31234.0", id="whole-float"),
-    pytest.param("1 + 1     - 0-1 * 1 + 2 - 2    *    6 *  60-30", "-747", id="irregular-spacing"),
-]
 
-
-@pytest.mark.parametrize(("line", "expected"), ORIGINAL_EXAMPLES)
+@pytest.mark.parametrize(
+    ("line", "expected"), ORIGINAL_EXAMPLES.values(), ids=ORIGINAL_EXAMPLES.keys()
+)
 def test_original_examples_give_bit_identical_results(line: str, expected: str) -> None:
     assert evaluate_line(line) == expected
 
