@@ -1,8 +1,9 @@
-"""Everything around the server: the zipapp, --help, the key=value logs and the client's options.
+"""Everything around the server: the zipapp, the --help of the server and the client, and the
+key=value logs.  (The client's options are tested with the client, in tests/test_client.py.)
 
-Every test runs real processes (``bluserver.py``, ``client.py``, or ``bluserver.pyz`` built
-by tools/make_zipapp.py) on 127.0.0.1 and ephemeral ports, and proves that none of them
-outlives the test.
+Servers run as real processes (``bluserver.py``, or ``bluserver.pyz`` built by
+tools/make_zipapp.py) on 127.0.0.1 and ephemeral ports, and no process of theirs outlives
+the test; ``--help`` runs each script as a user runs it.
 """
 
 from __future__ import annotations
@@ -26,26 +27,24 @@ REPLY = b"3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"
 SUPPORTED_EXTREMES = ("3.9", "3.13")  # the oldest and newest Python the zipapp must run on
 
 
-# --- Helpers: interpreters, processes, the client. --------------------------------------
+# --- Helpers: interpreters, and a stopped server's log. ----------------------------------
 
 
 def find_interpreter(version: str) -> str | None:
     """A working python<version>: pyenv's newest patch release of it, else one on PATH."""
     pyenv_versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    releases = [
-        (int(match.group(1)), path / "bin" / "python")
-        for path in (pyenv_versions.iterdir() if pyenv_versions.is_dir() else [])
-        if (match := re.fullmatch(re.escape(version) + r"\.(\d+)", path.name))
-    ]
+    installed = pyenv_versions.iterdir() if pyenv_versions.is_dir() else []
+    release_name = re.compile(re.escape(version) + r"\.(\d+)")  # 3.9.18: patch release 18
+    releases = []
+    for path in installed:
+        match = release_name.fullmatch(path.name)
+        if match:
+            releases.append((int(match.group(1)), path / "bin" / "python"))
     candidates = [str(python) for _, python in sorted(releases, reverse=True)]
     candidates.append(shutil.which(f"python{version}") or "")
     for candidate in filter(None, candidates):
-        if (
-            subprocess.run(
-                [candidate, "-c", "import sys"], capture_output=True, check=False
-            ).returncode
-            == 0
-        ):
+        check = subprocess.run([candidate, "-c", "import sys"], capture_output=True, check=False)
+        if check.returncode == 0:
             return candidate
     return None
 
