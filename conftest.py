@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, StartServer, StartServers
 
 
 class StartedServers:
@@ -55,7 +55,7 @@ def started_servers() -> Iterator[StartedServers]:
 
 
 @pytest.fixture
-def start_server(started_servers: StartedServers) -> Callable[..., ServerProcess]:
+def start_server(started_servers: StartedServers) -> StartServer:
     """start_server(*args, **options) -> a running ServerProcess (options: see its __init__).
 
     Every server it started is stopped after the test, which fails if a process is left.
@@ -68,7 +68,7 @@ def start_server(started_servers: StartedServers) -> Callable[..., ServerProcess
 
 
 @pytest.fixture
-def start_servers(started_servers: StartedServers) -> Callable[..., list[ServerProcess]]:
+def start_servers(started_servers: StartedServers) -> StartServers:
     """start_servers(args, args, ..., **options) -> running ServerProcesses, one per sequence of
     arguments, started in parallel; stopped after the test as start_server's are."""
 

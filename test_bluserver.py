@@ -12,13 +12,11 @@ slicing and block splitting.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -32,28 +30,30 @@ from bluserver import MIN_SLICE_BYTES
 from client import HEADER, recv_frame, send_frame
 from grammar import evaluate_line
 from tests.harness import (
+    JSON_LOG,
+    ROOT,
     SUBPROCESS_TIMEOUT_S,
     ServerProcess,
+    StartServer,
+    StartServers,
     run_client,
     run_python,
     wait_for_exit,
     wait_until,
 )
 
-StartServer = Callable[..., ServerProcess]
-
-ROOT = Path(__file__).resolve().parent
 BURST_CONNECTIONS = 300
 BURST_ATTEMPTS = 3  # the signal lands in the accept-and-fork path 6 to 8 times in 10 (measured)
 DRAIN_TIMEOUT_S = 10.0  # ample for a server to finish BURST_CONNECTIONS empty requests and exit
 NOT_UTF8 = "error: not valid UTF-8"
 
-# The original project's examples and the results it gave.
-ORIGINAL_EXAMPLES = [
-    ("38 - 83 - 52 + 30 - 24 - 89 / 66 + 18 / 7 * 77", "105.65151515151518"),
-    ("57 + 87 - 24 * 27 / 8 + 53 - 87 * 6 * 60 - 30", "-31234.0"),
-    ("1 + 1     - 0-1 * 1 + 2 - 2    *    6 *  60-30", "-747"),
-]
+# The original project's examples and the results it gave: checked here through a server,
+# and by tests/test_grammar.py against grammar.evaluate_line.
+ORIGINAL_EXAMPLES = {
+    "float-result": ("38 - 83 - 52 + 30 - 24 - 89 / 66 + 18 / 7 * 77", "105.65151515151518"),
+    "whole-float": ("57 + 87 - 24 * 27 / 8 + 53 - 87 * 6 * 60 - 30", "-31234.0"),
+    "irregular-spacing": ("1 + 1     - 0-1 * 1 + 2 - 2    *    6 *  60-30", "-747"),
+}
 
 MIXED_PAYLOAD = b"1 + 2\n1/0\ni\n2 * 3\n"
 MIXED_REPLY = b"3\nerror: division by zero\nerror: unexpected 'i' at column 1\n6\n"
@@ -138,22 +138,6 @@ def exit_status_within(process: subprocess.Popen[str], timeout_s: float) -> int 
         return wait_for_exit(process, timeout_s)
     except subprocess.TimeoutExpired:
         return None
-
-
-JSON_LOG = ("--log-format", "json")  # start_server(*JSON_LOG, ...) for logs that parse_log reads
-JSON_HEAD = {"time", "level", "pname", "pid", "event"}
-
-
-def parse_log(output: str) -> list[dict[str, Any]]:
-    """The events of a server started with --log-format json: one JSON object per line."""
-    events = []
-    for line in output.splitlines():
-        event = json.loads(line)
-        assert isinstance(event, dict) and event.keys() >= JSON_HEAD, (
-            f"not a JSON log event: {line!r}"
-        )
-        events.append(event)
-    return events
 
 
 def request_events(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -268,11 +252,11 @@ def test_reply_arrives_whether_or_not_the_client_half_closes(
 
 
 def test_original_examples_give_the_original_results(server: ServerProcess) -> None:
-    payload = "".join(expression + "\n" for expression, _ in ORIGINAL_EXAMPLES).encode()
+    payload = "".join(line + "\n" for line, _ in ORIGINAL_EXAMPLES.values()).encode()
 
     reply = server.request(payload)
 
-    assert reply.decode().splitlines() == [result for _, result in ORIGINAL_EXAMPLES]
+    assert reply.decode().splitlines() == [result for _, result in ORIGINAL_EXAMPLES.values()]
 
 
 def test_three_clients_at_once_each_get_their_own_reply(start_server: StartServer) -> None:
@@ -330,7 +314,8 @@ def test_reply_is_the_same_for_1_2_and_4_workers(
 @pytest.mark.slow
 def test_multi_megabyte_request_of_200k_lines_round_trips(server: ServerProcess) -> None:
     line_count = 200_000
-    lines, results = [], []
+    lines: list[bytes] = []
+    results: list[str] = []
     for number in range(line_count):
         if number % 1000 == 999:
             lines.append(f"{number} / 0\r\n".encode())
@@ -351,15 +336,28 @@ def test_multi_megabyte_request_of_200k_lines_round_trips(server: ServerProcess)
 
 # --- Logs. ----------------------------------------------------------------------------
 
+JSON_HEAD = {"time", "level", "pname", "pid", "event"}  # the fields every event starts with
+
+
+def test_json_log_is_one_object_per_line_each_with_time_level_pname_pid_and_event(
+    start_server: StartServer,
+) -> None:
+    server = start_server("-vv", "-n", "2", *JSON_LOG)
+    server.request(MIXED_PAYLOAD)
+    server.stop()
+
+    events = server.events()  # the lines that are JSON objects
+
+    assert len(events) == len(server.output().splitlines())
+    assert [event for event in events if not event.keys() >= JSON_HEAD] == []
+
 
 def test_request_served_event_sums_up_the_request(start_server: StartServer) -> None:
     server = start_server("-v", "-n", "2", *JSON_LOG)
     server.request(MIXED_PAYLOAD)
     server.stop()
 
-    [served] = [
-        event for event in parse_log(server.output()) if event["event"] == "Request served"
-    ]
+    [served] = server.events("Request served")
 
     assert {
         key: served[key] for key in ("lines", "error_lines", "bytes_in", "bytes_out", "slices")
@@ -373,7 +371,7 @@ def test_request_served_event_sums_up_the_request(start_server: StartServer) -> 
     assert isinstance(served["seconds"], float)
 
 
-def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(
+def test_request_gets_a_worker_per_minimum_slice_up_to_n_and_none_when_empty(
     start_server: StartServer,
 ) -> None:
     server = start_server("-v", "-n", "4", *JSON_LOG)
@@ -390,7 +388,7 @@ def test_requests_get_at_most_one_worker_per_line_and_none_when_empty(
         server.request(payload)
     server.stop()
 
-    by_request = request_events(parse_log(server.output()))
+    by_request = request_events(server.events())
     served = {
         event["bytes_in"]: (
             event["slices"],
@@ -417,7 +415,7 @@ def test_every_log_line_of_a_request_carries_the_request_uuid(start_server: Star
     server.request(b"bad one\n" + padding + b"1/0\n" + padding)  # a bad line in each slice
     server.stop()
 
-    events = parse_log(server.output())
+    events = server.events()
 
     server_pid = server.process.pid
     assert all("uuid" not in event for event in events if event["pid"] == server_pid)
@@ -444,11 +442,10 @@ def test_rejected_line_is_logged_as_a_repr_excerpt_cut_at_80_chars(
     server.request(f"1\n{bad_line}\n2\n".encode())
     server.stop()
 
-    output = server.output()
-    [rejected] = [event for event in parse_log(output) if event["event"] == "Line rejected"]
+    [rejected] = server.events("Line rejected")
 
     assert rejected["line"] == repr(bad_line)[:80]
-    assert "x" * 80 not in output
+    assert "x" * 80 not in server.output()
 
 
 def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: StartServer) -> None:
@@ -456,27 +453,23 @@ def test_rejected_line_excerpt_leaves_out_the_crlf_line_ending(start_server: Sta
     server.request(b"1\r\nbad one\r\n2\r\n")
     server.stop()
 
-    [rejected] = [
-        event for event in parse_log(server.output()) if event["event"] == "Line rejected"
-    ]
+    [rejected] = server.events("Line rejected")
 
     assert rejected["line"] == "'bad one'"
 
 
-@pytest.mark.parametrize("verbosity", [[], ["-v"]], ids=["quiet", "-v"])
+@pytest.mark.parametrize(
+    ("verbosity", "requests_served"), [([], 0), (["-v"], 1)], ids=["quiet", "-v"]
+)
 def test_rejected_lines_are_logged_only_with_vv(
-    start_server: StartServer, verbosity: list[str]
+    start_server: StartServer, verbosity: list[str], requests_served: int
 ) -> None:
     server = start_server(*verbosity, *JSON_LOG)
     server.request(MIXED_PAYLOAD)
     server.stop()
 
-    events = parse_log(server.output())
-
-    assert not [event for event in events if event["event"] == "Line rejected"]
-    assert bool([event for event in events if event["event"] == "Request served"]) == bool(
-        verbosity
-    )
+    assert server.events("Line rejected") == []
+    assert len(server.events("Request served")) == requests_served  # the request was logged
 
 
 # --- Server command line and signals. -----------------------------------------------------
@@ -544,25 +537,21 @@ def test_port_in_use_exits_1_with_one_line_and_no_traceback() -> None:
         result = run_python("bluserver.py", "-a", "127.0.0.1", "-p", str(port))
 
     assert result.returncode == 1
-    [message] = result.stderr.splitlines()
-    assert message.startswith("bluserver: ")
-    assert f"port {port} is already in use" in message
-    assert "serving on" not in result.stdout
+    assert result.stderr == f"bluserver: port {port} is already in use (try -p)\n"
+    assert result.stdout == ""
 
 
-def test_server_announces_its_address_on_stdout_when_it_starts() -> None:
-    command = [sys.executable, "bluserver.py", "-a", "127.0.0.1", "-p", "0"]
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+def test_server_announces_the_address_it_serves_on_stdout_when_it_starts(
+    start_server: StartServer,
+) -> None:
+    server = start_server("-n", "3")  # on port 0: the kernel picks one, and the banner says which
+
+    [banner] = server.output(banner=True).splitlines()  # not verbose: nothing else is written
+
+    assert (
+        banner == f"bluserver: serving on 127.0.0.1:{server.port} with up to 3 workers per request"
     )
-    try:
-        assert process.stdout is not None
-        banner = process.stdout.readline()
-    finally:
-        process.terminate()
-        process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-
-    assert re.match(r"bluserver: serving on 127\.0\.0\.1:[1-9][0-9]* ", banner)
+    assert server.request(b"1 + 1\n") == b"2\n"  # on the port the banner names
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -579,7 +568,7 @@ def test_signal_stops_the_server_with_exit_0(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_a_burst_of_connections_still_stops_the_server(
-    start_servers: Callable[..., list[ServerProcess]], signum: signal.Signals
+    start_servers: StartServers, signum: signal.Signals
 ) -> None:
     for server in start_servers(*[[]] * BURST_ATTEMPTS):  # started at once, each burst in turn
         connect_in_a_burst(server, signum)

@@ -75,7 +75,8 @@ def file_size_limit(size: str) -> None:
 
 def dying_before_end_of_slice(_: str) -> None:
     """A worker exits after it has sent all its results, before it says it is done."""
-    import worker  # noqa: PLC0415 (here: the faults before it must be in place when it imports)
+    # Imported here: the faults before it must be in place when it imports.
+    import worker  # noqa: PLC0415
 
     send_block = worker.send_block
 
@@ -89,7 +90,8 @@ def dying_before_end_of_slice(_: str) -> None:
 
 def gated_handlers(path: str) -> None:
     """Each handler waits, before it does anything, until the test creates the file at path."""
-    import bluserver  # noqa: PLC0415 (here: the faults before it must be in place when it imports worker)
+    # Imported here: the faults before it must be in place when it imports worker.
+    import bluserver  # noqa: PLC0415
 
     setup = bluserver.RequestHandler.setup
 

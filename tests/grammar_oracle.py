@@ -1,9 +1,26 @@
-"""Today's grammar.py (before issue 11), frozen as the oracle the new one must equal.
+"""The arithmetic language in its plainest form: one pyparsing element per precedence level.
 
-test_grammar.py checks with Hypothesis that grammar.evaluate_line gives exactly what
-``evaluate_line`` here gives, errors and their columns included; tools/bench.py times
-the two side by side.  Kept as it was, apart from this docstring and the recursion
-limit, which the caller now sets (worker.py, and a fixture in test_grammar.py).
+This is the grammar before it was optimised, and the reference that grammar.py, its fast
+paths included, is proven against: test_grammar.py checks with Hypothesis that
+grammar.evaluate_line gives exactly what ``evaluate_line`` here gives, errors and their
+columns included; tools/bench.py times the two side by side.  Read it before grammar.py.
+
+The precedence levels, loosest first, written as pyparsing's ``fourFn.py`` example writes its
+own (grammar.py's BNF)::
+
+    line      ::= expr end_of_line
+    expr      ::= term (('+' | '-') term)*
+    term      ::= factor (('*' | '/' | '//' | '%') factor)*
+    factor    ::= ('+' | '-') factor | power
+    power     ::= atom ['**' factor]                  '**' groups right to left
+    atom      ::= number | '(' expr ')'
+    number    ::= digit+ ['.' digit+]                 digit: ASCII 0-9 only
+
+Spaces and tabs may stand between tokens.  grammar.py allows at most MAX_NESTING groups open
+at once; here the only bound is the recursion limit the caller sets (grammar.RECURSION_LIMIT,
+as a worker does: a fixture of test_grammar.py, and tools/bench.py), past which a line is
+"too deeply nested".  Lines in the original's flat form ("1 + 2 * 3") take a fast path of
+their own (section "The fast path").
 """
 
 from __future__ import annotations
@@ -21,11 +38,7 @@ Number = Union[int, float]
 MAX_LINE_BYTES = 10_000
 MAX_INT_DIGITS = 4300  # Python's own limit for printing an int (sys.int_info)
 INT_LIMIT = 10**MAX_INT_DIGITS  # the smallest integer with too many digits
-# pyparsing recurses ~15 frames per nesting level; this allows a few hundred levels
-# and turns anything deeper into a quick RecursionError instead of a stack overflow.
-RECURSION_LIMIT = 6000
 
-NOT_UTF8 = "error: not valid UTF-8"
 FLOAT_OVERFLOW = "number too large for a float"
 
 
@@ -137,7 +150,7 @@ def _missing_closing_parenthesis(line: str, loc: int, element: object, error: Ex
     raise EvaluationError(f"missing ')' at column {loc + 1}")
 
 
-# --- The grammar, top-down as in the BNF above. --------------------------------------
+# --- The grammar, top-down as in the BNF of the docstring. ----------------------------
 
 pp.ParserElement.set_default_whitespace_chars(" \t")
 
@@ -216,7 +229,8 @@ def evaluate_flat(tokens: list[str]) -> Number:
             term /= int(literal)
         else:
             total = total + term if pending_sign == "+" else total - term
-            pending_sign, term = operator_token, int(literal)
+            pending_sign = operator_token
+            term = int(literal)
     return total + term if pending_sign == "+" else total - term
 
 

@@ -38,6 +38,11 @@ EXIT_TIMEOUT_S = 30.0
 SUBPROCESS_TIMEOUT_S = 30.0  # how long a command the tests run (a client, --help) may take
 POLL_S = 0.01  # how often a wait checks its condition
 
+# Options the tests start servers with: start_server(*LOG, **SCRIPTED), start_server(*JSON_LOG).
+JSON_LOG = ("--log-format", "json")  # one JSON object per log line, as ServerProcess.events reads
+LOG = ("-v", *JSON_LOG)  # and with the events of every request
+SCRIPTED = {"faults": ["scripted_lines"]}  # a line "gate PATH" waits until the file PATH exists
+
 
 class ProcessState(NamedTuple):
     pid: int
@@ -235,6 +240,10 @@ class ServerProcess:
             self.stdout.close()
             self.stderr_file.close()
         assert not leftovers, f"processes outlived the server: {leftovers}"
+
+
+StartServer = Callable[..., ServerProcess]  # conftest.py's start_server fixture
+StartServers = Callable[..., list[ServerProcess]]  # and its start_servers
 
 
 def run_python(*args: str, stdin: bytes = b"", **options: Any) -> subprocess.CompletedProcess[str]:

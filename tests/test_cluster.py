@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,8 +25,10 @@ import pytest
 from client import HEADER, recv_frame
 from tests.harness import (
     EXIT_TIMEOUT_S,
+    LOG,
     ROOT,
     ServerProcess,
+    StartServers,
     connect,
     process_table,
     request,
@@ -91,11 +93,9 @@ class Balancer:
 
 
 @pytest.fixture
-def balancer(
-    start_servers: Callable[..., list[ServerProcess]], tmp_path: Path
-) -> Iterator[Balancer]:
+def balancer(start_servers: StartServers, tmp_path: Path) -> Iterator[Balancer]:
     """HAProxy in front of INSTANCES servers with one worker each."""
-    instances = start_servers(*[["-v", "--log-format", "json", "-n", "1"]] * INSTANCES)
+    instances = start_servers(*[[*LOG, "-n", "1"]] * INSTANCES)
     balancer = Balancer(instances, tmp_path / "haproxy.cfg")
     try:
         wait_until(lambda: answers_empty_request(balancer.port), "HAProxy to answer")

@@ -1,8 +1,9 @@
-"""Everything around the server: the zipapp, --help, the key=value logs and the client's options.
+"""Everything around the server: the zipapp, the --help of the server and the client, and the
+key=value logs.  (The client's options are tested with the client, in tests/test_client.py.)
 
-Every test runs real processes (``bluserver.py``, ``client.py``, or ``bluserver.pyz`` built
-by tools/make_zipapp.py) on 127.0.0.1 and ephemeral ports, and proves that none of them
-outlives the test.
+Servers run as real processes (``bluserver.py``, or ``bluserver.pyz`` built by
+tools/make_zipapp.py) on 127.0.0.1 and ephemeral ports, and no process of theirs outlives
+the test; ``--help`` runs each script as a user runs it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, SUBPROCESS_TIMEOUT_S, ServerProcess
+from tests.harness import ServerProcess, StartServer, run_python
 from tools import make_zipapp
 
 PAYLOAD = b"1 + 2\n2 ** 10\n(1\n7 / 0\n"
@@ -26,26 +27,24 @@ REPLY = b"3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"
 SUPPORTED_EXTREMES = ("3.9", "3.13")  # the oldest and newest Python the zipapp must run on
 
 
-# --- Helpers: interpreters, processes, the client. --------------------------------------
+# --- Helpers: interpreters, and a stopped server's log. ----------------------------------
 
 
 def find_interpreter(version: str) -> str | None:
     """A working python<version>: pyenv's newest patch release of it, else one on PATH."""
     pyenv_versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    releases = [
-        (int(match.group(1)), path / "bin" / "python")
-        for path in (pyenv_versions.iterdir() if pyenv_versions.is_dir() else [])
-        if (match := re.fullmatch(re.escape(version) + r"\.(\d+)", path.name))
-    ]
+    installed = pyenv_versions.iterdir() if pyenv_versions.is_dir() else []
+    release_name = re.compile(re.escape(version) + r"\.(\d+)")  # 3.9.18: patch release 18
+    releases = []
+    for path in installed:
+        match = release_name.fullmatch(path.name)
+        if match:
+            releases.append((int(match.group(1)), path / "bin" / "python"))
     candidates = [str(python) for _, python in sorted(releases, reverse=True)]
     candidates.append(shutil.which(f"python{version}") or "")
     for candidate in filter(None, candidates):
-        if (
-            subprocess.run(
-                [candidate, "-c", "import sys"], capture_output=True, check=False
-            ).returncode
-            == 0
-        ):
+        check = subprocess.run([candidate, "-c", "import sys"], capture_output=True, check=False)
+        if check.returncode == 0:
             return candidate
     return None
 
@@ -91,7 +90,7 @@ def lone_zipapp(built_zipapp: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("python", zipapp_interpreters())
 def test_zipapp_copied_alone_serves_without_site_packages_and_exits_0_on_sigterm(
-    python: str, lone_zipapp: Path, start_server: Callable[..., ServerProcess]
+    python: str, lone_zipapp: Path, start_server: StartServer
 ) -> None:
     server = start_server(
         "-n", "2", command=[python, "-S", lone_zipapp.name], cwd=lone_zipapp.parent
@@ -126,14 +125,7 @@ def test_make_zipapp_writes_the_archive_to_the_path_given_on_its_command_line(
     tmp_path: Path,
 ) -> None:
     output = tmp_path / "elsewhere" / "custom.pyz"
-    result = subprocess.run(
-        [sys.executable, "-m", "tools.make_zipapp", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-        check=False,
-    )
+    result = run_python("-m", "tools.make_zipapp", str(output))
     assert result.returncode == 0, result.stderr
     assert zipfile.is_zipfile(output)
     assert str(output) in result.stdout
@@ -161,14 +153,7 @@ HELP_OPTIONS = {
 
 @pytest.mark.parametrize("script", sorted(HELP_OPTIONS))
 def test_help_exits_0_documents_every_option_and_shows_an_example(script: str) -> None:
-    result = subprocess.run(
-        [sys.executable, script, "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-        check=False,
-    )
+    result = run_python(script, "--help")
     assert result.returncode == 0
     undocumented = [
         option
@@ -193,7 +178,7 @@ KV_EVENT = re.compile(
 
 
 def test_verbose_log_lines_carry_uuid_pname_pid_and_event(
-    start_server: Callable[..., ServerProcess],
+    start_server: StartServer,
 ) -> None:
     server = start_server("-v")
     server.request(PAYLOAD)

@@ -16,16 +16,21 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from client import recv_frame, send_frame
-from tests.harness import EVENT_TIMEOUT_S, ServerProcess, connect, wait_for_exit, wait_until
+from tests.harness import (
+    EVENT_TIMEOUT_S,
+    LOG,
+    SCRIPTED,
+    StartServer,
+    connect,
+    session_processes,
+    wait_for_exit,
+    wait_until,
+)
 
-StartServer = Callable[..., ServerProcess]
-LOG = ("-v", "--log-format", "json")
-SCRIPTED = {"faults": ["scripted_lines"]}  # a line "gate PATH" waits until the file PATH exists
 LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp shows it (little-endian hosts)
 TCP_LISTEN = "0A"  # the LISTEN state in /proc/net/tcp
 
@@ -86,19 +91,27 @@ def test_requests_waiting_in_the_backlog_at_shutdown_are_all_served(
 
 
 @pytest.mark.parametrize("max_children", ["1", "16"], ids=["all-slots-busy", "a-slot-free"])
-def test_second_signal_sent_once_the_first_is_delivered_stops_at_once_with_status_1(
+def test_second_signal_after_the_first_is_delivered_ends_every_handler_and_worker_with_status_1(
     start_server: StartServer, tmp_path: Path, max_children: str
 ) -> None:
     server = start_server(*LOG, "--max-children", max_children, **SCRIPTED)
     with server.connect() as sock:
-        send_frame(sock, [f"gate {tmp_path / 'gate'}\n".encode()])  # never released
-        server.wait_for_event("Worker started")
+        send_frame(sock, [f"gate {tmp_path / 'gate'}\n1 + 1\n".encode()])  # never released
+        server.wait_for_event("Worker started", worker="worker-1")  # a small request's only worker
         os.kill(server.pid, signal.SIGTERM)
         # Not sooner: two signals of a kind pending at once are one for the kernel itself.
         wait_until(lambda: not signal_pending(server.pid, signal.SIGTERM), "the first delivered")
         os.kill(server.pid, signal.SIGTERM)
         assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 1
-    assert server.events("Stopped at once", signal="SIGTERM")
+        with pytest.raises(ConnectionError):  # closed without a reply
+            recv_frame(sock)
+    wait_until(
+        lambda: not session_processes(server.pid), "the killed handler and workers to be gone"
+    )
+    server_events = [
+        (event["event"], event.get("signal")) for event in server.events(pname="server")
+    ]
+    assert server_events[-2:] == [("Shutting down", "SIGTERM"), ("Stopped at once", "SIGTERM")]
 
 
 # --- Starting on a socket from the service manager, and telling it. ------------------------------
