@@ -41,7 +41,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, NamedTuple, Union
 
 import grammar
-from client import CHUNK_BYTES, HEADER, count_lines
+from client import CHUNK_BYTES, ERROR_PREFIX, HEADER, count_lines
 
 # Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms.
 PROCESSES = multiprocessing.get_context("fork")
@@ -55,7 +55,7 @@ ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once
 # Waits before trying again to fork a worker when the system is out of processes (EAGAIN).
 START_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 EXIT_GRACE_S = 1.0  # how long a worker that has sent END_OF_SLICE may take to exit
-WORKER_FAILED = b"error: worker failed\n"
+WORKER_FAILED = ERROR_PREFIX + b"worker failed\n"
 
 
 # --- The worker process. -------------------------------------------------------------------
@@ -101,9 +101,16 @@ def send_block(sender: PipeEnd, block: bytes) -> None:
     """Write block up the Pipe framed as the wire protocol frames a message: its length
     (client.HEADER), then its bytes.  The framing is ours, at both ends, so that the handler
     can read what has arrived without waiting for the rest (Slice.whole_blocks)."""
-    unwritten = memoryview(HEADER.pack(len(block)) + block)
+    write_all(sender.fileno(), HEADER.pack(len(block)) + block)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of data to the file descriptor fd: one write() may take only part of it (a
+    full pipe interrupted, a file reaching its size limit), and the rest must follow, or the
+    error that stopped it."""
+    unwritten = memoryview(data)
     while unwritten:
-        written = os.write(sender.fileno(), unwritten)
+        written = os.write(fd, unwritten)
         unwritten = unwritten[written:]
 
 
@@ -228,11 +235,8 @@ class Spool:
 
     def write(self, data: bytes) -> None:
         """Append data; raise ReplyNotStored if the disk will not take all of it."""
-        unwritten = memoryview(data)
         try:
-            while unwritten:
-                written = self.file.write(unwritten)
-                unwritten = unwritten[written:]
+            write_all(self.file.fileno(), data)
         except OSError as error:  # ENOSPC, or EFBIG past RLIMIT_FSIZE
             raise ReplyNotStored(error) from None
         self.size += len(data)
@@ -353,7 +357,7 @@ class Slice:
             self.budget.spend(len(block))
             self.spool.write(block)
             self.answered += block.count(b"\n")
-            self.error_lines += block.count(b"error: ")
+            self.error_lines += block.count(ERROR_PREFIX)
         if closed:
             self.retry("died")
 
