@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import math
 import multiprocessing
@@ -52,6 +51,7 @@ from client import (
     recv_exactly,
     send_frame,
 )
+from events import EventFormatter, EventLog, logger, server_log
 
 LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -59,46 +59,6 @@ CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; close
 EXCERPT_CHARS = 80  # how much of a rejected line -vv logs
 SD_LISTEN_FDS_START = 3  # systemd's protocol, sd_listen_fds(3): handed sockets start at fd 3
 TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
-
-logger = logging.getLogger("bluserver")
-
-
-# logging's own keywords: an event's fields are every other keyword.
-LOGGING_KEYWORDS = ("exc_info", "stack_info", "stacklevel", "extra")
-
-
-class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """``event_log.info("Request served", lines=3)``: one event and its fields, with the request's
-    id when there is one.  logging's own keywords (``exc_info``, ...) keep their meaning."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        own = {key: kwargs.pop(key) for key in LOGGING_KEYWORDS if key in kwargs}
-        context = dict(self.extra or {})
-        extra = {**own.pop("extra", {}), "context": context, "fields": kwargs}
-        return msg, {**own, "extra": extra}
-
-
-class EventFormatter(logging.Formatter):
-    """One line per event: key=value pairs in the original's style, or a JSON object."""
-
-    def __init__(self, as_json: bool) -> None:
-        super().__init__()
-        self.as_json = as_json
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "context", {}).copy()  # the request's uuid, in a handler
-        fields.update(pname=record.processName, pid=record.process, event=record.getMessage())
-        fields.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            fields["traceback"] = self.formatException(record.exc_info)
-        if self.as_json:
-            entry = {"time": self.formatTime(record), "level": record.levelname, **fields}
-            return json.dumps(entry, default=str)
-        pairs = " ".join(f"{key}={value!r}" for key, value in fields.items())
-        return f"[bluserver] {self.formatTime(record)}: {record.levelname} {pairs}"
-
-
-server_log = EventLog(logger, {})  # the server's own events, outside any request
 
 
 # A worker costs ~3 ms of CPU to fork, start and join (2-line requests, -n 2 against -n 1), and

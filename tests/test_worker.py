@@ -18,12 +18,12 @@ from typing import Callable, Union
 
 import pytest
 
-import bluserver
+import events
 import grammar
 import worker
 from client import HEADER
 
-EVENT_LOG = bluserver.EventLog(logging.getLogger("test_worker"), {})
+EVENT_LOG = events.EventLog(logging.getLogger("test_worker"), {})
 LIMIT = grammar.MAX_LINE_BYTES
 BATCH = worker.DECODE_BYTES
 

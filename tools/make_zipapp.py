@@ -5,7 +5,7 @@ Python 3.9 or later and nothing installed::
 
     python3 bluserver.pyz -p 1982 -n 2
 
-Why a zipapp and not a wheel: bluserver is four flat modules, and two of them have
+Why a zipapp and not a wheel: bluserver is a few flat modules, and some of them have
 generic names.  A wheel would install top-level modules called ``client`` and
 ``worker`` into site-packages, where they shadow or are shadowed by anyone else's
 ``client.py``; renaming them into a package would make the reference code harder to
@@ -17,7 +17,7 @@ travels inside it.
 The archive holds, at its root::
 
     __main__.py                   runs bluserver.main()
-    bluserver.py worker.py grammar.py client.py
+    bluserver.py worker.py ...    the runtime: every top-level module but the tests
     pyparsing/                    copied from the pyparsing this interpreter imports
     pyparsing-LICENSE             pyparsing's MIT licence, which must go with its copies
 
@@ -41,7 +41,12 @@ import pyparsing
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "dist" / "bluserver.pyz"
-MODULES = ("bluserver.py", "worker.py", "grammar.py", "client.py")
+# The runtime: every module at the top of the checkout but the tests (test_*.py, conftest.py).
+MODULES = sorted(
+    path.name
+    for path in ROOT.glob("*.py")
+    if not path.name.startswith("test_") and path.name != "conftest.py"
+)
 INTERPRETER = "/usr/bin/env python3"
 MAIN = '''\
 """Entry point of bluserver.pyz: ``python3 bluserver.pyz --help``."""
