@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import math
 import multiprocessing
@@ -35,12 +36,17 @@ import signal
 import socket
 import socketserver
 import sys
+import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Any, Callable, NoReturn
 
+import guard
+import supervise
 import worker
 from client import (
     CHUNK_BYTES,
@@ -51,15 +57,18 @@ from client import (
     recv_exactly,
     send_frame,
 )
-from events import EventFormatter, EventLog, logger, server_log
+from events import EventFormatter, EventLog, RejectedLinesLog, logger, server_log
 
-LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; closed or reset
-EXCERPT_CHARS = 80  # how much of a rejected line -vv logs
 SD_LISTEN_FDS_START = 3  # systemd's protocol, sd_listen_fds(3): handed sockets start at fd 3
 TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
+
+# === The lesson: one request, from its connection to its reply ===========================
+
+# Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms,
+# and a forked worker shares the request's memory with its handler instead of being sent it.
+WORKERS = multiprocessing.get_context("fork")
 
 # A worker costs ~3 ms of CPU to fork, start and join (2-line requests, -n 2 against -n 1), and
 # the flat form, the cheapest per byte, is evaluated at ~120 ns a byte (450 for the full
@@ -80,29 +89,82 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
     return [(start, end) for start, end in zip(cuts, [*cuts[1:], len(payload)]) if start < end]
 
 
-def line_excerpt(payload: bytearray, line_start: int) -> str:
-    """The repr of the line at line_start, cut at EXCERPT_CHARS: built from a copy of that
-    many bytes, never of the whole line, which may be 256 MiB."""
-    head = bytes(payload[line_start : line_start + EXCERPT_CHARS])
-    newline = head.find(b"\n")
-    if newline >= 0:  # the whole line is here: its '\n' or '\r\n' is no part of it
-        head = head[:newline].removesuffix(b"\r")
-    return repr(head.decode("utf-8", "surrogateescape"))[:EXCERPT_CHARS]
+class Slice:
+    """The handler's end of one worker: a range of whole lines of the request, the worker
+    process evaluating it, the Pipe it answers by, and its results.
 
+    The results go to a nameless temporary file: they cost no memory however large the reply,
+    and the file vanishes however the handler ends.
+    """
 
-class RequestTooLarge(Exception):
-    """A request declared more bytes than --max-bytes allows."""
+    def __init__(self, payload: bytearray, bounds: tuple[int, int], event_log: EventLog) -> None:
+        self.payload = payload
+        self.start = bounds[0]
+        self.end = bounds[1]
+        self.event_log = event_log
+        self.results = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the handler, after the reply)
+        self.results_size = 0
+        self.error_lines = 0
+        self.finished = False  # once the worker has sent END_OF_SLICE
+        self.process: BaseProcess | None = None
+        self.receiver: Connection | None = None  # the handler's end of the worker's Pipe
 
+    def start_worker(self, name: str) -> None:
+        """Fork a worker process on payload[start:end], linked to this one by a Pipe."""
+        receiver, sender = WORKERS.Pipe(duplex=False)
+        self.receiver = receiver
+        args = (sender, self.payload, self.start, self.end)
+        self.process = WORKERS.Process(target=worker.evaluate_slice, args=args, name=name)
+        try:
+            self.process.start()
+        finally:
+            sender.close()  # the worker's copy only: its death shows here as end of file
+        pid = self.process.pid
+        self.event_log.info("Worker started", worker=name, worker_pid=pid)
 
-# Why a request is answered with one error line instead of its results.
-REFUSALS = (RequestTooLarge, worker.ReplyTooLarge, worker.ReplyNotStored, worker.WorkerNotStarted)
+    def receive(self) -> None:
+        """Take one message from the worker (wait() said there is one): results, or
+        END_OF_SLICE."""
+        assert self.receiver, "only a running worker sends"
+        message = self.receiver.recv_bytes()
+        if message == worker.END_OF_SLICE:
+            self.finished = True
+            self.event_log.info("Worker finished", worker=self.name)
+        else:
+            self.store(message)
+
+    def store(self, results: bytes) -> None:
+        self.results.write(results)
+        self.results_size += len(results)
+        self.error_lines += results.count(ERROR_PREFIX)
+
+    @property
+    def name(self) -> str:
+        return self.process.name if self.process else "worker"
+
+    def stop_worker(self) -> None:
+        """Reap the worker, which exits once it has sent END_OF_SLICE; let go of its Pipe."""
+        if self.process:
+            self.process.join()
+        if self.receiver:
+            self.receiver.close()
+
+    def result_chunks(self) -> Iterator[bytes]:
+        """Every result stored, from the start, CHUNK_BYTES at a time."""
+        self.results.seek(0)
+        return iter(functools.partial(self.results.read, CHUNK_BYTES), b"")
 
 
 class RequestHandler(socketserver.BaseRequestHandler):
-    """Receives one request, evaluates it in workers, sends the reply.  Runs in its own process."""
+    """Receives one request, evaluates it in workers, sends the reply.  Runs in its own process:
+    ForkingMixIn forks one per connection, and calls setup, handle and finish in it."""
 
     server: BluServer
     request: socket.socket  # socketserver's name for the connection: see setup
+    connection: socket.socket
+    options: argparse.Namespace
+    event_log: EventLog
+    slice_class: type[Slice] = Slice
 
     def setup(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches only the server, and killpg() ends
@@ -114,38 +176,28 @@ class RequestHandler(socketserver.BaseRequestHandler):
         multiprocessing.current_process().name = "handler"
         self.options = self.server.options
         self.event_log = EventLog(logger, {"uuid": uuid.uuid4().hex})
-        # socketserver calls the connection "request" (as StreamRequestHandler does, this
-        # names it "connection"): here a request is the message that comes over it.
+        # As socketserver.StreamRequestHandler does, the connection is named "connection":
+        # socketserver calls it "request", and here a request is the message that comes over it.
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle(self) -> None:
-        started = time.monotonic()
+        """Receive the request, cut it into slices, evaluate each in a worker, send the reply;
+        reap every worker, whatever happens."""
         self.event_log.info("Incoming connection", peer=self.client_address)
-        try:
-            payload = self.receive_request()
-            self.evaluate_and_reply(payload, started)
-        except REFUSALS as error:
-            self.event_log.warning("Request refused", reason=str(error))
-            self.reply_and_linger(f"error: {error}\n".encode())
-        except CLIENT_FAILURES as error:
-            self.event_log.warning("Client failed", reason=str(error) or "timed out")
-
-    def evaluate_and_reply(self, payload: bytearray, started: float) -> None:
-        """Evaluate payload in workers, send the reply, log the request's summary, linger."""
+        started = time.monotonic()
+        payload = self.receive_request()
         ranges = slice_bounds(payload, self.options.max_workers)
-        with worker.evaluate_in_workers(
-            payload,
-            ranges,
-            self.connection,
-            worker_timeout_s=self.options.worker_timeout_s,
-            max_reply_bytes=self.options.max_reply_bytes,
-            event_log=self.event_log,
-        ) as slices:
+        slices = self.new_slices(payload, ranges)
+        try:
+            for number, slice_ in enumerate(slices, 1):
+                slice_.start_worker(f"worker-{number}")
+            self.collect_results(slices)
             bytes_out = self.send_reply(slices)
-            if self.event_log.isEnabledFor(logging.DEBUG):
-                self.log_rejected_lines(payload, slices)
-        # Logged once the workers are reaped (leaving the with block), so that the summary is last.
+        finally:
+            for slice_ in slices:
+                slice_.stop_worker()
+                slice_.results.close()
         self.event_log.info(
             "Request served",
             lines=count_lines(payload),
@@ -154,75 +206,70 @@ class RequestHandler(socketserver.BaseRequestHandler):
             bytes_out=bytes_out,
             slices=len(slices),
             seconds=round(time.monotonic() - started, 6),
+            cpu_s=round(worker.reaped_workers_cpu_s(), 3),  # the workers', all reaped by now
         )
-        self.linger()
-
-    def pace(self) -> BeforeWait:
-        """Apache mod_reqtimeout's rule: --client-timeout seconds plus one per --min-rate bytes
-        moved, no wait longer than --client-timeout.  A steady client is served; one that
-        trickles is cut off."""
-        timeout_s = self.options.client_timeout_s
-        min_rate = self.options.min_rate
-        started = time.monotonic()
-
-        def before_wait(moved: int) -> None:
-            left_s = started + timeout_s + moved / min_rate - time.monotonic()
-            if left_s <= 0:
-                raise socket.timeout(f"slower than --min-rate {min_rate} bytes/s")
-            self.connection.settimeout(min(timeout_s, left_s))
-
-        return before_wait
 
     def receive_request(self) -> bytearray:
-        """The request's bytes; raises RequestTooLarge before reading an oversized body."""
-        pace = self.pace()
+        """The request's bytes: its length (HEADER), then that many bytes."""
+        pace = self.pace_request()
         (size,) = HEADER.unpack(recv_exactly(self.connection, HEADER.size, pace))
-        if size > self.options.max_bytes:
-            limit = self.options.max_bytes
-            raise RequestTooLarge(f"request too large ({size} bytes, limit {limit})")
-        self.event_log.info("Request announced", bytes=size)
+        self.announced(size)
         return recv_exactly(self.connection, size, pace)
 
-    def send_reply(self, slices: list[worker.Slice]) -> int:
-        """Send the slices' spooled results as one frame, in order, read back a chunk at a
-        time; return its length."""
-        length = sum(slice_.spool.size for slice_ in slices)
-        spooled = (chunk for slice_ in slices for chunk in slice_.spool.chunks())
-        send_frame(self.connection, spooled, length, self.pace())
+    def pace_request(self) -> BeforeWait | None:
+        """What recv_exactly calls before each wait for the request; None: wait as long as
+        the client takes (guard.ClientGuard bounds it)."""
+        return None
+
+    def pace_reply(self) -> BeforeWait | None:
+        """What send_frame calls before each wait for the client to take more of the reply."""
+        return None
+
+    def announced(self, size: int) -> None:
+        """The client has said how many bytes its request has."""
+        self.event_log.info("Request announced", bytes=size)
+
+    def new_slices(self, payload: bytearray, ranges: list[tuple[int, int]]) -> list[Slice]:
+        return [self.slice_class(payload, bounds, self.event_log) for bounds in ranges]
+
+    def collect_results(self, slices: list[Slice]) -> None:
+        """Take the workers' messages as they arrive, until each worker has sent END_OF_SLICE."""
+        running = slices
+        while running:
+            for slice_ in self.slices_with_news(running):
+                slice_.receive()
+            running = [slice_ for slice_ in slices if not slice_.finished]
+
+    def slices_with_news(self, running: list[Slice]) -> list[Slice]:
+        """Wait until at least one running slice's worker has sent a message (or closed its
+        end of the Pipe); return those slices.  wait() watches every Pipe at once."""
+        receivers: list[Any] = [slice_.receiver for slice_ in running]
+        ready = wait(receivers)
+        return [slice_ for slice_ in running if slice_.receiver in ready]
+
+    def send_reply(self, slices: list[Slice]) -> int:
+        """Send the slices' results as one frame, in order, read back a chunk at a time; return
+        its length."""
+        length = sum(slice_.results_size for slice_ in slices)
+        chunks = (chunk for slice_ in slices for chunk in slice_.result_chunks())
+        send_frame(self.connection, chunks, length, self.pace_reply())
         return length
 
-    def log_rejected_lines(self, payload: bytearray, slices: list[worker.Slice]) -> None:
-        """One DEBUG event per error line (-vv only), with at most EXCERPT_CHARS of its line:
-        a line may be 256 MiB long, and its log entry is still one short line."""
-        for slice_ in slices:
-            line_start = slice_.first
-            for result in slice_.spool.lines():
-                if result.startswith(ERROR_PREFIX):
-                    excerpt = line_excerpt(payload, line_start)
-                    reason = result[len(ERROR_PREFIX) : -1].decode()
-                    self.event_log.debug("Line rejected", line=excerpt, reason=reason)
-                line_start = payload.find(b"\n", line_start, slice_.end) + 1
 
-    def reply_and_linger(self, reply: bytes) -> None:
-        """Send a one-line reply (a refusal), then linger."""
-        with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
-            send_frame(self.connection, [reply])
-        self.linger()
+# === The handler the server runs: the lesson's, with its armour attached ===================
 
-    def linger(self) -> None:
-        """Say we are done (FIN), then read and drop what the client still sends, until it
-        closes or for LINGER_S at most (nginx's lingering close): closing with unread bytes
-        sends a reset, which destroys whatever of the reply the client has not read yet."""
-        deadline = time.monotonic() + LINGER_S
-        with contextlib.suppress(*CLIENT_FAILURES):  # a client gone or silent needs nothing more
-            self.connection.shutdown(socket.SHUT_WR)
-            while True:
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    return
-                self.connection.settimeout(left_s)
-                if not self.connection.recv(CHUNK_BYTES):
-                    return
+
+class SupervisedSlice(supervise.Supervision, Slice):
+    """The lesson's Slice, its worker supervised (supervise.py)."""
+
+
+class GuardedRequestHandler(
+    RejectedLinesLog, guard.ClientGuard, supervise.WorkerSupervision, RequestHandler
+):
+    """The lesson's RequestHandler, guarded toward its client (guard.py), supervising its
+    workers (supervise.py), and logging rejected lines at -vv (events.py)."""
+
+    slice_class = SupervisedSlice
 
 
 class HandedSocketError(Exception):
@@ -340,7 +387,9 @@ class BluServer(socketserver.ForkingTCPServer):
         self.shutdown_signal: str | None = None  # set by the first SIGINT or SIGTERM
         self.signals: SignalPipe | None = None  # set when serving starts
         super().__init__(
-            (options.address, options.port), RequestHandler, bind_and_activate=handed is None
+            (options.address, options.port),
+            GuardedRequestHandler,
+            bind_and_activate=handed is None,
         )
         if handed:
             self.socket.close()  # the one TCPServer made, never bound
@@ -554,6 +603,7 @@ def seconds(low: float, high: float) -> Callable[[str], float]:
 
 DAY_S = 86_400.0  # the longest timeout: past it, a timeout is a mistake, not a choice
 MAX_WORKERS = 64  # a fork each: far more than cores only costs time and memory per request
+MIN_REPLY_BYTES = 1024  # a refusal is one line sent instead of the results: it must fit
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -619,7 +669,7 @@ def add_limits(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--max-reply-bytes",
-        type=whole_number(1, 2**40),
+        type=whole_number(MIN_REPLY_BYTES, 2**40),
         default=2**30,
         metavar="BYTES",
         help="largest reply; a request whose reply would be larger is refused (1 GiB)",
@@ -649,12 +699,27 @@ def add_limits(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--worker-timeout",
         dest="worker_timeout_s",
-        # At least two report intervals: a working worker is never silent this long.
-        type=seconds(2 * worker.REPORT_INTERVAL_S, DAY_S),
+        type=seconds(1.0, DAY_S),
         default=60.0,
         metavar="SECONDS",
-        help=f"longest silence of a worker, at least {2 * worker.REPORT_INTERVAL_S:g} "
-        f"(60; workers report every {worker.REPORT_INTERVAL_S:g} s)",
+        help="longest silence of a worker that uses no CPU (60)",
+    )
+    group.add_argument(
+        "--cpu-floor",
+        dest="cpu_floor_s",
+        type=seconds(0.1, DAY_S),
+        default=2.0,
+        metavar="SECONDS",
+        help="CPU time every request's workers may use, whatever its size (2)",
+    )
+    group.add_argument(
+        "--cpu-per-mib",
+        dest="cpu_per_mib_s",
+        type=seconds(0.0, DAY_S),
+        default=5.0,
+        metavar="SECONDS",
+        help="more CPU time allowed per MiB of request; past floor plus this, the request is "
+        "refused (5)",
     )
 
 

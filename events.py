@@ -12,6 +12,8 @@ import json
 import logging
 from typing import Any
 
+from client import ERROR_PREFIX
+
 logger = logging.getLogger("bluserver")
 
 
@@ -51,3 +53,44 @@ class EventFormatter(logging.Formatter):
 
 
 server_log = EventLog(logger, {})  # the server's own events, outside any request
+
+
+# --- -vv: each rejected line. -----------------------------------------------------------------
+
+EXCERPT_CHARS = 80  # how much of a rejected line -vv logs
+
+
+class RejectedLinesLog:
+    """A RequestHandler mixin for -vv: once the reply is sent, one DEBUG event per error line,
+    with at most EXCERPT_CHARS of its line.  A line may be 256 MiB long, and its log entry is
+    still one short line."""
+
+    event_log: EventLog
+
+    def send_reply(self, slices: list[Any]) -> int:
+        length: int = super().send_reply(slices)  # type: ignore[misc]
+        if self.event_log.isEnabledFor(logging.DEBUG):
+            for slice_ in slices:
+                self.log_rejected_lines(slice_)
+        return length
+
+    def log_rejected_lines(self, slice_: Any) -> None:
+        payload = slice_.payload
+        line_start = slice_.first_line_at
+        slice_.results.seek(0)
+        for result in slice_.results:
+            if result.startswith(ERROR_PREFIX):
+                excerpt = line_excerpt(payload, line_start)
+                reason = result[len(ERROR_PREFIX) : -1].decode()
+                self.event_log.debug("Line rejected", line=excerpt, reason=reason)
+            line_start = payload.find(b"\n", line_start, slice_.end) + 1
+
+
+def line_excerpt(payload: bytearray, line_start: int) -> str:
+    """The repr of the line at line_start, cut at EXCERPT_CHARS: built from a copy of that
+    many bytes, never of the whole line, which may be 256 MiB."""
+    head = bytes(payload[line_start : line_start + EXCERPT_CHARS])
+    newline = head.find(b"\n")
+    if newline >= 0:  # the whole line is here: its '\n' or '\r\n' is no part of it
+        head = head[:newline].removesuffix(b"\r")
+    return repr(head.decode("utf-8", "surrogateescape"))[:EXCERPT_CHARS]

@@ -19,7 +19,8 @@ def scripted_lines(_: str) -> None:
     """Lines that script a worker; every other line is evaluated as usual.
 
     ``gate PATH``       create PATH.waiting, then wait until the test creates PATH; 'released'
-    ``sleep SECONDS``   work that long; result 'slept'
+    ``sleep SECONDS``   wait that long, using no CPU; result 'slept'
+    ``spin SECONDS``    work that long, using the CPU; result 'spun'
     ``hang-once PATH``  hang until killed if PATH does not exist (creating it); else 'resumed'
     ``die-once PATH``   exit at once if PATH does not exist (creating it); else 'resumed'
     ``count PATH``      append a byte to PATH, so the test can count evaluations; 'counted'
@@ -35,6 +36,11 @@ def scripted_lines(_: str) -> None:
         if command == "sleep":
             time.sleep(float(argument))
             return "slept"
+        if command == "spin":
+            deadline = time.process_time() + float(argument)
+            while time.process_time() < deadline:
+                pass
+            return "spun"
         if command in ("hang-once", "die-once") and not os.path.exists(argument):
             open(argument, "w").close()
             if command == "die-once":
@@ -75,17 +81,16 @@ def file_size_limit(size: str) -> None:
 
 def dying_before_end_of_slice(_: str) -> None:
     """A worker exits after it has sent all its results, before it says it is done."""
-    # Imported here: the faults before it must be in place when it imports.
-    import worker  # noqa: PLC0415
+    send_bytes = connection.Connection.send_bytes
 
-    send_block = worker.send_block
-
-    def send_or_die(sender: connection.Connection, block: bytes) -> None:
-        if block == worker.END_OF_SLICE:
+    def send_or_die(
+        sender: connection.Connection, message: bytes, offset: int = 0, size: int | None = None
+    ) -> None:
+        if message == b"":  # worker.END_OF_SLICE: only workers send on a Pipe
             os._exit(1)
-        send_block(sender, block)
+        send_bytes(sender, message, offset, size)
 
-    worker.send_block = send_or_die
+    connection.Connection.send_bytes = send_or_die  # type: ignore[method-assign]
 
 
 def gated_handlers(path: str) -> None:
@@ -122,3 +127,18 @@ def failing_forks(times: str) -> None:
         return fork()
 
     os.fork = failing_fork
+
+
+def failing_worker_forks(times: str) -> None:
+    """In each handler, the first `times` os.fork() calls (its workers') fail as fork() does
+    when out of processes, after multiprocessing has opened the pipes it forks with."""
+    # Imported here: the faults before it must be in place when it imports worker.
+    import bluserver  # noqa: PLC0415
+
+    setup = bluserver.RequestHandler.setup
+
+    def setup_then_fail_forks(self: bluserver.RequestHandler) -> None:
+        setup(self)
+        failing_forks(times)
+
+    bluserver.RequestHandler.setup = setup_then_fail_forks  # type: ignore[method-assign]

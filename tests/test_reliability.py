@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+import bluserver
+import guard
+import supervise
 import worker
 from client import HEADER, recv_exactly, recv_frame, send_frame
 from tests.harness import (
@@ -37,8 +40,9 @@ from tests.harness import (
 
 WORKER_FAILED = b"error: worker failed\n"
 SHUTDOWN_SIGNALS = [signal.SIGTERM, signal.SIGINT]
-# A scripted line that works past a report interval: the results before it are sent up.
-REPORTED = f"sleep {worker.REPORT_INTERVAL_S + 0.1}"
+# Lines whose results are enough for a worker to send them up at once: 17 of 4,001 bytes.
+SENT_LINES = "10 ** 4000\n" * (worker.SEND_AT_BYTES // 4001 + 1)
+SENT_RESULTS = (b"1" + b"0" * 4000 + b"\n") * (worker.SEND_AT_BYTES // 4001 + 1)
 
 
 # --- Helpers. ---------------------------------------------------------------------------------
@@ -177,8 +181,9 @@ def test_request_whose_reply_would_exceed_the_reply_limit_is_refused_whole_in_on
 
 
 def test_reply_of_exactly_the_reply_limit_is_served(start_server: StartServer) -> None:
-    server = start_server("--max-reply-bytes", "6")
-    assert server.request(b"1 + 1\n2 + 2\n3 + 3") == b"2\n4\n6\n"
+    server = start_server("--max-reply-bytes", "1024")
+    # 512 results of "2\n": 1,024 bytes.
+    assert server.request(b"1 + 1\n" * 512) == b"2\n" * 512
 
 
 def test_a_refused_reply_spools_no_more_than_the_reply_limit(start_server: StartServer) -> None:
@@ -426,7 +431,7 @@ def test_client_resetting_after_half_closing_still_cancels_the_work(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     # After the client's FIN the socket is always readable, so the handler no longer waits on
-    # it; worker.ClientWatch.check looks for a reset at each turn of the handler's loop, at
+    # it; guard.ClientWatch.check looks for a reset at each turn of the handler's loop, at
     # least every CHECK_INTERVAL_S.  The reset ends the handler and its worker, although the
     # gate never opens and --worker-timeout (a minute by default) is far off.
     server = start_server(*LOG, "-n", "1", **SCRIPTED)
@@ -442,20 +447,19 @@ def test_client_resetting_after_half_closing_still_cancels_the_work(
         timeout_s=5.0,
     )
     server.wait_until_idle()
-    assert server.wait_for_event("Client failed")["reason"].startswith(
-        f"[Errno {errno.ECONNRESET}]"
-    )
+    # Linux records a reset that arrives after the peer's FIN as EPIPE (tcp_reset, CLOSE_WAIT).
+    assert server.wait_for_event("Client failed")["reason"].startswith(f"[Errno {errno.EPIPE}]")
 
 
 # --- Workers that are slow, hang, die or cannot start. -------------------------------------------
 
 
-def test_slow_worker_that_keeps_reporting_is_not_taken_for_stuck(
+def test_worker_silent_for_longer_than_the_worker_timeout_but_working_is_not_taken_for_stuck(
     start_server: StartServer,
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
-    # 1.5 s of work, reported every 0.5 s.
-    assert server.request(b"sleep 0.25\n" * 6) == b"slept\n" * 6
+    # 1.5 s of CPU time on one line: nothing to send meanwhile.
+    assert server.request(b"spin 1.5\n") == b"spun\n"
     server.wait_for_event("Request served")
     assert server.events("Worker failed") == []
 
@@ -466,9 +470,9 @@ def test_failed_worker_has_only_its_unanswered_lines_run_again(
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
     counter = tmp_path / "evaluations"
-    # The sleep makes the worker report the first two results before the fault.
-    payload = f"count {counter}\n{REPORTED}\n{fault} {tmp_path / 'once'}\n1 + 1\n".encode()
-    assert server.request(payload) == b"counted\nslept\nresumed\n2\n"
+    # The worker sends the results of the lines before the fault, which fill a message.
+    payload = f"count {counter}\n{SENT_LINES}{fault} {tmp_path / 'once'}\n1 + 1\n".encode()
+    assert server.request(payload) == b"counted\n" + SENT_RESULTS + b"resumed\n2\n"
     assert counter.read_bytes() == b".", "an answered line was evaluated again"
     failed = server.wait_for_event("Worker failed")
     assert (failed["reason"], failed["attempt"]) == (reason, 1)
@@ -479,10 +483,10 @@ def test_worker_failing_twice_fails_only_its_unanswered_lines(
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
     # The die-once line dies every time: it cannot create its file in a missing directory.
-    payload = f"{REPORTED}\ndie-once /nonexistent/dir/twice\n1 + 1\n".encode()
-    assert server.request(payload) == b"slept\n" + WORKER_FAILED * 2
+    payload = f"{SENT_LINES}die-once /nonexistent/dir/twice\n1 + 1\n".encode()
+    assert server.request(payload) == SENT_RESULTS + WORKER_FAILED * 2
     served = server.wait_for_event("Request served")
-    assert (served["lines"], served["error_lines"]) == (3, 2)
+    assert (served["lines"], served["error_lines"]) == (SENT_LINES.count("\n") + 2, 2)
     assert [event["attempt"] for event in server.events("Worker failed")] == [1, 2]
 
 
@@ -551,12 +555,12 @@ def test_workers_that_are_working_but_share_a_core_are_not_taken_for_stuck(
     assert server.events("Worker failed") == []
 
 
-def test_worker_stopped_half_way_through_a_block_is_replaced_not_waited_for(
+def test_worker_stopped_half_way_through_its_results_is_replaced_not_waited_for(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--worker-timeout", "1", **SCRIPTED)
     gate = tmp_path / "gate"
-    # 70 results of 4,001 digits make one block of 280 KB: more than a pipe holds (64 KiB).
+    # 70 results of 4,001 digits make 280 KB: more than a pipe holds (64 KiB).
     payload = f"gate {gate}\n".encode() + b"10 ** 4000\n" * 70
     with server.connect() as sock:
         send_frame(sock, [payload])
@@ -566,7 +570,7 @@ def test_worker_stopped_half_way_through_a_block_is_replaced_not_waited_for(
         release(gate)
         worker = started["worker_pid"]
         wait_until(lambda: "pipe_write" in wchan(worker), "the worker to fill its pipe")
-        os.kill(worker, signal.SIGSTOP)  # half-way through its block
+        os.kill(worker, signal.SIGSTOP)  # half-way through its results
         os.kill(started["pid"], signal.SIGCONT)
         assert recv_frame(sock) == b"released\n" + (b"1" + b"0" * 4000 + b"\n") * 70
     assert server.wait_for_event("Worker failed")["reason"] == "stuck"
@@ -721,3 +725,103 @@ def test_address_that_cannot_be_bound_is_reported_in_one_line_and_exits_1() -> N
         result.stderr
         == f"bluserver: cannot listen on 192.0.2.1:0: {os.strerror(errno.EADDRNOTAVAIL)}\n"
     )
+
+
+# --- Issue 25: peers that reset after their reply, costly requests, clients that keep sending. -
+
+
+def test_peers_that_reset_after_reading_their_reply_leave_no_traceback_and_no_warning(
+    start_server: StartServer,
+) -> None:
+    # As HAProxy's tcp-check does: the empty request, the eight zero bytes read, then a reset,
+    # which may meet the handler's lingering close before or after its shutdown(SHUT_WR).
+    server = start_server(*LOG)
+    for _ in range(50):
+        with server.connect() as sock:
+            sock.sendall(HEADER.pack(0))
+            assert recv_exactly(sock, HEADER.size) == HEADER.pack(0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_until(lambda: len(server.events("Request served")) == 50, "the 50 requests served")
+    server.wait_until_idle()
+    assert "Traceback" not in server.stderr()
+    assert [event for event in server.events() if event["level"] == "WARNING"] == []
+
+
+# A line of nested groups that pyparsing must walk: ~10,000 bytes of costly evaluation.
+COSTLY_LINE = b"((((((((((1))))))))))+" * 450 + b"1\n"
+
+
+def test_a_request_costlier_than_its_cpu_allowance_is_refused_whole_and_the_next_is_served(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, "-n", "1", "--cpu-floor", "0.1", "--cpu-per-mib", "0")
+    with server.connect() as sock:
+        send_frame(sock, [COSTLY_LINE * 200])
+        reply = recv_frame(sock)
+    assert reply == (
+        b"error: request too costly (over 0.1 s of CPU; see --cpu-floor, --cpu-per-mib)\n"
+    )
+    refused = server.wait_for_event("Request refused")
+    server.wait_until_idle()  # its worker stopped, its handler gone
+    assert refused["reason"].startswith("request too costly")
+    assert server.request(b"1 + 1\n") == b"2\n"
+
+
+def test_the_cpu_a_request_used_is_logged_with_its_summary(start_server: StartServer) -> None:
+    server = start_server(*LOG, "-n", "1")
+    assert server.request(COSTLY_LINE * 3) == b"451\n" * 3
+    served = server.wait_for_event("Request served")
+    assert served["cpu_s"] > 0
+
+
+def test_a_client_still_sending_when_its_reply_starts_gets_the_whole_reply(
+    start_server: StartServer,
+) -> None:
+    # The reply (8 MB) and what the client sends once it has begun (8 MB) are each more than
+    # the socket buffers hold: if the handler did not read while it sends, each side would wait
+    # for the other until --client-timeout.
+    server = start_server(*LOG, "-n", "1", "--client-timeout", "5")
+    payload = b"10 ** 4000\n" * 2000
+    with server.connect() as sock:
+        send_frame(sock, [payload])
+        (length,) = HEADER.unpack(recv_exactly(sock, HEADER.size))  # the reply has begun
+        sock.sendall(b"x" * (8 * 1024 * 1024))  # never read: bytes after the request
+        assert recv_exactly(sock, length) == (b"1" + b"0" * 4000 + b"\n") * 2000
+    assert server.events("Client failed") == []
+
+
+def test_a_worker_fork_that_fails_leaves_no_file_descriptor_open_in_the_handler(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # multiprocessing opens two pipes before it forks a worker, and closes neither if the
+    # fork fails: 4 descriptors at each failed start, unless the handler closes them.
+    def handler_descriptors(faults: list[str], gate: Path) -> int:
+        server = start_server(*LOG, "-n", "1", faults=["scripted_lines", *faults])
+        with server.connect() as sock:
+            send_frame(sock, [f"gate {gate}\n".encode()])
+            handler = server.wait_for_event("Worker started")["pid"]
+            wait_until(Path(f"{gate}.waiting").exists, "the worker to reach the gate")
+            descriptors = len(os.listdir(f"/proc/{handler}/fd"))
+            release(gate)
+            assert recv_frame(sock) == b"released\n"
+        return descriptors
+
+    failing = handler_descriptors(["failing_worker_forks:3"], tmp_path / "failing")
+    assert failing == handler_descriptors([], tmp_path / "ordinary")
+
+
+def test_every_refusal_fits_in_the_smallest_reply_limit() -> None:
+    # A refusal is sent instead of the results, and must itself be a reply the limit allows.
+    longest = max(
+        len(f"error: {refusal}\n".encode())
+        for refusal in (
+            guard.RequestTooLarge(2**64 - 1, 2**36),
+            supervise.ReplyTooLarge(2**40),
+            supervise.ReplyNotStored(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+            supervise.WorkerNotStarted(OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))),
+            supervise.RequestTooCostly(86_400 + 86_400 * 2**36 / 2**20),
+        )
+    )
+    assert longest <= bluserver.MIN_REPLY_BYTES
+    with pytest.raises(SystemExit):
+        bluserver.parse_args(["--max-reply-bytes", str(bluserver.MIN_REPLY_BYTES - 1)])

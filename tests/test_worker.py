@@ -1,15 +1,18 @@
-"""worker.py in unit form: how a worker reads its slice's lines, and how a handler's Slice
-keeps its invariants in every state a worker can leave it in.
+"""Both ends of a worker in unit form: how a worker reads its slice's lines and sends its
+results, and how a handler's supervised Slice (bluserver.SupervisedSlice, supervise.py) keeps
+its invariants in every state a worker can leave it in.
 
 The Slice tests fork real workers through real Pipes, but each worker runs a script instead
-of ``worker.evaluate_slice``: it sends the messages the test names (result blocks,
-END_OF_SLICE) and then exits, or dies, as a real worker might at any point.
+of ``worker.evaluate_slice``: it sends the messages the test names (results, END_OF_SLICE)
+and then exits, or dies, as a real worker might at any point.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import select
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -18,10 +21,11 @@ from typing import Callable, Union
 
 import pytest
 
+import bluserver
 import events
 import grammar
+import supervise
 import worker
-from client import HEADER
 
 EVENT_LOG = events.EventLog(logging.getLogger("test_worker"), {})
 LIMIT = grammar.MAX_LINE_BYTES
@@ -79,6 +83,43 @@ def test_slice_lines_reads_only_its_range() -> None:
 # --- Slice: what a handler keeps of a worker, whatever the worker does. --------------------------
 
 
+# --- send_results: results up the Pipe, in messages the handler can never find half of. -----
+
+
+def sent_messages(results: list[str]) -> list[bytes]:
+    """The messages send_results sends for results, as the handler receives them."""
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    with receiver, sender:
+        worker.send_results(sender, results)
+        sender.send_bytes(worker.END_OF_SLICE)
+        messages = []
+        message = receiver.recv_bytes()
+        while message != worker.END_OF_SLICE:
+            messages.append(message)
+            message = receiver.recv_bytes()
+    return messages
+
+
+LONG_RESULT = "1" + "0" * 4000  # 10 ** 4000: about one message
+
+
+@pytest.mark.parametrize(
+    "results",
+    [["1"], ["2"] * 5000, [LONG_RESULT] * 3, [LONG_RESULT * 3, "1"], ["é" * 3000] * 2],
+    ids=["one", "many-short", "long", "longer-than-a-message", "multi-byte"],
+)
+def test_results_go_up_the_pipe_in_messages_of_whole_lines_written_at_once(
+    results: list[str],
+) -> None:
+    messages = sent_messages(results)
+    assert b"".join(messages) == "".join(f"{result}\n" for result in results).encode()
+    # At most PIPE_BUF bytes with Connection's 4-byte header: one write, which is atomic.
+    assert max(map(len, messages)) <= select.PIPE_BUF - 4
+    longest_line = max(len(f"{result}\n".encode()) for result in results)
+    if longest_line <= worker.MESSAGE_BYTES:
+        assert all(message.endswith(b"\n") for message in messages)
+
+
 Script = Sequence[Union[bytes, None]]  # what a scripted worker sends, in order
 STOPPED = None  # in a script: the worker stops itself there (SIGSTOP), as a debugger would
 
@@ -88,29 +129,32 @@ def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
     the messages scripts[offset], then exits without another word (as if it died)."""
 
     def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
-        worker.hold_only(sender)  # as a real worker: it closes what fork inherited
+        worker.close_inherited_files(sender)  # as a real worker does
         for message in scripts[start]:
             if message is STOPPED:
                 os.kill(os.getpid(), signal.SIGSTOP)
             else:
-                worker.send_block(sender, message)
+                sender.send_bytes(message)
         os._exit(0)
 
     return evaluate_slice
 
 
-MakeSlice = Callable[..., worker.Slice]
+MakeSlice = Callable[..., bluserver.SupervisedSlice]
 
 
 @pytest.fixture
 def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
     """make_slice(payload, scripts) -> a Slice over all of payload, its worker started."""
-    slices: list[worker.Slice] = []
+    slices: list[bluserver.SupervisedSlice] = []
 
-    def make(payload: bytes, scripts: dict[int, Script], limit: int = 2**20) -> worker.Slice:
+    def make(
+        payload: bytes, scripts: dict[int, Script], limit: int = 2**20
+    ) -> bluserver.SupervisedSlice:
         monkeypatch.setattr(worker, "evaluate_slice", scripted_workers(scripts))
-        slice_ = worker.Slice(
-            bytearray(payload), (0, len(payload)), worker.ReplyBudget(limit), EVENT_LOG
+        budget = supervise.ReplyBudget(limit)
+        slice_ = bluserver.SupervisedSlice(
+            bytearray(payload), (0, len(payload)), EVENT_LOG, budget
         )
         slices.append(slice_)
         slice_.start_worker("worker-1")
@@ -119,18 +163,18 @@ def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
     yield make
     for slice_ in slices:
         slice_.stop_worker()
-        slice_.spool.close()
+        slice_.results.close()
 
 
-def run_to_the_end(slice_: worker.Slice) -> bytes:
-    """Receive until the slice is finished (no worker here is ever stuck); its spooled results."""
+def run_to_the_end(slice_: bluserver.SupervisedSlice) -> bytes:
+    """Receive until the slice is finished (no worker here is ever stuck); its stored results."""
     deadline = time.monotonic() + 10
     while not slice_.finished:
         assert time.monotonic() < deadline, "the slice never finished"
         assert slice_.receiver
         wait([slice_.receiver], timeout=1)
         slice_.receive()
-    return b"".join(slice_.spool.chunks())
+    return b"".join(slice_.result_chunks())
 
 
 def test_a_worker_that_says_it_is_done_finishes_its_slice(make_slice: MakeSlice) -> None:
@@ -148,18 +192,6 @@ def test_lines_a_dead_worker_did_not_answer_are_run_again_and_only_those(
     assert slice_.attempts == 2
 
 
-def test_a_block_cut_short_is_left_unread_until_it_is_whole() -> None:
-    slice_ = worker.Slice(bytearray(b"1\n2\n"), (0, 4), worker.ReplyBudget(100), EVENT_LOG)
-    second = HEADER.pack(3) + b"r2\n"
-    # What a worker stopped half-way through its second block has sent.
-    slice_.unread += HEADER.pack(3) + b"r1\n" + second[:5]
-    assert list(slice_.whole_blocks()) == [b"r1\n"]
-    assert slice_.unread == second[:5]
-    slice_.unread += second[5:]
-    assert list(slice_.whole_blocks()) == [b"r2\n"]
-    slice_.spool.close()
-
-
 @pytest.mark.parametrize("payload", [b"1\n2", b"1\n2\n"], ids=["last-unended", "ended"])
 def test_a_worker_lost_after_its_last_result_leaves_the_slice_finished(
     make_slice: MakeSlice, payload: bytes
@@ -173,17 +205,17 @@ def test_lines_still_unanswered_after_the_last_attempt_are_error_lines(
     make_slice: MakeSlice,
 ) -> None:
     slice_ = make_slice(b"1\n2\n3\n", {0: [b"r1\n"], 2: []})  # dies twice
-    assert run_to_the_end(slice_) == b"r1\n" + worker.WORKER_FAILED * 2
-    assert (slice_.attempts, slice_.error_lines) == (worker.ATTEMPTS, 2)
+    assert run_to_the_end(slice_) == b"r1\n" + supervise.WORKER_FAILED * 2
+    assert (slice_.attempts, slice_.error_lines) == (supervise.ATTEMPTS, 2)
 
 
-def test_a_block_that_would_overrun_the_reply_budget_is_refused_before_it_is_spooled(
+def test_results_that_would_overrun_the_reply_budget_are_refused_before_they_are_stored(
     make_slice: MakeSlice,
 ) -> None:
     slice_ = make_slice(b"1\n2\n", {0: [b"r1\n", b"r2\n", worker.END_OF_SLICE]}, limit=5)
-    with pytest.raises(worker.ReplyTooLarge, match=r"reply too large \(limit 5 bytes\)"):
+    with pytest.raises(supervise.ReplyTooLarge, match=r"reply too large \(limit 5 bytes\)"):
         run_to_the_end(slice_)
-    assert b"".join(slice_.spool.chunks()) == b"r1\n"
+    assert b"".join(slice_.result_chunks()) == b"r1\n"
 
 
 class WaitedTooLong(Exception):

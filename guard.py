@@ -1,0 +1,195 @@
+"""The handler's armour toward its client: what a client, honest or not, can do to a handler.
+
+The lesson's RequestHandler (bluserver.py) trusts its client to send its request, wait for
+the reply and read it.  A client on a network may instead:
+
+- stall, or trickle a byte at a time: each transfer is paced (``Pace``, Apache
+  mod_reqtimeout's rule: --client-timeout plus one second per --min-rate bytes moved);
+- announce more than --max-bytes: the request is refused unread (``RequestTooLarge``);
+- send bytes after its request, or reset the connection while the request is evaluated:
+  the bytes are dropped, a reset cancels the work (``ClientWatch``, supervise.py waits on it);
+- go on sending while the reply goes out: what it sends is dropped, so that neither side
+  waits for the other (``ReplyPace``);
+- still have unread bytes on its way when the handler closes: the handler lingers, reading
+  them, so that closing does not reset the connection and destroy the reply (``linger``);
+- reset the connection after its reply (HAProxy's health checks do): nothing to say.
+
+``ClientGuard`` attaches all of this to the handler through socketserver's own hooks
+(``handle``, ``finish``) and the lesson's (``pace_request``, ``pace_reply``, ``announced``).
+A request the server will not evaluate (a ``Refusal``: this module's, supervise.py's) is
+answered with one error line instead of its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import select
+import socket
+import time
+
+from client import CHUNK_BYTES, send_frame
+from events import EventLog
+
+LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
+CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; closed or reset
+
+
+class Refusal(Exception):
+    """Why a request is answered with one error line instead of its results."""
+
+
+class RequestTooLarge(Refusal):
+    """A request declared more bytes than --max-bytes allows."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"request too large ({size} bytes, limit {limit})")
+
+
+class Pace:
+    """Apache mod_reqtimeout's rule, for one transfer (a request, or a reply): --client-timeout
+    seconds plus one per --min-rate bytes moved, and no wait longer than --client-timeout.  A
+    steady client is served; one that trickles is cut off.  Called before each wait."""
+
+    def __init__(self, connection: socket.socket, timeout_s: float, min_rate: int) -> None:
+        self.connection = connection
+        self.timeout_s = timeout_s
+        self.min_rate = min_rate
+        self.started = time.monotonic()
+
+    def __call__(self, moved: int) -> None:
+        self.connection.settimeout(self.longest_wait_s(moved))
+
+    def longest_wait_s(self, moved: int) -> float:
+        """How long the next wait may take; raise socket.timeout if the client is too slow."""
+        left_s = self.started + self.timeout_s + moved / self.min_rate - time.monotonic()
+        if left_s <= 0:
+            raise socket.timeout(f"slower than --min-rate {self.min_rate} bytes/s")
+        return min(self.timeout_s, left_s)
+
+
+class ReplyPace(Pace):
+    """The pace of a reply, which also drops what the client still sends meanwhile: a client
+    that sends while the reply goes out fills its receive buffer with the reply and blocks, and
+    the handler would then wait for it to read, and it for the handler to read, until one gives
+    up.  Before each send, wait until the socket can take more, reading and dropping what
+    arrives."""
+
+    def __init__(self, connection: socket.socket, timeout_s: float, min_rate: int) -> None:
+        super().__init__(connection, timeout_s, min_rate)
+        self.half_closed = False  # the client has sent its end of file: nothing more to read
+
+    def __call__(self, moved: int) -> None:
+        while True:
+            wait_s = self.longest_wait_s(moved)
+            readers = [] if self.half_closed else [self.connection]
+            readable, writable, _ = select.select(readers, [self.connection], [], wait_s)
+            if writable:
+                self.connection.settimeout(wait_s)
+                return
+            if not readable:
+                raise socket.timeout("timed out")
+            self.half_closed = not self.connection.recv(CHUNK_BYTES)
+
+
+class ClientWatch:
+    """The client's connection while its request is evaluated.
+
+    Stray bytes it sends after the request are read and dropped: unread, they would make
+    close() reset the connection and cut the reply.  A reset raises ConnectionResetError (or
+    another ConnectionError), which cancels the work.  End of file is a half-close after
+    sending, and the request is still served; from then on the socket is always readable, so
+    it is no longer waited on, only checked for a reset, at least every CHECK_INTERVAL_S.
+    """
+
+    CHECK_INTERVAL_S = 0.5  # a check costs one system call; a reset is noticed within this
+
+    def __init__(self, connection: socket.socket) -> None:
+        self.connection = connection
+        self.half_closed = False
+
+    def sockets(self) -> list[socket.socket]:
+        """What to wait on: the socket, until the client has half-closed it."""
+        return [] if self.half_closed else [self.connection]
+
+    def longest_wait_s(self) -> float:
+        """How long the handler may wait without checking on the client."""
+        return self.CHECK_INTERVAL_S if self.half_closed else math.inf
+
+    def drain(self) -> None:
+        """Read what the client has sent (it is readable): drop it, or note its half-close."""
+        if not self.connection.recv(CHUNK_BYTES):
+            self.half_closed = True
+
+    def check(self) -> None:
+        """Raise ConnectionResetError if a half-closed client has since reset the connection."""
+        if not self.half_closed:
+            return
+        # A reset after the client's end of file is not seen by reading (end of file again),
+        # but leaves its error on the socket.
+        error = self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise ConnectionResetError(error, os.strerror(error))
+
+
+class ClientGuard:
+    """A RequestHandler mixin: the pace of each transfer, the limit on what a request may
+    announce, one error line for a refusal, one warning for a client that fails, and the
+    lingering close after the reply."""
+
+    connection: socket.socket
+    options: argparse.Namespace
+    event_log: EventLog
+
+    def handle(self) -> None:
+        self.client_failed = False
+        try:
+            super().handle()  # type: ignore[misc]
+        except Refusal as refusal:
+            self.event_log.warning("Request refused", reason=str(refusal))
+            with contextlib.suppress(*CLIENT_FAILURES):  # a client gone needs no reply
+                send_frame(self.connection, [f"error: {refusal}\n".encode()])
+        except CLIENT_FAILURES as error:
+            self.event_log.warning("Client failed", reason=str(error) or "timed out")
+            self.client_failed = True
+
+    def pace_request(self) -> Pace:
+        return Pace(self.connection, self.options.client_timeout_s, self.options.min_rate)
+
+    def pace_reply(self) -> Pace:
+        return ReplyPace(self.connection, self.options.client_timeout_s, self.options.min_rate)
+
+    def announced(self, size: int) -> None:
+        """Refuse a request larger than --max-bytes before reading a byte of it."""
+        if size > self.options.max_bytes:
+            raise RequestTooLarge(size, self.options.max_bytes)
+        super().announced(size)  # type: ignore[misc]
+
+    def finish(self) -> None:
+        """Linger after the reply (or a refusal), unless the client has already failed."""
+        if not self.client_failed:
+            linger(self.connection)
+        super().finish()  # type: ignore[misc]
+
+
+def linger(connection: socket.socket) -> None:
+    """Say we are done (FIN), then read and drop what the client still sends, until it closes
+    or for LINGER_S at most (nginx's lingering close): closing with unread bytes sends a reset,
+    which destroys whatever of the reply the client has not read yet.
+
+    The reply has been sent: however the client's socket fails from here on (a reset, as
+    HAProxy's checks end; ENOTCONN, when shutdown() meets a connection already reset), the
+    request was served, and there is nothing to tell anyone.
+    """
+    deadline = time.monotonic() + LINGER_S
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_WR)
+        while True:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                return
+            connection.settimeout(left_s)
+            if not connection.recv(CHUNK_BYTES):
+                return

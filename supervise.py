@@ -1,0 +1,376 @@
+"""Supervising the workers of one request: the handler's armour toward its workers.
+
+The lesson (bluserver.py's ``Slice`` and ``RequestHandler``) takes it that every worker
+starts, answers each line of its slice and exits, that the disk takes every result, and that
+a request costs what its size suggests.  None of that is promised:
+
+- the system is out of processes: a worker start is tried again after pauses
+  (START_BACKOFF_S), then the request is refused (``WorkerNotStarted``);
+- a worker dies, or goes silent for --worker-timeout while using no CPU (stopped by SIGSTOP
+  or a debugger, blocked): the lines it has not answered run once more, then are answered
+  ``error: worker failed`` (``Supervision.retry``, ATTEMPTS);
+- the reply would exceed --max-reply-bytes: refused whole, before anything past the limit
+  is stored (``ReplyBudget``, ``ReplyTooLarge``);
+- the disk will not take the results: refused (``ReplyNotStored``);
+- the lines cost far more than their size says (a line of nested groups, invalid lines that
+  pyparsing must explain): past --cpu-floor plus --cpu-per-mib seconds per MiB of the request,
+  refused and its workers stopped (``CpuLimit``, ``RequestTooCostly``);
+- the client resets while its request is evaluated (guard.ClientWatch, waited on here).
+
+``Supervision`` attaches to the lesson's Slice, and ``WorkerSupervision`` to its handler,
+through the lesson's hooks (bluserver.py composes them).  A Slice keeps these invariants,
+whatever happens to its worker (a results file that cannot be written ends the whole request
+instead, with ReplyNotStored):
+
+- its results hold one result line for each line of payload[first_line_at:start], then
+  one for each of the first ``answered`` lines of payload[start:end], in order;
+- a worker evaluates payload[start:end]: a new attempt starts past the lines answered;
+- ``finished`` once the results hold a result line for every line of payload[first_line_at:end].
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import time
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable
+
+import worker
+from client import ERROR_PREFIX, count_lines
+from events import EventLog
+from guard import ClientWatch, Refusal
+
+ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
+# Waits before trying again to fork a worker when the system is out of processes (EAGAIN).
+START_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+EXIT_GRACE_S = 1.0  # how long a worker that has sent END_OF_SLICE may take to exit
+WORKER_FAILED = ERROR_PREFIX + b"worker failed\n"
+MIB = 2**20
+# /proc counts CPU time in ticks of 10 ms: checking the limit more often than this learns nothing.
+CPU_CHECK_MIN_INTERVAL_S = 0.01
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")  # the unit of /proc/PID/stat's CPU times
+
+
+class ReplyTooLarge(Refusal):
+    """The results of a request would exceed --max-reply-bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"reply too large (limit {limit} bytes)")
+
+
+class ReplyNotStored(Refusal):
+    """A results file could not be created or written: the disk is full, or a file size limit
+    was hit."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"server could not store the reply ({error.strerror or error})")
+
+
+class WorkerNotStarted(Refusal):
+    """A worker could not be started, even after waiting: the system is out of processes
+    (EAGAIN), of memory, or of file descriptors."""
+
+    def __init__(self, error: OSError) -> None:
+        reason = error.strerror or error
+        super().__init__(f"server cannot start a worker ({reason}); try again later")
+
+
+class RequestTooCostly(Refusal):
+    """The request's workers used more CPU time than its size allows."""
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(
+            f"request too costly (over {limit_s:g} s of CPU; see --cpu-floor, --cpu-per-mib)"
+        )
+
+
+class ReplyBudget:
+    """What is left of --max-reply-bytes for a whole reply, shared by the request's slices:
+    a reply that would exceed it is refused whole, so that nothing past the limit is stored."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def spend(self, size: int) -> None:
+        """Take size bytes from the budget; raise ReplyTooLarge if they are not there."""
+        if size > self.left:
+            raise ReplyTooLarge(self.limit)
+        self.left -= size
+
+
+class Supervision:
+    """A Slice mixin: its worker is started however the system resists, replaced when it dies
+    or is stuck, and its results are kept within the reply's budget and on disk."""
+
+    # The lesson Slice's, for the type checker.
+    payload: bytearray
+    start: int
+    end: int
+    event_log: Any
+    results: Any
+    finished: bool
+    error_lines: int
+    process: BaseProcess | None
+    receiver: Connection | None
+    name: str
+
+    def __init__(
+        self,
+        payload: bytearray,
+        bounds: tuple[int, int],
+        event_log: Any,
+        budget: ReplyBudget,
+    ) -> None:
+        try:
+            super().__init__(payload, bounds, event_log)  # type: ignore[call-arg]
+        except OSError as error:  # no results file: no usable temporary directory
+            raise ReplyNotStored(error) from None
+        self.budget = budget
+        self.first_line_at = bounds[0]  # start moves past the lines answered, at each attempt
+        self.answered = 0  # lines answered by the current attempt
+        self.attempts = 0
+        self.heard_at = 0.0  # when the worker last sent something, or started
+        self.worked_ticks = -1  # the CPU time it had used then (cpu_ticks)
+
+    def start_worker(self, name: str) -> None:
+        """Start a worker on the lines not yet answered; once out of attempts, fail them.
+        While the system cannot start one (out of processes), wait and try again; raise
+        WorkerNotStarted if it still cannot after the last wait."""
+        if self.attempts == ATTEMPTS:
+            self.fail_the_rest()
+            return
+        self.attempts += 1
+        for wait_s in (*START_BACKOFF_S, None):
+            try:
+                self.try_to_start_worker(name)
+                break
+            except OSError as error:  # EAGAIN, ENOMEM, EMFILE: nothing was started
+                if wait_s is None:
+                    raise WorkerNotStarted(error) from None
+                reason = str(error)
+                self.event_log.warning(
+                    "Worker not started", worker=name, reason=reason, retry_s=wait_s
+                )
+                time.sleep(wait_s)  # a pause for the system, not a wait for a condition
+        self.answered = 0
+        self.heard_at = time.monotonic()
+        assert self.process, "just started"
+        self.worked_ticks = cpu_ticks(self.process.pid)
+
+    def try_to_start_worker(self, name: str) -> None:
+        """The lesson's start_worker, leaving nothing open when fork() fails: multiprocessing
+        (popen_fork) opens two pipes before it forks, and closes neither if the fork fails."""
+        open_before = open_file_descriptors()
+        try:
+            super().start_worker(name)  # type: ignore[misc]
+        except OSError:
+            if self.receiver:
+                self.receiver.close()
+            self.receiver = None
+            self.process = None
+            for leaked in open_file_descriptors() - open_before:
+                with contextlib.suppress(OSError):  # the listing's own, closed already
+                    os.close(leaked)
+            raise
+
+    def receive(self) -> None:
+        """The lesson's receive; if the worker died (end of file before END_OF_SLICE), the
+        lines it did not answer run again."""
+        self.heard_at = time.monotonic()
+        try:
+            super().receive()  # type: ignore[misc]
+        except EOFError:
+            self.retry("died")
+
+    def store(self, results: bytes) -> None:
+        """Charge the results to the reply's budget before they are stored, then store them."""
+        self.budget.spend(len(results))
+        try:
+            super().store(results)  # type: ignore[misc]
+        except OSError as error:  # ENOSPC, or EFBIG past RLIMIT_FSIZE
+            raise self.not_stored(error) from None
+        self.answered += results.count(b"\n")
+
+    def flush_results(self) -> None:
+        """Write what the results file still buffers: before the reply's length is sent, a
+        failure is still a refusal."""
+        try:
+            self.results.flush()
+        except OSError as error:
+            raise self.not_stored(error) from None
+
+    def not_stored(self, error: OSError) -> ReplyNotStored:
+        """The refusal for results the disk would not take.  Their file is closed now:
+        closing it later would try again to write what it buffers, and fail again."""
+        with contextlib.suppress(OSError):
+            self.results.close()
+        return ReplyNotStored(error)
+
+    def is_stuck(self, worker_timeout_s: float) -> bool:
+        """True if the worker has sent nothing for worker_timeout_s seconds and has used no CPU
+        time since its last message: stopped (SIGSTOP, a debugger), swapped out or blocked, not
+        merely slow because it shares the CPU with many others (gunicorn's heartbeat idea:
+        stuck is not making progress, not being slow)."""
+        if time.monotonic() - self.heard_at < worker_timeout_s:
+            return False
+        assert self.process, "only a running worker is judged"
+        ticks = cpu_ticks(self.process.pid)
+        if ticks > self.worked_ticks:  # it has been working: that is news too
+            self.worked_ticks = ticks
+            self.heard_at = time.monotonic()
+            return False
+        return True
+
+    def retry(self, reason: str) -> None:
+        """Stop the worker; run the lines it has not answered once more, if attempts are left."""
+        name = self.name
+        answered = self.answered
+        self.stop_worker()
+        self.start = self.skip_lines(self.start, answered)
+        self.answered = 0
+        if self.start == self.end:
+            # It answered every line and was lost before it said so: nothing is missing.
+            self.event_log.info("Worker finished", worker=name)
+            self.finished = True
+            return
+        self.event_log.warning("Worker failed", worker=name, reason=reason, attempt=self.attempts)
+        self.start_worker(name)
+
+    def skip_lines(self, offset: int, count: int) -> int:
+        """The offset count lines past offset; at most self.end (the last line may have no
+        newline)."""
+        for _ in range(count):
+            newline = self.payload.find(b"\n", offset, self.end)
+            if newline < 0:
+                return self.end
+            offset = newline + 1
+        return offset
+
+    def fail_the_rest(self) -> None:
+        """Answer every line not yet answered with an error line."""
+        count = count_lines(self.payload, self.start, self.end)
+        # In pieces: the lines may be millions.
+        for done in range(0, count, 10_000):
+            lines = min(10_000, count - done)
+            self.store(WORKER_FAILED * lines)
+        self.start = self.end
+        self.finished = True
+
+    def stop_worker(self) -> None:
+        """End the worker, then the lesson's stop_worker reaps it: a finished one is given
+        EXIT_GRACE_S to exit on its own (a killed one loses what coverage and the like write
+        at exit); others are killed."""
+        if self.receiver and self.finished:
+            # Its end of the Pipe closes when it exits: wait for that end of file.  Not
+            # join(timeout): the worker closed the pipe by which multiprocessing would know
+            # (worker.close_inherited_files), so join would wait as long as the worker takes.
+            wait([self.receiver], EXIT_GRACE_S)
+        if self.process:
+            # SIGKILL also ends a stopped process (SIGSTOP, a debugger), where SIGTERM waits;
+            # to one that has exited (a zombie until reaped) it does nothing.
+            self.process.kill()
+        super().stop_worker()  # type: ignore[misc]
+        self.process = None
+        self.receiver = None
+
+
+def open_file_descriptors() -> set[int]:
+    """The file descriptors this process has open (Linux's /proc)."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def cpu_ticks(pid: int | None) -> int:
+    """The CPU time a process has used, in clock ticks, from Linux's /proc; -1 where it
+    cannot be read (then a silent worker is stuck by the clock alone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return -1
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) ", from field 3
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
+
+
+class CpuLimit:
+    """The CPU time a request's workers may use: --cpu-floor, plus --cpu-per-mib for each MiB
+    of the request.  An ordinary line costs well under a microsecond of CPU per byte, and a
+    costly one (nested groups, an invalid line pyparsing must explain) up to a hundred times
+    more: the default lets every ordinary request through, with a wide margin, and bounds
+    what the rest can take."""
+
+    def __init__(self, request_bytes: int, floor_s: float, per_mib_s: float) -> None:
+        self.limit_s = floor_s + per_mib_s * request_bytes / MIB
+        self.reaped_s = (
+            worker.reaped_workers_cpu_s()
+        )  # before this request: none, in a new handler
+        self.check_at = time.monotonic()
+
+    def used_s(self, running: list[Any]) -> float:
+        """The CPU time used so far: the workers reaped, and those still running."""
+        running_ticks = sum(max(0, cpu_ticks(slice_.process.pid)) for slice_ in running)
+        reaped_s = worker.reaped_workers_cpu_s() - self.reaped_s
+        return reaped_s + running_ticks / CLOCK_TICKS_PER_S
+
+    def seconds_to_check(self, running: list[Any]) -> float:
+        """How long the handler may wait before it checks the CPU used again: the least time
+        the running workers take to spend what is left, all working flat out.  When a check
+        is due, check: raise RequestTooCostly if the limit is spent.  (Checking costs a read
+        of /proc per worker: not at every message.)"""
+        now = time.monotonic()
+        if now >= self.check_at:
+            left_s = self.limit_s - self.used_s(running)
+            if left_s <= 0:
+                raise RequestTooCostly(self.limit_s)
+            self.check_at = now + max(CPU_CHECK_MIN_INTERVAL_S, left_s / len(running))
+        return self.check_at - now
+
+
+class WorkerSupervision:
+    """A RequestHandler mixin: each request's slices share a ReplyBudget and a CpuLimit, and
+    the wait for the workers' messages also watches for stuck workers, the CPU limit and the
+    client (guard.ClientWatch)."""
+
+    connection: socket.socket
+    options: argparse.Namespace
+    event_log: EventLog
+    slice_class: Callable[..., Any]
+
+    def new_slices(self, payload: bytearray, ranges: list[tuple[int, int]]) -> list[Any]:
+        budget = ReplyBudget(self.options.max_reply_bytes)
+        self.cpu_limit = CpuLimit(
+            len(payload), self.options.cpu_floor_s, self.options.cpu_per_mib_s
+        )
+        return [self.slice_class(payload, bounds, self.event_log, budget) for bounds in ranges]
+
+    def collect_results(self, slices: list[Any]) -> None:
+        """The lesson's collect_results, watching the client meanwhile; then every result is
+        on disk."""
+        self.client_watch = ClientWatch(self.connection)
+        super().collect_results(slices)  # type: ignore[misc]
+        for slice_ in slices:
+            slice_.flush_results()
+
+    def slices_with_news(self, running: list[Any]) -> list[Any]:
+        """Wait for a message from any worker, or for the client, at most until the
+        longest-silent worker would be stuck or the CPU limit could be spent; then replace the
+        workers that are stuck."""
+        worker_timeout_s = self.options.worker_timeout_s
+        oldest_news = min(slice_.heard_at for slice_ in running)
+        until_stuck_s = max(0.0, oldest_news + worker_timeout_s - time.monotonic())
+        until_cpu_check_s = self.cpu_limit.seconds_to_check(running)
+        timeout_s = min(until_stuck_s, until_cpu_check_s, self.client_watch.longest_wait_s())
+        receivers = [slice_.receiver for slice_ in running]
+        ready = wait(receivers + self.client_watch.sockets(), timeout=timeout_s)
+        if self.connection in ready:
+            self.client_watch.drain()
+        self.client_watch.check()
+        with_news = [slice_ for slice_ in running if slice_.receiver in ready]
+        for slice_ in running:
+            if slice_ not in with_news and slice_.is_stuck(worker_timeout_s):
+                slice_.retry("stuck")
+        return with_news
