@@ -1,24 +1,32 @@
 """bluserver: evaluates arithmetic expressions sent over TCP, one per line, in worker processes.
 
 Usage: ``python bluserver.py -p 1982 -n 2``.  README.md has the protocol, the limits and a
-reading guide.  This module is the server, the handler and the command line; worker.py holds
-both ends of a worker, grammar.py the language, client.py the wire protocol.  The path of one
-request through the three kinds of process::
+reading guide.  This module is the lesson: a ``socketserver.ForkingTCPServer`` whose handler
+cuts each request into slices and evaluates each slice in a ``multiprocessing.Process``,
+linked to it by a ``multiprocessing.Pipe``.  One request, through the three kinds of process::
 
-    client ──[length, lines]──▶ BluServer                     server process: accepts, and
-                                  │ ForkingMixIn                forks a handler per connection
+    client ──[length, lines]──▶ BluServer.serve_forever        server process: accepts, and
+                                  │ ForkingMixIn.process_request  forks a handler per connection
                                   ▼
-                RequestHandler.receive_request                handler process: the request
-                                  │ slice_bounds                ≤ n ranges of whole lines
-                                  ▼
-                worker.evaluate_in_workers                    a Slice per range: one forked
-                       │                    │                 Process and Pipe each
-        worker.evaluate_slice      worker.evaluate_slice      worker processes: result blocks
-                       │                    │                 up the Pipe, then END_OF_SLICE
-                 Slice.spool          Slice.spool             nameless temporary files
-                       └─────────┬──────────┘
+                RequestHandler.handle                          handler process:
+                  receive_request                                the request's bytes
+                  slice_bounds                                   ≤ n ranges of whole lines
+                  Slice.start_worker, per slice                  a Process and a Pipe each
+                       │                    │
+        worker.evaluate_slice      worker.evaluate_slice      worker processes: results up
+                       │ send_bytes         │ send_bytes        the Pipe, then END_OF_SLICE
+                       ▼                    ▼
+                  collect_results: wait(), Slice.receive        recv_bytes, into a nameless
+                       └─────────┬──────────┘                   temporary file per slice
                                  ▼
-    client ◀──[length, results]── RequestHandler.send_reply   read back from the spools
+    client ◀──[length, results]── send_reply                   read back in order
+
+The other modules: worker.py is the worker process, grammar.py the language, client.py the
+wire protocol (and the client), events.py the log.  What can go wrong lives apart, each piece
+in a place that opens with the failures it handles, attached through socketserver's hooks and
+the lesson's: guard.py (the client), supervise.py (the workers), serving.py (the server
+process: signals, draining, handed sockets).  The classes the server runs compose the lesson
+with them, as socketserver composes ``ForkingMixIn`` with ``TCPServer``.
 """
 
 from __future__ import annotations

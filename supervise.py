@@ -84,7 +84,7 @@ class RequestTooCostly(Refusal):
 
     def __init__(self, limit_s: float) -> None:
         super().__init__(
-            f"request too costly (over {limit_s:g} s of CPU; see --cpu-floor, --cpu-per-mib)"
+            f"request too costly (over {limit_s:.2f} s of CPU; see --cpu-floor, --cpu-per-mib)"
         )
 
 

@@ -759,7 +759,7 @@ def test_a_request_costlier_than_its_cpu_allowance_is_refused_whole_and_the_next
         send_frame(sock, [COSTLY_LINE * 200])
         reply = recv_frame(sock)
     assert reply == (
-        b"error: request too costly (over 0.1 s of CPU; see --cpu-floor, --cpu-per-mib)\n"
+        b"error: request too costly (over 0.10 s of CPU; see --cpu-floor, --cpu-per-mib)\n"
     )
     refused = server.wait_for_event("Request refused")
     server.wait_until_idle()  # its worker stopped, its handler gone
