@@ -45,12 +45,13 @@ HEALTHCHECK --interval=30s --timeout=10s \
 CMD ["python", "bluserver.py", "-a", "0.0.0.0", "-p", "1982", "-n", "2"]
 
 # make docker-test: the test suite on the image's Python, as its user, in a copy of the
-# checkout.  It needs pytest and hypothesis, which make docker-test adds to build/wheels.
+# checkout.  Of requirements-dev.txt, whose wheels make docker-test downloads, it installs
+# what the suite imports: the others are lint and coverage tools, built for the host's Python.
 FROM runtime AS test
 USER root
 RUN --mount=type=bind,source=build/wheels,target=/tmp/wheels \
     python -m pip install --no-index --find-links /tmp/wheels --disable-pip-version-check \
-        --quiet pytest hypothesis
+        --quiet pytest hypothesis simpleeval
 COPY --chown=bluserver . /src
 WORKDIR /src
 USER bluserver

@@ -74,7 +74,7 @@ docker-run: docker-build ## serve on localhost:PORT from the image (Ctrl-C drain
 	$(CONTAINER) run --rm -p 127.0.0.1:$(PORT):1982 bluserver
 
 docker-test: $(VENV)/.runtime ## run the test suite inside the image (its `test` build stage)
-	$(DOWNLOAD) -r requirements.txt pytest hypothesis
+	$(DOWNLOAD) -r requirements-dev.txt
 	$(CONTAINER) build $(BUILD_OPTIONS) --target test -t bluserver-test .
 
 clean: ## remove virtualenvs, caches, coverage data and dist/
