@@ -71,10 +71,8 @@ def cannot_build() -> str | None:
     return None
 
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(cannot_build() is not None, reason=str(cannot_build())),
-]
+CANNOT_BUILD = cannot_build()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(CANNOT_BUILD), reason=str(CANNOT_BUILD))]
 
 
 class Mirror(NamedTuple):
@@ -172,6 +170,9 @@ def make_base_image(name: str, mirror: Mirror) -> None:
         assert result.returncode == 0, f"debootstrap from {mirror.uri}: {result.stdout[-2000:]}"
         with subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE) as tar:
             podman("import", "-", name, stdin=tar.stdout, timeout_s=BUILD_TIMEOUT_S)
+        if tar.returncode != 0:
+            podman("rmi", name)  # half a base must not be kept for the next run
+            raise AssertionError(f"tar could not read all of {root}: see its message above")
 
 
 @pytest.fixture(scope="module")
