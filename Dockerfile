@@ -17,7 +17,7 @@ COPY *.py ./
 RUN rm -f test_*.py conftest.py
 
 FROM ${BASE} AS runtime
-ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1
+ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv "$VIRTUAL_ENV"
 COPY requirements.txt /tmp/
 RUN --mount=type=bind,source=build/wheels,target=/tmp/wheels \
