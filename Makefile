@@ -10,9 +10,11 @@ BIN := $(VENV)/bin
 PORT ?= 1982
 WORKERS ?= 2
 INSTANCES ?= 3
+# The container engine: podman if installed (it needs no daemon), else docker.
+CONTAINER ?= $(notdir $(firstword $(shell command -v podman docker)))
 
 .DEFAULT_GOAL := help
-.PHONY: help run cluster test coverage bench limits load lint dist clean
+.PHONY: help run cluster test coverage bench limits load lint dist docker-build docker-run docker-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,6 +59,23 @@ lint: $(VENV)/.dev ## ruff check, ruff format --check, mypy
 
 dist: $(VENV)/.runtime ## build dist/bluserver.pyz: the server and pyparsing in one file
 	$(BIN)/python -m tools.make_zipapp
+
+# The image's build installs from wheels downloaded here (pip cannot always reach an index from
+# inside a build); the Docker format keeps its HEALTHCHECK (podman's default, OCI, drops it).
+WHEELS := build/wheels
+BUILD_OPTIONS := $(if $(BASE),--build-arg BASE=$(BASE)) $(if $(filter podman,$(CONTAINER)),--format docker)
+DOWNLOAD := $(BIN)/python -m pip download --quiet --disable-pip-version-check -d $(WHEELS)
+
+docker-build: $(VENV)/.runtime ## build the image `bluserver` (CONTAINER=docker|podman, BASE=python:3.12-slim)
+	$(DOWNLOAD) -r requirements.txt
+	$(CONTAINER) build $(BUILD_OPTIONS) -t bluserver .
+
+docker-run: docker-build ## serve on localhost:PORT from the image (Ctrl-C drains and stops it)
+	$(CONTAINER) run --rm -p 127.0.0.1:$(PORT):1982 bluserver
+
+docker-test: $(VENV)/.runtime ## run the test suite inside the image (its `test` build stage)
+	$(DOWNLOAD) -r requirements-dev.txt
+	$(CONTAINER) build $(BUILD_OPTIONS) --target test -t bluserver-test .
 
 clean: ## remove virtualenvs, caches, coverage data and dist/
 	rm -rf .venv .venv-* dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis htmlcov .coverage .coverage.* output.txt
