@@ -17,7 +17,7 @@ CONTAINER ?= $(notdir $(firstword $(shell command -v podman docker)))
 .PHONY: help run cluster test coverage bench limits load lint dist docker-build docker-run docker-test clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.runtime: requirements.txt
 	$(PY) -m venv $(VENV)

@@ -244,11 +244,11 @@ class RequestHandler(socketserver.BaseRequestHandler):
         """Take the workers' messages as they arrive, until each worker has sent END_OF_SLICE."""
         running = slices
         while running:
-            for slice_ in self.slices_with_news(running):
+            for slice_ in self.slices_with_messages(running):
                 slice_.receive()
             running = [slice_ for slice_ in slices if not slice_.finished]
 
-    def slices_with_news(self, running: list[Slice]) -> list[Slice]:
+    def slices_with_messages(self, running: list[Slice]) -> list[Slice]:
         """Wait until at least one running slice's worker has sent a message (or closed its
         end of the Pipe); return those slices.  wait() watches every Pipe at once."""
         receivers: list[Any] = [slice_.receiver for slice_ in running]

@@ -220,7 +220,7 @@ class Supervision:
             return False
         assert self.process, "only a running worker is judged"
         ticks = cpu_ticks(self.process.pid)
-        if ticks > self.worked_ticks:  # it has been working: that is news too
+        if ticks > self.worked_ticks:  # it has been working: as good as a message
             self.worked_ticks = ticks
             self.heard_at = time.monotonic()
             return False
@@ -355,13 +355,13 @@ class WorkerSupervision:
         for slice_ in slices:
             slice_.flush_results()
 
-    def slices_with_news(self, running: list[Any]) -> list[Any]:
+    def slices_with_messages(self, running: list[Any]) -> list[Any]:
         """Wait for a message from any worker, or for the client, at most until the
         longest-silent worker would be stuck or the CPU limit could be spent; then replace the
         workers that are stuck."""
         worker_timeout_s = self.options.worker_timeout_s
-        oldest_news = min(slice_.heard_at for slice_ in running)
-        until_stuck_s = max(0.0, oldest_news + worker_timeout_s - time.monotonic())
+        longest_silent_since = min(slice_.heard_at for slice_ in running)
+        until_stuck_s = max(0.0, longest_silent_since + worker_timeout_s - time.monotonic())
         until_cpu_check_s = self.cpu_limit.seconds_to_check(running)
         timeout_s = min(until_stuck_s, until_cpu_check_s, self.client_watch.longest_wait_s())
         receivers = [slice_.receiver for slice_ in running]
@@ -369,8 +369,8 @@ class WorkerSupervision:
         if self.connection in ready:
             self.client_watch.drain()
         self.client_watch.check()
-        with_news = [slice_ for slice_ in running if slice_.receiver in ready]
+        with_messages = [slice_ for slice_ in running if slice_.receiver in ready]
         for slice_ in running:
-            if slice_ not in with_news and slice_.is_stuck(worker_timeout_s):
+            if slice_ not in with_messages and slice_.is_stuck(worker_timeout_s):
                 slice_.retry("stuck")
-        return with_news
+        return with_messages

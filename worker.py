@@ -69,14 +69,14 @@ def send_results(sender: Connection, results: list[str]) -> None:
     a message, which spans messages (the handler stores the results as one stream of bytes)."""
     if not results:
         return
-    block = "\n".join(results).encode() + b"\n"
+    encoded = "\n".join(results).encode() + b"\n"
     offset = 0
-    while offset < len(block):
-        end = min(offset + MESSAGE_BYTES, len(block))
-        line_end = block.rfind(b"\n", offset, end)
-        if end < len(block) and line_end >= 0:
+    while offset < len(encoded):
+        end = min(offset + MESSAGE_BYTES, len(encoded))
+        line_end = encoded.rfind(b"\n", offset, end)
+        if end < len(encoded) and line_end >= 0:
             end = line_end + 1
-        sender.send_bytes(block, offset, end - offset)
+        sender.send_bytes(encoded, offset, end - offset)
         offset = end
 
 
