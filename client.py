@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import itertools
 import math
 import os
@@ -497,10 +498,12 @@ def equations(payload: bytes, reply: bytes | bytearray) -> Iterator[bytes]:
     reads '1/0 = error: division by zero'.  A blank line stays blank, so that line N of the
     output still answers line N of the input.
     """
-    pairs = zip(lines_of(payload), lines_of(reply))
+    # BytesIO reads lines in C, as fast as split(); it shares a bytes' buffer, and copies a
+    # bytearray's: a reply's size more, where every line as an object cost 50 times it.
+    pairs = zip(io.BytesIO(payload), io.BytesIO(reply))  # the same number of lines: exchange
     while True:
         batch = [
-            b"%s = %s\n" % (expression.strip(b" \t\r"), result) if result else b"\n"
+            equation(expression, result)
             for expression, result in itertools.islice(pairs, EQUATION_BATCH_LINES)
         ]
         if not batch:
@@ -508,15 +511,12 @@ def equations(payload: bytes, reply: bytes | bytearray) -> Iterator[bytes]:
         yield b"".join(batch)
 
 
-def lines_of(data: bytes | bytearray) -> Iterator[bytes | bytearray]:
-    """Each line of data without its newline, one at a time, as count_lines counts them."""
-    start = 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:
-            end = len(data)
-        yield data[start:end]
-        start = end + 1
+def equation(expression: bytes, result: bytes) -> bytes:
+    """One line of --format equation, from a line of the request and its result line."""
+    result = result.rstrip(b"\n")
+    if not result:
+        return b"\n"
+    return b"%s = %s\n" % (expression.strip(b" \t\r\n"), result)
 
 
 def describe_connection_failure(error: OSError, server: str) -> str:
