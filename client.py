@@ -9,8 +9,10 @@ has three parts, in this order:
                         rule (count_lines) and what a refusal is (refusal).  bluserver.py
                         imports this part, so the two sides cannot drift apart; README.md,
                         "The protocol", is its specification.
-    The client          one request per run (main): read the input, open the output, send,
-                        receive, check, write; a progress line on a terminal (Progress).
+    The client          one request per run (main, run): read the input, open the output,
+                        connect (in TLS with --tls), send, receive, check, write; a
+                        progress line on a terminal (Progress); Ctrl-C cancels the
+                        request on the server too (round_trip, reset_on_close).
     Its command line    parse_args and the argparse types it uses.
 """
 
@@ -569,8 +571,7 @@ examples:
       1 + 2 = 3
 
       3 / 0 = error: division by zero
-  python client.py -a bluserver.example.org --tls   # TLS, a certificate the system trusts
-  python client.py -a 127.0.0.1 --cafile tls/bluserver.crt --server-name localhost
+  python client.py --cafile tls/bluserver.crt       # TLS, trusting that certificate
 
 exit status: 0 on success; 1 with a one-line message if the input cannot be read, the
 output cannot be written, the server cannot be reached, goes silent past --timeout,
