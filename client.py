@@ -122,7 +122,7 @@ def refusal(reply: bytes | bytearray, request_lines: int) -> str | None:
 # TCP keepalive: a silent server is probed after 60 s, every 10 s, and is dead after 6 misses.
 KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
 # A TLS server answers a handshake at once.  One that does not is most likely a plain port
-# waiting for a request header that a TLS hello never completes: give up rather than hang.
+# waiting for the rest of what it takes for a request: give up rather than hang.
 TLS_HANDSHAKE_TIMEOUT_S = 30.0
 INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EQUATION_BATCH_LINES = 10_000  # --format equation writes this many lines at a time
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
     lines = count_lines(payload)
     error_lines = reply.count(ERROR_PREFIX)
     seconds = time.monotonic() - started
-    if sys.stderr:
+    if sys.stderr:  # None if stderr is closed
         print(
             f"client: {lines} lines, {error_lines} error lines, {seconds:.2f} s", file=sys.stderr
         )
@@ -349,7 +349,8 @@ def handshake(
     server that does not speak TLS, NoHandshake for one that does not answer.
 
     The handshake waits at most TLS_HANDSHAKE_TIMEOUT_S (or timeout_s, if shorter): a plain
-    bluserver takes the hello for the start of a request header and waits for the rest.
+    server reads the hello as the start of a request and may wait for the rest of it (a
+    bluserver reads a length of about 2**60 there, and refuses it at once, as too large).
     """
     handshake_timeout_s = min(timeout_s or math.inf, TLS_HANDSHAKE_TIMEOUT_S)
     sock.settimeout(handshake_timeout_s)
@@ -461,8 +462,8 @@ class Progress:
         self.write(ERASE_LINE)
 
     def begin(self, what: str, total_bytes: int | None = None) -> None:
+        self.moved_bytes = 0  # first: the thread never shows the new step with the old count
         self.step = Step(what, total_bytes, time.monotonic())
-        self.moved_bytes = 0
         self.draw()
 
     def moved(self, moved_bytes: int) -> None:
