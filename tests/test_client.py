@@ -8,56 +8,75 @@ test needs the client to face.  A terminal is a pseudo-terminal the test reads f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
 import resource
 import select
+import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
 import client
-from client import HEADER, recv_frame
+from client import HEADER, recv_exactly, recv_frame, send_frame
 from tests.harness import (
     EVENT_TIMEOUT_S,
+    LOG,
     ROOT,
+    SCRIPTED,
     SUBPROCESS_TIMEOUT_S,
     ServerProcess,
     StartServer,
+    request,
     run_client,
+    wait_until,
 )
 
 # --- Helpers. ----------------------------------------------------------------------------
 
+FAKE_SERVER_RECEIVE_BUFFER = 64 * 1024  # bytes
+
 
 @contextmanager
 def client_facing_a_fake_server(
-    *args: str, **popen_options: Any
+    *args: str,
+    read_body: bool = True,
+    python: Sequence[str] = (sys.executable,),
+    **popen_options: Any,
 ) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
-    """Start client.py with args against a fake server on 127.0.0.1, and read its request;
-    yield the client's process and its connection, on which the test answers.
+    """Start client.py with args against a fake server on 127.0.0.1, and read its request
+    (only its header if not read_body); yield the client's process and its connection, on
+    which the test answers.
 
-    popen_options go to subprocess.Popen.  The connection is closed, and the client killed
-    if it is still running, at the end.
+    python is the command that runs client.py; popen_options go to subprocess.Popen.  The
+    connection is closed, and the client killed if it is still running, at the end.
     """
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(SUBPROCESS_TIMEOUT_S)
+        # Small and fixed (no autotuning): what a client sends unread stays in its own buffers.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FAKE_SERVER_RECEIVE_BUFFER)
         port = str(listener.getsockname()[1])
-        command = [sys.executable, str(ROOT / "client.py"), *args, "-a", "127.0.0.1", "-p", port]
+        command = [*python, str(ROOT / "client.py"), *args, "-a", "127.0.0.1", "-p", port]
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **popen_options)
         try:
             connection, _ = listener.accept()
             with connection:
-                recv_frame(connection)
+                if read_body:
+                    recv_frame(connection)
+                else:
+                    recv_exactly(connection, HEADER.size)
                 yield process, connection
         finally:
             if process.poll() is None:
@@ -214,6 +233,46 @@ def test_client_fails_in_one_line_before_connecting_when_stdout_is_closed(
     assert message == "client: cannot write -: stdout is closed"
 
 
+# --- Interrupted: Ctrl-C and SIGTERM. ------------------------------------------------------
+
+INTERRUPTIONS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143)}
+
+
+@pytest.mark.parametrize(("signum", "status"), INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
+def test_interrupted_client_says_so_in_one_line_and_its_reset_stops_the_servers_workers(
+    signum: signal.Signals, status: int, start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server(*LOG, **SCRIPTED)
+    input_path = tmp_path / "input.txt"
+    input_path.write_bytes(f"1 + 1\ngate {tmp_path / 'gate'}\n".encode())  # never opened
+    output = tmp_path / "output.txt"
+    output.write_bytes(b"the previous results\n")
+    command = [sys.executable, str(ROOT / "client.py"), str(input_path), str(output)]
+    process = subprocess.Popen(
+        [*command, "-a", "127.0.0.1", "-p", str(server.port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        server.wait_for_event("Worker started")  # the request is sent...
+        wait_until((tmp_path / "gate.waiting").exists, "the worker to wait at the gate")
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert (process.returncode, stdout, stderr) == (status, b"", b"client: interrupted\n")
+    # A reset, not a FIN (a half-close, after which the server would wait for the gate):
+    failure = server.wait_for_event("Client failed")
+    assert "Connection reset by peer" in failure["reason"]
+    server.wait_until_idle()  # the request's handler and worker are gone
+    assert output.read_bytes() == b"the previous results\n"
+    assert sorted(os.listdir(tmp_path)) == ["gate.waiting", "input.txt", "output.txt"]
+
+
 # --- Refusals. ---------------------------------------------------------------------------
 
 
@@ -232,6 +291,32 @@ def test_refusal_of_the_whole_request_is_reported_with_the_servers_reason(
         "request too large (300 bytes, limit 100)"
     )
     assert not (tmp_path / "output.txt").exists()
+
+
+def test_refusal_sent_while_the_client_still_uploads_is_reported_not_a_broken_pipe(
+    tmp_path: Path,
+) -> None:
+    # A server refuses a request too large after its header, then closes, the body unread
+    # (a reset), while the client is still sending: its send fails, the refusal waits unread.
+    input_path = tmp_path / "input.txt"
+    input_path.write_bytes(b"1 + 1\n" * 3_000_000)  # 18 MB: more than the socket buffers hold
+    answer = b"error: request too large (18000000 bytes, limit 100)\n"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with client_facing_a_fake_server(str(input_path), "-", read_body=False, **pipes) as (
+        process,
+        connection,
+    ):
+        connection.sendall(HEADER.pack(len(answer)) + answer)
+        connection.close()
+        stdout, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+
+    result = subprocess.CompletedProcess(
+        process.args, process.returncode, stdout.decode(), stderr.decode()
+    )
+    assert_fails_in_one_line(
+        result,
+        r"127\.0\.0\.1:\d+ refused the request: request too large \(18000000 bytes, limit 100\)",
+    )
 
 
 def test_error_line_answering_a_one_line_request_is_its_result_not_a_refusal(
@@ -333,6 +418,20 @@ def test_progress_on_a_terminal_shows_sending_then_evaluating_then_receiving(
     assert b"\r\x1b[Kclient: 2 lines, 0 error lines" in shown  # the progress line erased first
 
 
+def test_progress_line_is_redrawn_while_the_client_is_blocked_elsewhere() -> None:
+    # The wait for the server is a plain blocking read under the socket's timeout (--timeout):
+    # the line must show the time passing without the client's help.
+    terminal, device = pty.openpty()
+    try:
+        with open(device, "w") as stream, client.Progress(stream) as progress:
+            progress.begin("the server is evaluating")
+            shown = read_terminal(terminal, until=b"evaluating, 1 s")  # blocks this thread
+    finally:
+        os.close(terminal)
+
+    assert shown.startswith(b"\r\x1b[Kclient: the server is evaluating, 0 s")
+
+
 def test_no_progress_when_stderr_is_a_file(server: ServerProcess, tmp_path: Path) -> None:
     with open(tmp_path / "stderr.txt", "wb") as stderr:
         subprocess.run(
@@ -361,6 +460,65 @@ def test_equation_format_writes_expression_equals_result_and_leaves_blank_lines_
     client.main([str(input_path), str(output), "-p", str(server.port), "--format", "equation"])
 
     assert output.read_bytes() == b"1 + 2 = 3\n\n1/0 = error: division by zero\n2 * 3 = 6\n"
+
+
+EQUATIONS = {
+    "no lines": (b"", b"", b""),
+    "final newline missing": (b"1+1\n2*3", b"2\n6\n", b"1+1 = 2\n2*3 = 6\n"),
+    "blank and spaces-only lines": (b"\n \t\n1\n", b"\n\n1\n", b"\n\n1 = 1\n"),
+    "spaces, tabs and \\r around": (b" \t1 + 2\t\r\n", b"3\n", b"1 + 2 = 3\n"),
+    "error line": (b"1/0\n", b"error: division by zero\n", b"1/0 = error: division by zero\n"),
+    "more lines than a batch": (
+        b"1\n" * (client.EQUATION_BATCH_LINES + 1),
+        b"1\n" * (client.EQUATION_BATCH_LINES + 1),
+        b"1 = 1\n" * (client.EQUATION_BATCH_LINES + 1),
+    ),
+}
+
+
+@pytest.mark.parametrize(("payload", "reply", "output"), EQUATIONS.values(), ids=EQUATIONS.keys())
+def test_equations_are_written_in_pieces_that_make_the_equation_format(
+    payload: bytes, reply: bytes, output: bytes
+) -> None:
+    pieces = list(client.equations(payload, bytearray(reply)))
+
+    assert b"".join(pieces) == output
+    assert all(piece.count(b"\n") <= client.EQUATION_BATCH_LINES for piece in pieces)
+
+
+# Runs the command in its arguments and prints the peak memory (resident, KiB) it used.
+PRINT_PEAK_MEMORY = (
+    "import resource, subprocess, sys;"
+    "subprocess.run(sys.argv[1:], check=True);"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def client_peak_memory_kib(output_format: str, tmp_path: Path) -> int:
+    """The peak memory of a client in --format output_format, for a 1,000,000-line request."""
+    lines = 1_000_000
+    (tmp_path / "input.txt").write_bytes(b"1 + 1\n" * lines)
+    with client_facing_a_fake_server(
+        str(tmp_path / "input.txt"),
+        str(tmp_path / "output.txt"),
+        "--format",
+        output_format,
+        python=(sys.executable, "-c", PRINT_PEAK_MEMORY, sys.executable),
+        stdout=subprocess.PIPE,
+        env=UNMEASURED,  # coverage's tracing would weigh on both
+    ) as (process, connection):
+        send_frame(connection, [b"2\n" * lines])
+        stdout, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    assert process.returncode == 0
+    return int(stdout)
+
+
+def test_equation_format_takes_at_most_twice_the_memory_of_plain(tmp_path: Path) -> None:
+    # A list of all the lines took some 50 times the input: 12 times plain's memory here.
+    plain_kib = client_peak_memory_kib("plain", tmp_path)
+    equation_kib = client_peak_memory_kib("equation", tmp_path)
+
+    assert equation_kib <= 2 * plain_kib, f"{equation_kib} KiB, plain {plain_kib} KiB"
 
 
 # --- Waiting for the server, and --timeout. -----------------------------------------------
@@ -408,6 +566,32 @@ def test_timeout_against_a_silent_server_is_a_one_line_error_and_exit_1(
         assert connection.recv(1) == b""  # and it closed the connection when it gave up
 
 
+def test_timeout_holds_when_stderr_is_a_terminal(
+    silent_server: socket.socket, tmp_path: Path
+) -> None:
+    # The progress line redraws while the client waits; --timeout still ends the wait.
+    (tmp_path / "input.txt").write_bytes(PAYLOAD)
+    port = str(silent_server.getsockname()[1])
+    terminal, client_stderr = pty.openpty()
+    command = [sys.executable, str(ROOT / "client.py"), str(tmp_path / "input.txt"), "-"]
+    try:
+        process = subprocess.Popen(
+            [*command, "-a", "127.0.0.1", "-p", port, "--timeout", str(CLIENT_TIMEOUT_S)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=client_stderr,
+        )
+        os.close(client_stderr)  # only the client holds it now: it closes with the client
+        shown = read_terminal(terminal)
+        assert process.wait(SUBPROCESS_TIMEOUT_S) == 1
+    finally:
+        os.close(terminal)
+
+    assert shown.endswith(
+        f"\r\x1b[Kclient: 127.0.0.1:{port} sent nothing for too long (see --timeout)\r\n".encode()
+    )
+
+
 def test_connection_without_a_timeout_blocks_and_has_tcp_keepalive_on(
     silent_server: socket.socket,
 ) -> None:
@@ -440,3 +624,147 @@ def test_timeout_that_is_not_a_positive_number_of_at_most_a_week_is_a_usage_erro
         client.parse_args(["-", "-", "--timeout", timeout])
     assert exit_status.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {complaint}")
+
+
+# --- TLS. --------------------------------------------------------------------------------
+
+
+class Certificate(NamedTuple):
+    certificate: Path  # what a client trusts (--cafile)
+    key: Path
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """A self-signed certificate for localhost and 127.0.0.1, made now, valid for a day."""
+    folder = tmp_path_factory.mktemp("tls")
+    made = Certificate(folder / "bluserver.crt", folder / "bluserver.key")
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+            *("-keyout", str(made.key), "-out", str(made.certificate)),
+        ],
+        capture_output=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=True,
+    )
+    return made
+
+
+@contextmanager
+def tls_front(certificate: Certificate, server_port: int) -> Iterator[int]:
+    """A TLS terminator on 127.0.0.1, in a thread, in front of the server at server_port, as
+    HAProxy is in a cluster; yield its port.  It serves one connection: a request read in TLS
+    is passed on in plain, its reply passed back.  A failed handshake ends it."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate.certificate, certificate.key)
+
+    def serve_one(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        connection.settimeout(EVENT_TIMEOUT_S)
+        # ssl.SSLError: a client that refuses the certificate, or one that is not in TLS.
+        with (
+            contextlib.suppress(OSError),
+            context.wrap_socket(connection, server_side=True) as secure,
+        ):
+            send_frame(secure, [request(server_port, bytes(recv_frame(secure)))])
+        connection.close()
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(EVENT_TIMEOUT_S)
+        front = threading.Thread(target=serve_one, args=(listener,), daemon=True)
+        front.start()
+        yield listener.getsockname()[1]
+        front.join(EVENT_TIMEOUT_S)
+
+
+TRUSTING = {
+    "cafile": ["--cafile", "{certificate}"],
+    "cafile, address not the name": ["--cafile", "{certificate}", "--server-name", "localhost"],
+}
+
+
+@pytest.mark.parametrize("tls_options", TRUSTING.values(), ids=TRUSTING.keys())
+def test_tls_round_trip_through_a_tls_front_gives_the_servers_results(
+    tls_options: list[str], certificate: Certificate, server: ServerProcess
+) -> None:
+    options = [option.format(certificate=certificate.certificate) for option in tls_options]
+    with tls_front(certificate, server.port) as port:
+        result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(port), *options, stdin=PAYLOAD)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "3\n1024\nerror: missing ')' at column 3\nerror: division by zero\n"
+
+
+UNTRUSTED = {
+    "unknown certificate": (
+        ["--tls"],
+        r"cannot verify the certificate of 127\.0\.0\.1:\d+: self-signed certificate"
+        r" \(trust it with --cafile; --server-name for the name it was issued to\)",
+    ),
+    "another name": (
+        ["--cafile", "{certificate}", "--server-name", "example.org"],
+        r"cannot verify the certificate of 127\.0\.0\.1:\d+: Hostname mismatch, certificate"
+        r" is not valid for 'example\.org'\. \(trust it with --cafile; .*\)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("tls_options", "message"), UNTRUSTED.values(), ids=UNTRUSTED.keys())
+def test_tls_to_a_certificate_not_trusted_fails_in_one_line(
+    tls_options: list[str], message: str, certificate: Certificate, server: ServerProcess
+) -> None:
+    options = [option.format(certificate=certificate.certificate) for option in tls_options]
+    with tls_front(certificate, server.port) as port:
+        result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(port), *options, stdin=PAYLOAD)
+
+    assert_fails_in_one_line(result, message)
+
+
+def test_tls_to_a_plain_server_fails_in_one_line(
+    certificate: Certificate, server: ServerProcess
+) -> None:
+    cafile = str(certificate.certificate)
+    result = run_client("-", "-", "-p", str(server.port), "--cafile", cafile, stdin=PAYLOAD)
+
+    assert_fails_in_one_line(
+        result, r"TLS with localhost:\d+ failed: .+ \(does it serve TLS on this port\?\)"
+    )
+
+
+def test_tls_handshake_unanswered_fails_in_one_line_without_a_timeout(
+    silent_server: socket.socket,
+    certificate: Certificate,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # A listener that never answers the hello; the same for a plain server given a huge
+    # --max-bytes, waiting for the rest of a request header.
+    monkeypatch.setattr(client, "TLS_HANDSHAKE_TIMEOUT_S", CLIENT_TIMEOUT_S)
+    port = str(silent_server.getsockname()[1])
+    (tmp_path / "input.txt").write_bytes(PAYLOAD)
+    cafile = str(certificate.certificate)
+
+    message = main_fails_with(
+        str(tmp_path / "input.txt"), "-", "-a", "127.0.0.1", "-p", port, "--cafile", cafile
+    )
+
+    assert message == (
+        f"client: TLS with 127.0.0.1:{port} failed: no answer in {CLIENT_TIMEOUT_S:g} s"
+        " (does it serve TLS on this port?)"
+    )
+
+
+def test_plain_client_to_a_tls_front_fails_in_one_line(
+    certificate: Certificate, server: ServerProcess
+) -> None:
+    with tls_front(certificate, server.port) as port:
+        result = run_client("-", "-", "-a", "127.0.0.1", "-p", str(port), stdin=PAYLOAD)
+
+    # The front's handshake fails on the request header: it closes, the request unread.
+    assert_fails_in_one_line(
+        result,
+        r"(connection to 127\.0\.0\.1:\d+ failed: Connection reset by peer"
+        r"|127\.0\.0\.1:\d+ closed the connection early \(.*\))",
+    )
