@@ -24,7 +24,7 @@ RUN --mount=type=bind,source=build/wheels,target=/tmp/wheels \
     python -m pip install --no-index --find-links /tmp/wheels --disable-pip-version-check \
         --quiet -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
-# Workers spool results into nameless temporary files (worker.Spool): a directory of the
+# Handlers store results in nameless temporary files (bluserver.Slice): a directory of the
 # server's own, and a volume, so that spooling stays off the container's copy-on-write layer
 # and still works with `run --read-only`.
 ENV TMPDIR=/var/spool/bluserver

@@ -25,6 +25,7 @@ import io
 import itertools
 import math
 import os
+import select
 import signal
 import socket
 import ssl
@@ -32,7 +33,6 @@ import stat
 import struct
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Callable, NamedTuple
@@ -323,9 +323,9 @@ def connect(
 ) -> socket.socket:
     """A connection to the server, in TLS if tls is given.
 
-    timeout_s is --timeout, and this is the one place that enforces it: as the socket's
-    timeout, it bounds every wait on the connection (connecting, sending, the server's
-    evaluation, receiving) to timeout_s of silence.  None waits as long as the server lives:
+    timeout_s is --timeout: as the socket's timeout, it bounds every wait on the connection
+    (connecting, sending, receiving) to timeout_s of silence, and wait_for_reply holds the
+    wait for the server's evaluation to the same.  None waits as long as the server lives:
     a server is silent until the reply is ready, maybe for minutes, and TCP keepalive tells a
     dead server from a busy one.
     """
@@ -387,12 +387,35 @@ def round_trip(
             except (BrokenPipeError, ConnectionResetError) as error:
                 return reply_already_received(sock, error)
             progress.begin("the server is evaluating")
+            wait_for_reply(sock, timeout_s, progress)
             (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
             progress.begin("receiving the results", size)
             return recv_exactly(sock, size, progress.moved)
         except Interrupted:
             reset_on_close(sock)
             raise
+
+
+def wait_for_reply(sock: socket.socket, timeout_s: float | None, progress: Progress) -> None:
+    """Return once the server has begun its reply; socket.timeout if it is silent for timeout_s
+    (--timeout, as every other wait on the connection: connect).
+
+    The server sends nothing while it evaluates, maybe for minutes.  The wait goes in steps of
+    PROGRESS_INTERVAL_S, so that the progress line shows the time passing.
+    """
+    waited_from = time.monotonic()
+    while not sock_readable(sock, PROGRESS_INTERVAL_S):
+        if timeout_s is not None and time.monotonic() - waited_from >= timeout_s:
+            raise socket.timeout("timed out")
+        progress.moved(0)
+
+
+def sock_readable(sock: socket.socket, wait_s: float) -> bool:
+    """Whether sock has something to read (or has closed), waiting up to wait_s: TLS may hold
+    decrypted bytes that the socket below no longer shows."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], wait_s)[0])
 
 
 def reset_on_close(sock: socket.socket) -> None:
@@ -434,60 +457,45 @@ class Step(NamedTuple):
 class Progress:
     """A progress line on stream if it is a terminal, redrawn in place; nothing otherwise.
 
-    The line is drawn when a step begins, then every PROGRESS_INTERVAL_S by a thread of its
-    own (as rich's live display does), from the bytes the transfer reports (moved).  So the
-    wait for the server shows time passing, the transfer pays for the display only an
-    assignment per chunk, and only the socket decides how long a wait may last (--timeout,
-    connect): the display never waits on the connection.  Leaving the with block stops the
-    thread and erases the line, for the summary or a failure message to follow.
+    The line is drawn when a step begins, then at most every PROGRESS_INTERVAL_S by the loops
+    that move the bytes (moved), and while the server is silent (wait_for_reply), so that it
+    costs the transfer nothing and the wait for the server still shows time passing.
+    Leaving the with block erases the line, for the summary or a failure message to follow.
     """
 
     def __init__(self, stream: IO[str] | None) -> None:
         self.stream = stream if stream is not None and stream.isatty() else None
         self.step = Step("connecting", None, time.monotonic())
-        self.moved_bytes = 0
-        self.drawing = threading.Lock()  # the thread redraws, begin() draws: one at a time
-        self.stopped = threading.Event()
-        self.redrawer = threading.Thread(target=self.redraw, name="progress", daemon=True)
+        self.drawn_at = 0.0
 
     def __enter__(self) -> Progress:
-        if self.stream:
-            self.redrawer.start()
         return self
 
     def __exit__(self, *exception: object) -> None:
-        self.stopped.set()
-        if self.redrawer.is_alive():
-            self.redrawer.join()
         self.write(ERASE_LINE)
 
     def begin(self, what: str, total_bytes: int | None = None) -> None:
-        self.moved_bytes = 0  # first: the thread never shows the new step with the old count
         self.step = Step(what, total_bytes, time.monotonic())
-        self.draw()
+        self.draw(0)
 
     def moved(self, moved_bytes: int) -> None:
-        """A BeforeWait for send_frame and recv_exactly: note the bytes moved so far."""
-        self.moved_bytes = moved_bytes
+        """A BeforeWait for send_frame and recv_exactly: redraw, if the line is due."""
+        if self.stream and time.monotonic() - self.drawn_at >= PROGRESS_INTERVAL_S:
+            self.draw(moved_bytes)
 
-    def redraw(self) -> None:
-        """The thread: draw the line every PROGRESS_INTERVAL_S until stopped."""
-        while not self.stopped.wait(PROGRESS_INTERVAL_S):
-            self.draw()
-
-    def draw(self) -> None:
-        step = self.step  # one read: the other thread may begin the next step meanwhile
+    def draw(self, moved_bytes: int) -> None:
+        step = self.step
         if step.total_bytes is None:
             detail = f"{time.monotonic() - step.started:.0f} s"
         else:
-            detail = f"{self.moved_bytes / 1e6:.1f} of {step.total_bytes / 1e6:.1f} MB"
+            detail = f"{moved_bytes / 1e6:.1f} of {step.total_bytes / 1e6:.1f} MB"
         self.write(f"{ERASE_LINE}client: {step.what}, {detail}")
+        self.drawn_at = time.monotonic()
 
     def write(self, text: str) -> None:
         if not self.stream:
             return
-        # A terminal gone (EIO) loses the line, not the request.
-        with self.drawing, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a terminal gone (EIO) loses the line, not the request
             self.stream.write(text)
             self.stream.flush()
 

@@ -418,14 +418,17 @@ def test_progress_on_a_terminal_shows_sending_then_evaluating_then_receiving(
     assert b"\r\x1b[Kclient: 2 lines, 0 error lines" in shown  # the progress line erased first
 
 
-def test_progress_line_is_redrawn_while_the_client_is_blocked_elsewhere() -> None:
-    # The wait for the server is a plain blocking read under the socket's timeout (--timeout):
-    # the line must show the time passing without the client's help.
+def test_progress_line_is_redrawn_while_the_server_is_silent(silent_server: socket.socket) -> None:
+    # The server sends nothing while it evaluates: the line must show the time passing.
     terminal, device = pty.openpty()
+    port = silent_server.getsockname()[1]
     try:
         with open(device, "w") as stream, client.Progress(stream) as progress:
             progress.begin("the server is evaluating")
-            shown = read_terminal(terminal, until=b"evaluating, 1 s")  # blocks this thread
+            sock = client.connect("127.0.0.1", port, timeout_s=None)
+            with sock, pytest.raises(socket.timeout):
+                client.wait_for_reply(sock, 1.5, progress)
+            shown = read_terminal(terminal, until=b"evaluating, 1 s")
     finally:
         os.close(terminal)
 
