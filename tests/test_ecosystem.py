@@ -146,8 +146,20 @@ HELP_OPTIONS = {
         "--client-timeout",
         "--min-rate",
         "--worker-timeout",
+        "--cpu-floor",
+        "--cpu-per-mib",
     ],
-    "client.py": ["input", "output", "-a", "-p", "--timeout", "--format"],
+    "client.py": [
+        "input",
+        "output",
+        "-a",
+        "-p",
+        "--timeout",
+        "--format",
+        "--tls",
+        "--cafile",
+        "--server-name",
+    ],
 }
 
 
