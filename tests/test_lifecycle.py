@@ -95,7 +95,9 @@ def test_requests_waiting_in_the_backlog_at_shutdown_are_all_served(
     assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
 
 
-@pytest.mark.parametrize("max_children", ["1", "16"], ids=["all-slots-busy", "a-slot-free"])
+@pytest.mark.parametrize(
+    "max_children", ["1", "16"], ids=["max-children-running", "a-handler-free-to-start"]
+)
 def test_second_signal_after_the_first_is_delivered_ends_every_handler_and_worker_with_status_1(
     start_server: StartServer, tmp_path: Path, max_children: str
 ) -> None:
@@ -264,7 +266,7 @@ def test_handler_that_cannot_be_forked_is_forked_again_and_the_request_served(
     assert "Traceback" not in server.stderr()
 
 
-def test_connection_that_sends_nothing_holds_no_slot(start_server: StartServer) -> None:
+def test_connection_that_sends_nothing_holds_no_handler(start_server: StartServer) -> None:
     server = start_server(*LOG, "--max-children", "1")
     with server.connect(), server.connect() as sock:  # the first one sends nothing
         send_frame(sock, [b"1 + 1\n"])
