@@ -426,14 +426,15 @@ def add_limits(group: argparse._ArgumentGroup) -> None:
         type=seconds(0.1, DAY_S),
         default=30.0,
         metavar="SECONDS",
-        help="longest silence of a client, and its initial allowance (30)",
+        help="longest silence of a client; sending a request or reading a reply may take "
+        "this long plus a second per --min-rate bytes (30)",
     )
     group.add_argument(
         "--min-rate",
         type=whole_number(1, 2**30),
         default=16384,
         metavar="BYTES_PER_S",
-        help="slowest steady transfer, past the allowance (16384)",
+        help="slowest steady transfer of a request or reply, past --client-timeout (16384)",
     )
     group.add_argument(
         "--worker-timeout",
