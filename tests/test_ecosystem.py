@@ -148,6 +148,7 @@ HELP_OPTIONS = {
         "--worker-timeout",
         "--cpu-floor",
         "--cpu-per-mib",
+        "--fd",
     ],
     "client.py": [
         "input",

@@ -1,10 +1,12 @@
 """Lifecycle: how the server starts, stops and restarts without losing a request.
 
-Starting: on a listening socket handed to it (systemd's socket activation), and telling its
-service manager when it serves (sd_notify).  Stopping: the backlog is served, two signals
-are two.  Under pressure: a fork of a handler that fails is retried, a connection that sends
-nothing holds no slot.  Every test runs real servers (conftest.start_server) on 127.0.0.1,
-logging one JSON object per line, and waits for logged events or for /proc to show a state.
+Starting: on an IPv4 or IPv6 address, or on a listening socket handed to it (systemd's
+socket activation, or --fd), and telling its service manager when it serves (sd_notify).
+Stopping: the backlog is served, two signals are two, a connection still silent is not
+waited for.  Under pressure: a fork of a handler that fails is retried, and refused once a
+drain has failed to fork for a while; a connection that sends nothing holds no handler.
+Every test runs real servers (conftest.start_server) on a loopback address, logging one JSON
+object per line, and waits for logged events or for /proc to show a state.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from tests.harness import (
     SCRIPTED,
     StartServer,
     connect,
+    run_client,
+    run_python,
     session_processes,
     wait_for_exit,
     wait_until,
@@ -90,7 +95,9 @@ def test_requests_waiting_in_the_backlog_at_shutdown_are_all_served(
     assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
 
 
-@pytest.mark.parametrize("max_children", ["1", "16"], ids=["all-slots-busy", "a-slot-free"])
+@pytest.mark.parametrize(
+    "max_children", ["1", "16"], ids=["max-children-running", "a-handler-free-to-start"]
+)
 def test_second_signal_after_the_first_is_delivered_ends_every_handler_and_worker_with_status_1(
     start_server: StartServer, tmp_path: Path, max_children: str
 ) -> None:
@@ -114,7 +121,81 @@ def test_second_signal_after_the_first_is_delivered_ends_every_handler_and_worke
     assert server_events[-2:] == [("Shutting down", "SIGTERM"), ("Stopped at once", "SIGTERM")]
 
 
-# --- Starting on a socket from the service manager, and telling it. ------------------------------
+def test_connection_still_silent_when_the_drain_begins_is_reset_when_it_sends(
+    start_server: StartServer,
+) -> None:
+    # As README's "Signals" says: deferred accept keeps it from the backlog the drain takes,
+    # and closing the listener resets it.
+    server = start_server(*LOG)
+    with server.connect() as silent:
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for_event("Shutting down")  # logged once the listener is closed
+        with pytest.raises(ConnectionError):
+            send_frame(silent, [b"1 + 1\n"])
+            recv_frame(silent)
+    assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
+
+
+def test_connection_still_silent_when_a_drain_begins_on_a_handed_socket_is_served_next(
+    start_server: StartServer, listener: socket.socket
+) -> None:
+    first = start_server(*LOG, listener=listener)
+    with first.connect() as silent:
+        assert first.stop() == 0
+        send_frame(silent, [b"1 + 1\n"])  # no server runs: it waits in the socket's backlog
+        start_server(*LOG, listener=listener)
+        assert recv_frame(silent) == b"2\n"
+
+
+def test_drain_that_cannot_fork_a_handler_refuses_the_connections_waiting_and_ends(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, faults=["failing_forks:1000000"])  # none will be forked
+    with server.connect() as sock:
+        send_frame(sock, [b"1 + 1\n"])
+        server.wait_for_event("Handler not started")
+        server.process.send_signal(signal.SIGTERM)
+        cause = f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"
+        refusal = f"error: server cannot start a handler ({cause}); try again later\n"
+        assert recv_frame(sock) == refusal.encode()
+    assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
+    assert server.events("Connections refused")[0]["connections"] == 1
+
+
+# --- Starting on an address, or on a socket handed over, and telling the service manager. --------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1"], ids=["IPv4", "IPv6"])
+def test_server_serves_on_the_loopback_address_of_either_family(
+    start_server: StartServer, address: str
+) -> None:
+    server = start_server("-a", address)  # after the harness's -a 127.0.0.1: this one counts
+    result = run_client("-", "-", "-a", address, "-p", str(server.port), stdin=b"1 + 1\n")
+    assert (result.returncode, result.stdout) == (0, "2\n")
+
+
+def test_server_serves_the_listening_socket_open_at_the_fd_it_is_given(
+    start_server: StartServer, listener: socket.socket
+) -> None:
+    # The listener at fd 3, as the harness hands it, without socket activation's variables:
+    # as a process manager such as circus hands one over.
+    unset = ["env", "-u", "LISTEN_PID", "-u", "LISTEN_FDS"]
+    server = start_server(
+        *LOG, "--fd", "3", listener=listener, command=[*unset, sys.executable, "bluserver.py"]
+    )
+    assert server.port == listener.getsockname()[1]
+    assert server.request(b"1 + 1\n") == b"2\n"
+
+
+@pytest.mark.parametrize(
+    ("fd", "complaint"),
+    [("99", os.strerror(errno.EBADF)), ("0", os.strerror(errno.ENOTSOCK))],
+    ids=["not-open", "not-a-socket"],
+)
+def test_fd_that_is_no_listening_socket_is_one_line_and_exit_1(fd: str, complaint: str) -> None:
+    result = run_python("bluserver.py", "--fd", fd)  # its stdin (fd 0) is a pipe
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"bluserver: --fd {fd}: {complaint}\n"
 
 
 def test_server_serves_the_listening_socket_it_is_handed(
@@ -185,7 +266,7 @@ def test_handler_that_cannot_be_forked_is_forked_again_and_the_request_served(
     assert "Traceback" not in server.stderr()
 
 
-def test_connection_that_sends_nothing_holds_no_slot(start_server: StartServer) -> None:
+def test_connection_that_sends_nothing_holds_no_handler(start_server: StartServer) -> None:
     server = start_server(*LOG, "--max-children", "1")
     with server.connect(), server.connect() as sock:  # the first one sends nothing
         send_frame(sock, [b"1 + 1\n"])
