@@ -73,7 +73,7 @@ def failing_worker_starts(times: str) -> None:
 
 
 def file_size_limit(size: str) -> None:
-    """The server and its children may write no file past size bytes (RLIMIT_FSIZE): a spool
+    """The server and its children may write no file past size bytes (RLIMIT_FSIZE): a results file
     write past it fails with EFBIG, as on a full disk.  The server's logs go to the test's files:
     keep them short."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), int(size)))

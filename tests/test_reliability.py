@@ -186,15 +186,15 @@ def test_reply_of_exactly_the_reply_limit_is_served(start_server: StartServer) -
     assert server.request(b"1 + 1\n" * 512) == b"2\n" * 512
 
 
-def test_a_refused_reply_spools_no_more_than_the_reply_limit(start_server: StartServer) -> None:
-    # The server may write no file past 1,000,000 bytes: a spool that outgrew --max-reply-bytes
+def test_a_refused_reply_stores_no_more_than_the_reply_limit(start_server: StartServer) -> None:
+    # The server may write no file past 1,000,000 bytes: a results file that outgrew --max-reply-bytes
     # would fail to be written, and the reply would say "could not store" instead.
     server = start_server("--max-reply-bytes", "1000000", faults=["file_size_limit:1000000"])
     reply = server.request(b"\n" * 3_000_000)
     assert reply == b"error: reply too large (limit 1000000 bytes)\n"
 
 
-def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_held_in_memory(
+def test_reply_far_larger_than_the_request_is_stored_in_nameless_files_not_held_in_memory(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     server = start_server("-n", "2", "--max-bytes", "1000000", *LOG, env={"TMPDIR": str(tmp_path)})
@@ -204,9 +204,9 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
         send_frame(sock, [b"10 ** 1000\n" * lines])
         wait_until(lambda: len(server.events("Worker finished")) == 2, "both workers to finish")
         handler = server.events("Worker finished")[0]["pid"]
-        peak_kib = proc_peak_kib(handler)  # the reply waits, unread, in the spool files
+        peak_kib = proc_peak_kib(handler)  # the reply waits, unread, in the results files
         assert os.listdir(tmp_path) == [], (
-            "a spool file must have no name, so that it vanishes with its process"
+            "a results file file must have no name, so that it vanishes with its process"
         )
         (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size))
         assert size == lines * 1002
@@ -216,7 +216,7 @@ def test_reply_far_larger_than_the_request_is_spooled_to_a_nameless_file_not_hel
     assert peak_kib < 40 * 1024, f"the handler's peak RSS was {peak_kib} KiB for a 40 MB reply"
 
 
-def test_a_spool_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serving(
+def test_a_results_file_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serving(
     start_server: StartServer,
 ) -> None:
     server = start_server(*LOG, faults=["file_size_limit:1048576"])
