@@ -1,61 +1,44 @@
-"""The arithmetic language: its pyparsing grammar, how a parsed line is evaluated, fast paths.
+"""The arithmetic language: its definition, a pyparsing grammar, and the evaluation of a line.
 
 worker.py calls ``evaluate_line`` once per line: it returns the value as text, ``""`` for a
 blank line, or ``error: <reason>``, and no line makes it raise, hang or exhaust memory.
 
-The language is Python's arithmetic on non-negative literals.  Its precedence levels, one
-rule each, loosest first (pyparsing's ``fourFn.py`` writes its BNF the same way, a rule per
-level)::
+The language is Python's arithmetic on non-negative literals.  Its grammar, a rule per
+precedence level, loosest first (pyparsing's ``fourFn.py`` writes its BNF the same way)::
 
-    line      ::= expr end_of_line
-    expr      ::= term (('+' | '-') term)*
-    term      ::= factor (('*' | '/' | '//' | '%') factor)*
-    factor    ::= ('+' | '-') factor | power
-    power     ::= atom ['**' factor]                  '**' groups right to left
-    atom      ::= number | '(' expr ')'               at most MAX_NESTING groups open at once
-    number    ::= digit+ ['.' digit+]                 digit: ASCII 0-9 only
+    line    ::= expr end_of_line
+    expr    ::= term (('+' | '-') term)*                     left to right
+    term    ::= factor (('*' | '/' | '//' | '%') factor)*     left to right
+    factor  ::= signs power                                   -2 ** 2 is -(2 ** 2)
+    power   ::= atom ('**' signs atom)*                       right to left, see below
+    atom    ::= number | '(' expr ')'                         at most MAX_NESTING groups open
+    signs   ::= ('+' | '-')*
+    number  ::= digit+ ['.' digit+]                           digit: ASCII 0-9 only
 
-Spaces and tabs may stand between tokens.  That grammar, one pyparsing element per level, is
-tests/grammar_oracle.py: the most straightforward form, and the place to start reading.  Here
-the pyparsing grammar (section "The grammar") parses the same lines as one chain of operands
-and operators, each element named after its rule::
+Spaces and tabs may stand between tokens.  Python writes the two middle rules ``factor ::=
+('+' | '-') factor | power`` and ``power ::= atom ['**' factor]``: the same lines, but each
+sign and each ``**`` a level of recursion.  Written as repetitions, ``-`` * 9,999 and a chain
+of 1,666 powers cost none; only a group recurses.  So a power is applied right to left, and
+the signs after a ``**`` negate all of its right side: ``2 ** -3 ** 2`` is ``2 ** -(3 ** 2)``.
 
-    line           ::= signs expr end_of_line
-    expr           ::= operand (operator operand)*
-    operand        ::= run | group
-    group          ::= opening expr ')'
-    run            ::= simple_operand (operator simple_operand)*          one regex
-    simple_operand ::= number | opening number (operator number)* ')'     no group inside
-    opening        ::= '(' signs
-    operator       ::= binary signs
-    signs          ::= ('+' | '-')*
-    binary         ::= '+' | '-' | '*' | '//' | '/' | '%' | '**'
+Reading order, as in pyparsing's ``eval_arith.py``: the grammar, whose parse actions build a
+tree of nodes (section "The grammar"); then plain Python that evaluates the tree (section
+"Evaluation"); then ``evaluate_line``, which answers one line.  Every line the fast path
+declines is parsed here, every invalid line among them, so every error message and column
+is pyparsing's.
 
-and ``evaluate`` applies the precedence levels to the chain's tokens with a stack: operator-
-precedence parsing, Dijkstra's *shunting-yard* algorithm.  pyparsing tries every level of the
-first grammar for every number (680 µs a line); the chain costs it a regex per run and ~30 µs
-per group that holds a group.
-
-**Why signs ride on the operator before them.**  A '-' right after an operand is the binary
-minus, anywhere else it is a sign.  Writing ``operator ::= binary signs`` (and ``opening ::=
-'(' signs``) makes that distinction in the tokens themselves: operands and operators
-alternate, no lexer has to look behind, and the line's tokens form a regular language apart
-from the balance of parentheses.  ``evaluate`` turns each sign into a NEGATE that binds
-tighter than ``*`` and looser than a ``**`` after it (``-2 ** 2`` is -4); a ``**`` before it
-takes the signed operand whole (``2 ** -1`` is 0.5).
-
-**The fast paths** (last section) are an optimisation, proven equal to the grammar by
-tests/test_grammar.py: the original's flat form has a path of its own, and for every other
-line one regular expression checks its tokens and a counter the balance of its
-parentheses, so a valid line reaches ``evaluate`` without pyparsing.  pyparsing
-stays the definition of the language and answers every line the fast path declines: every
-invalid line, whose message and column are pyparsing's.
+The fast path (the fenced section at the end) is an optimisation and no part of the
+definition: one regular expression for a line's tokens and operator-precedence evaluation
+with a stack, and the original's flat form ("1 + 2 * 3") apart.  tests/test_grammar.py
+proves with Hypothesis that it takes exactly the lines the grammar parses and gives what the
+grammar gives.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
 from operator import add, floordiv, mod, mul, sub, truediv
@@ -70,12 +53,17 @@ MAX_INT_DIGITS = 4300  # Python's own limit for printing an int (sys.int_info)
 INT_LIMIT = 10**MAX_INT_DIGITS  # the smallest integer with too many digits
 # Deeper groups are an error, found before pyparsing recurses past RECURSION_LIMIT.
 MAX_NESTING = 200
-# Set by worker.py.  pyparsing recurses ~9 frames per open group: MAX_NESTING groups need
-# ~1,800 frames, and the margin covers other versions of Python and pyparsing.
-RECURSION_LIMIT = 6000
+# Set by worker.py.  pyparsing recurses 27 frames per open group, 5 more for each repetition
+# the group stands in (42 in '1 + 2 * 3 ** (...)'; Python 3.9 to 3.13, pyparsing 3.3):
+# MAX_NESTING groups take at most 200 * 42 = 8,400 frames, plus ~40 for the line's own levels
+# and the caller's (~150 under pytest).  10,000 leaves ~1,400 to spare.  Python 3.9 and 3.10
+# also spend C stack on each frame: with an 8 MiB stack they crash past ~13,000 such frames.
+RECURSION_LIMIT = 10_000
 
 NOT_UTF8 = "error: not valid UTF-8"
-NOT_UTF8_BYTE = re.compile("[\udc80-\udcff]")  # how worker.py decodes a byte that is not UTF-8
+# worker.py decodes a request with errors="surrogateescape": each byte that is not UTF-8
+# becomes one of these lone surrogates, which no other decoding produces.
+NOT_UTF8_BYTE = re.compile("[\udc80-\udcff]")
 FLOAT_OVERFLOW = "number too large for a float"
 TOO_MANY_DIGITS = f"number too large (over {MAX_INT_DIGITS} digits)"
 TOO_DEEPLY_NESTED = "too deeply nested"
@@ -90,16 +78,187 @@ def line_too_long(size_bytes: int) -> str:
     return f"error: line too long ({size_bytes} bytes, limit {MAX_LINE_BYTES})"
 
 
-# --- The operators. ----------------------------------------------------------------------
+# --- The grammar: the definition of the language. -----------------------------------------
+#
+# Its parse actions turn the tokens of each rule into a node of the tree below: a number is an
+# int or a float, and a rule that matched a single operand stands for that operand.
 
 
-def _power(base: Number, exponent: Number) -> Number:
+@dataclass(frozen=True)
+class Chain:
+    """operand (operator operand)+, applied left to right: an expr or a term."""
+
+    first: Node
+    rest: list[tuple[str, Node]]  # (operator symbol, operand)
+
+
+@dataclass(frozen=True)
+class Power:
+    """atom ('**' signs atom)+, applied right to left."""
+
+    atoms: list[Node]
+    negations: list[bool]  # whether the signs after each '**' negate its right side
+
+
+@dataclass(frozen=True)
+class Negation:
+    """signs power, with an odd number of '-' among the signs."""
+
+    operand: Node
+
+
+Node = Union[int, float, Chain, Power, Negation]
+
+
+def number_value(literal: str) -> Number:
+    """The int or float that literal (digit+ ['.' digit+]) stands for; raises EvaluationError
+    for an integer of over MAX_INT_DIGITS digits (a decimal's digits are a float's, any number)."""
+    if "." in literal:
+        return float(literal)
+    if len(literal) > MAX_INT_DIGITS:
+        raise EvaluationError(TOO_MANY_DIGITS)
+    return int(literal)
+
+
+def negates(signs: str) -> bool:
+    """Whether a run of signs negates what follows it: an odd number of '-'."""
+    return signs.count("-") % 2 == 1
+
+
+def _number(tokens: pp.ParseResults) -> Number:
+    """Parse action of number.  A literal too long fails the parse where it stands."""
+    return number_value(tokens[0])
+
+
+def _chain(tokens: pp.ParseResults) -> Node:
+    """Parse action of expr and term: [operand, operator, operand, ...]."""
+    if len(tokens) == 1:
+        only: Node = tokens[0]
+        return only
+    pairs = [(tokens[index], tokens[index + 1]) for index in range(1, len(tokens), 2)]
+    return Chain(tokens[0], pairs)
+
+
+def _factor(tokens: pp.ParseResults) -> Node:
+    """Parse action of factor: [signs, power]."""
+    signs, operand = tokens
+    return Negation(operand) if negates(signs) else operand
+
+
+def _power(tokens: pp.ParseResults) -> Node:
+    """Parse action of power: [atom, '**', signs, atom, '**', signs, atom, ...]."""
+    if len(tokens) == 1:
+        only: Node = tokens[0]
+        return only
+    atoms = list(tokens[0::3])
+    negations = [negates(signs) for signs in tokens[2::3]]
+    return Power(atoms, negations)
+
+
+class GroupDepth:
+    """How many groups are open where pyparsing parses, counted by the parse actions of '('
+    and ')' (as fourFn.py's parse actions push onto a stack of the grammar's).  Once '('
+    matches, the group is complete or the parse fails (pyparsing's '-' below), so no
+    backtracking leaves the count wrong.  parse_line sets it to 0 for each line."""
+
+    def __init__(self) -> None:
+        self.open_groups = 0
+
+    def enter(self) -> None:
+        """Parse action of '(': the group past MAX_NESTING ends the parse, before pyparsing
+        recurses into it."""
+        self.open_groups += 1
+        if self.open_groups > MAX_NESTING:
+            raise EvaluationError(TOO_DEEPLY_NESTED)
+
+    def leave(self) -> None:
+        """Parse action of ')'."""
+        self.open_groups -= 1
+
+
+def _missing_closing_parenthesis(line: str, loc: int, element: object, error: Exception) -> None:
+    """Fail action of ')': an EvaluationError ends the parse here, where the ')' is missing."""
+    raise EvaluationError(f"missing ')' at column {loc + 1}")
+
+
+# Global to pyparsing, for elements created after it: set first.  '\f' and '\v' are no blanks.
+pp.ParserElement.set_default_whitespace_chars(" \t")
+
+group_depth = GroupDepth()
+
+# The tokens.
+number = pp.Regex(r"[0-9]+(?:\.[0-9]+)?").set_parse_action(_number)
+# A run of signs is one token, which may be empty: an optional element would cost an exception
+# for every operand without one.
+signs = pp.Regex(r"(?:[ \t]*[+-])*")
+sum_operator = pp.one_of("+ -")
+product_operator = pp.one_of("* // / %")
+power_operator = pp.Literal("**")
+opening = pp.Suppress("(").set_parse_action(group_depth.enter)
+closing = pp.Suppress(")").set_parse_action(group_depth.leave)
+closing.set_fail_action(_missing_closing_parenthesis)
+
+# The rules, top-down as in the BNF.  '-' (not '+') between elements: once the left part
+# matched, the right part must follow, and a failure is reported where it happened.
+expr = pp.Forward()
+term = pp.Forward()
+factor = pp.Forward()
+power = pp.Forward()
+atom = pp.Forward()
+line = expr + pp.StringEnd()
+expr <<= (term + (sum_operator - term)[...]).set_parse_action(_chain)
+term <<= (factor + (product_operator - factor)[...]).set_parse_action(_chain)
+factor <<= (signs + power).set_parse_action(_factor)
+power <<= (atom + (power_operator - signs - atom)[...]).set_parse_action(_power)
+atom <<= number | opening - expr - closing
+line.parse_with_tabs()  # report columns in the line as sent, not with tabs expanded
+
+
+def parse_line(text: str) -> Node:
+    """The tree of a line; raises EvaluationError if it does not parse."""
+    group_depth.open_groups = 0
+    try:
+        tree: Node = line.parse_string(text)[0]
+    except pp.ParseBaseException as error:
+        found = repr(text[error.loc]) if error.loc < len(text) else "end of line"
+        raise EvaluationError(f"unexpected {found} at column {error.loc + 1}") from None
+    except RecursionError:  # only below RECURSION_LIMIT: an interpreter worker.py did not set up
+        raise EvaluationError(TOO_DEEPLY_NESTED) from None
+    return tree
+
+
+# --- Evaluation: plain Python on the tree, in the order Python computes. ------------------
+
+
+def evaluate(node: Node) -> Number:
+    """The value of a parsed line; raises EvaluationError, ZeroDivisionError or OverflowError.
+
+    Operands are computed left to right and each operator once its operands are, as Python
+    does, so the first fault in Python's order is the one reported.
+    """
+    if isinstance(node, Chain):
+        value = evaluate(node.first)
+        for symbol, operand in node.rest:
+            value = apply_operator(symbol, value, evaluate(operand))
+        return value
+    if isinstance(node, Power):
+        atoms = [evaluate(atom) for atom in node.atoms]
+        value = atoms[-1]  # the right side of the last '**'
+        for base, negation in zip(reversed(atoms[:-1]), reversed(node.negations)):
+            value = apply_operator("**", base, -value if negation else value)
+        return value
+    if isinstance(node, Negation):
+        return -evaluate(node.operand)
+    return node
+
+
+def _raise_to(base: Number, exponent: Number) -> Number:
     """base ** exponent, refusing before computing an integer of over MAX_INT_DIGITS digits."""
     if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0:
-        # About exponent * log10(|base|) digits; _apply checks the exact boundary in the result.
-        # The exponent alone first: with |base| >= 2, over 4 * MAX_INT_DIGITS is too many digits
-        # for sure (2 ** 4 > 10), and an exponent of over 308 digits (a literal may have 4,300)
-        # cannot be converted to the float the estimate multiplies (OverflowError).
+        # About exponent * log10(|base|) digits; apply_operator checks the exact boundary in the
+        # result.  The exponent alone first: with |base| >= 2, over 4 * MAX_INT_DIGITS is too
+        # many digits for sure (2 ** 4 > 10), and an exponent of over 308 digits (a literal may
+        # have 4,300) cannot be converted to the float the estimate multiplies (OverflowError).
         digits_over = (
             exponent > 4 * MAX_INT_DIGITS or exponent * math.log10(abs(base)) > MAX_INT_DIGITS + 1
         )
@@ -116,187 +275,39 @@ BINARY_OPERATORS: dict[str, Callable[[Number, Number], Number | complex]] = {
     "/": truediv,
     "//": floordiv,
     "%": mod,
-    "**": _power,
+    "**": _raise_to,
 }
-NEGATE = "negate"  # a sign '-' waiting for its operand's value
-OPEN = "("  # an open group on the stack: no operator inside it applies across it
-# Higher binds tighter, as in Python: -2 ** 2 is -4, and 2 ** 3 ** 2 is 512.
-PRECEDENCE = {OPEN: 0, "+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, NEGATE: 3, "**": 4}
 
 
-# --- The tokens, as regular expressions. --------------------------------------------------
-
-NUMBER = r"[0-9]+(?:\.[0-9]+)?"
-BINARY = r"\*\*|//|[-+*/%]"  # '**' and '//' before '*' and '/'
-SIGNS = r"(?:[ \t]*[+-])*"
-OPERATOR = rf"(?:{BINARY}){SIGNS}"
-OPENING = rf"\({SIGNS}"
-SIMPLE_GROUP = rf"{OPENING}[ \t]*{NUMBER}(?:[ \t]*{OPERATOR}[ \t]*{NUMBER})*[ \t]*\)"
-SIMPLE_OPERAND = rf"(?:{NUMBER}|{SIMPLE_GROUP})"
-RUN = rf"{SIMPLE_OPERAND}(?:[ \t]*{OPERATOR}[ \t]*{SIMPLE_OPERAND})*"
-TOKEN = re.compile(rf"{NUMBER}|{OPERATOR}|{OPENING}|\)")  # spaces and tabs between are skipped
-
-# A token is a number or text: the signs that start the line ('', '-', '- +'), an opening with
-# its signs ('(', '(-'), ')', or an operator with its signs ('*', '* -').
-Token = Union[int, float, str]
-
-
-def _number_value(literal: str) -> Number:
-    if "." in literal:
-        return float(literal)
-    if len(literal) > MAX_INT_DIGITS:
-        raise EvaluationError(TOO_MANY_DIGITS)
-    return int(literal)
-
-
-def _tokens(text: str) -> list[Token]:
-    """The tokens of text, which holds whole tokens only (a run, or a line after its signs)."""
-    return [_number_value(token) if token[0].isdigit() else token for token in TOKEN.findall(text)]
-
-
-# --- The grammar: the definition of the language. -----------------------------------------
-
-
-class Nesting:
-    """How many groups are open where pyparsing parses: its parse actions count them, and one
-    more than MAX_NESTING is an error, raised before pyparsing recurses deeper.  Once '('
-    matches, the group is complete or the parse fails (pyparsing's '-'): no backtracking
-    leaves the count wrong.  parsed_tokens sets it to 0 before each line."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-
-    def open_group(self) -> None:
-        """Parse action of opening."""
-        self.depth += 1
-        if self.depth > MAX_NESTING:
-            raise EvaluationError(TOO_DEEPLY_NESTED)
-
-    def close_group(self) -> None:
-        """Parse action of ')'."""
-        self.depth -= 1
-
-    def run_tokens(self, tokens: pp.ParseResults) -> list[Token]:
-        """Parse action of run: its tokens.  A group in a run is one level deeper than the run."""
-        text: str = tokens[0]
-        if "(" in text and self.depth >= MAX_NESTING:
-            raise EvaluationError(TOO_DEEPLY_NESTED)
-        return _tokens(text)
-
-
-def _missing_closing_parenthesis(line: str, loc: int, element: object, error: Exception) -> None:
-    """Fail action of ')': an EvaluationError ends the parse here, where the ')' is missing."""
-    raise EvaluationError(f"missing ')' at column {loc + 1}")
-
-
-# Global to pyparsing, for elements created after it: set first.  '\f' and '\v' are no blanks.
-pp.ParserElement.set_default_whitespace_chars(" \t")
-
-nesting = Nesting()
-expr = pp.Forward()
-signs = pp.Regex(SIGNS)  # may match nothing: an optional element would cost an exception
-operator = pp.Regex(OPERATOR)
-# One regex for what needs no recursion (groups holding no group): pyparsing spends ~30 µs
-# on each group it walks.
-run = pp.Regex(RUN).set_parse_action(nesting.run_tokens)
-opening = pp.Regex(OPENING).set_parse_action(nesting.open_group)
-closing = pp.Literal(")").set_parse_action(nesting.close_group)
-closing.set_fail_action(_missing_closing_parenthesis)
-# '-' (not '+'): once the left part matched, the right must follow; a failure is reported there.
-group = opening - expr - closing
-operand = run | group
-expr <<= operand + (operator - operand)[...]
-line = signs + expr + pp.StringEnd()
-line.parse_with_tabs()  # report columns in the line as sent, not with tabs expanded
-
-
-def parsed_tokens(text: str) -> list[Token]:
-    """The tokens of a line as pyparsing parses it; raise EvaluationError if it does not parse."""
-    nesting.depth = 0
-    try:
-        return list(line.parse_string(text))
-    except pp.ParseBaseException as error:
-        found = repr(text[error.loc]) if error.loc < len(text) else "end of line"
-        raise EvaluationError(f"unexpected {found} at column {error.loc + 1}") from None
-    except RecursionError:  # only below RECURSION_LIMIT: an interpreter worker.py did not set up
-        raise EvaluationError(TOO_DEEPLY_NESTED) from None
-
-
-# --- Evaluation: operator precedence with a stack (shunting-yard). --------------------------
-
-
-def evaluate(tokens: list[Token]) -> Number:
-    """The value of a line's tokens; raises EvaluationError, ZeroDivisionError or OverflowError.
-
-    Numbers go on the values stack; each operator waits on a second stack until the next one
-    binds no tighter, and is then applied to the values on top: the order Python computes in,
-    so results and faults are Python's.  ')' applies what waits since its '('.
-    """
-    values: list[Number] = []
-    waiting: list[str] = []
-    if str(tokens[0]).count("-") % 2:  # the signs before the line's first operand
-        waiting.append(NEGATE)
-    for token in islice(tokens, 1, None):
-        if not isinstance(token, str):
-            values.append(token)
-        elif token == ")":
-            while waiting[-1] != OPEN:
-                _apply(waiting.pop(), values)
-            waiting.pop()
-        elif token[0] == OPEN:
-            waiting.append(OPEN)
-            if token.count("-") % 2:  # the signs after '('
-                waiting.append(NEGATE)
-        else:
-            meaning = _operator_meaning(token)
-            if meaning.symbol != "**":  # right to left: '**' waits for its whole right operand
-                while waiting and PRECEDENCE[waiting[-1]] >= meaning.precedence:
-                    _apply(waiting.pop(), values)
-            waiting.append(meaning.symbol)
-            if meaning.negates:
-                waiting.append(NEGATE)
-    while waiting:
-        _apply(waiting.pop(), values)
-    return values[0]
-
-
-class OperatorMeaning(NamedTuple):
-    """What an operator token (an operator and the signs after it) means to evaluate."""
-
-    symbol: str  # the binary operator: '+', '**', ...
-    precedence: int  # PRECEDENCE[symbol]
-    negates: bool  # whether its signs negate the operand after it (an odd number of '-')
-
-
-@lru_cache(maxsize=256)  # a few operator texts make up nearly every line: '+', '* -', ...
-def _operator_meaning(token: str) -> OperatorMeaning:
-    """What an operator token means: its symbol, its precedence, and its signs."""
-    symbol = token[:2] if token[:2] in BINARY_OPERATORS else token[0]  # '**' and '//'
-    negates = token.count("-", len(symbol)) % 2 == 1
-    return OperatorMeaning(symbol, PRECEDENCE[symbol], negates)
-
-
-def _apply(operator_symbol: str, values: list[Number]) -> None:
-    """Replace the operand(s) on top of values with the operator's result, if the language
-    allows it."""
-    if operator_symbol == NEGATE:
-        values[-1] = -values[-1]
-        return
-    right = values.pop()
-    result = BINARY_OPERATORS[operator_symbol](values[-1], right)
+def apply_operator(symbol: str, left: Number, right: Number) -> Number:
+    """left <symbol> right with Python's operator, if the language allows the result; raises
+    EvaluationError (a complex result, too many digits), ZeroDivisionError or OverflowError."""
+    result = BINARY_OPERATORS[symbol](left, right)
     if isinstance(result, complex):
         raise EvaluationError("complex result")
     if isinstance(result, int) and not -INT_LIMIT < result < INT_LIMIT:
         raise EvaluationError(TOO_MANY_DIGITS)
-    values[-1] = result
+    return result
+
+
+def format_number(value: Number) -> str:
+    """str(value), Python's own formatting; a float must be finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EvaluationError(FLOAT_OVERFLOW)
+    return str(value)
 
 
 # --- One line in, one result out. ----------------------------------------------------------
 
 
 def evaluate_line(line: str) -> str:
-    """The result text for one line (without newline); never raises."""
-    flat = flat_tokens(line)
+    """The result text for one line (without newline); never raises.
+
+    line is text as worker.py decodes it, from UTF-8 with errors="surrogateescape": a byte
+    that is not UTF-8 arrives as a lone surrogate U+DC80-U+DCFF, and a line holding one is
+    answered with NOT_UTF8.  A direct caller gets the same answer for those code points.
+    """
+    flat = flat_tokens(line)  # the fast path's first step: the common case, checked first
     if flat is None:
         # The size first: a line over the limit is refused whatever it holds (blanks, bytes
         # that are not UTF-8), as worker.py refuses one too long to decode.
@@ -306,9 +317,11 @@ def evaluate_line(line: str) -> str:
         if not line.strip(" \t"):
             return ""
     try:
-        value = evaluate_flat(flat) if flat is not None else evaluate(line_tokens(line))
+        value = evaluate_flat(flat) if flat is not None else line_value(line)
         return format_number(value)
-    except EvaluationError as error:  # which a line with a byte that is not UTF-8 always is
+    except EvaluationError as error:
+        # A lone surrogate is no token, so a line holding a byte that is not UTF-8 never
+        # parses; its answer names the real fault rather than the surrogate's column.
         return NOT_UTF8 if NOT_UTF8_BYTE.search(line) else f"error: {error}"
     except ZeroDivisionError:
         return "error: division by zero"
@@ -316,10 +329,13 @@ def evaluate_line(line: str) -> str:
         return f"error: {FLOAT_OVERFLOW}"
 
 
-def line_tokens(line: str) -> list[Token]:
-    """The tokens of a line: the fast path's if it takes the line, else pyparsing's."""
+def line_value(line: str) -> Number:
+    """The value of a line that is not blank: the fast path's if it takes the line, else the
+    grammar's."""
     tokens = fast_tokens(line)
-    return parsed_tokens(line) if tokens is None else tokens
+    if tokens is not None:
+        return evaluate_tokens(tokens)
+    return evaluate(parse_line(line))
 
 
 def _too_long(line: str) -> str | None:
@@ -344,16 +360,13 @@ def utf8_size(line: str) -> int:
         return len(line.encode("utf-8", "surrogatepass"))
 
 
-def format_number(value: Number) -> str:
-    """str(value), Python's own formatting; a float must be finite."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise EvaluationError(FLOAT_OVERFLOW)
-    return str(value)
-
-
-# --- Fast paths: an optimisation, proven equal to the grammar by tests/test_grammar.py. -----
+# ==========================================================================================
+# THE FAST PATH — an optimisation, not part of the language's definition.
 #
-# Each takes only lines the grammar parses, and gives what parsed_tokens and evaluate give.
+# Every valid line takes it, and no invalid line: tests/test_grammar.py proves with Hypothesis
+# that it takes exactly the lines parse_line parses and gives what evaluate gives for them.
+# The grammar above stays the definition, and answers every line declined here.
+# ==========================================================================================
 
 # 1. The original's flat form: integers and + - * / between single spaces, split(" ") its
 # tokens.  It is nearly every line the original's clients send, so it skips even the stack.
@@ -386,9 +399,16 @@ def evaluate_flat(tokens: list[str]) -> Number:
     return total + term if pending_sign == "+" else total - term
 
 
-# 2. Every other valid line.  Apart from the balance of its parentheses, a line's tokens form a
-# regular language (signs ride on the operator or '(' before them), so one regular expression
-# checks them all; a count of open groups then checks the balance and MAX_NESTING.
+# 2. Every other valid line.  Signs ride on the operator or '(' before them (a '-' right after
+# an operand is the binary minus, anywhere else a sign), so operands and operators alternate
+# and, apart from the balance of its parentheses, a line's tokens form a regular language: one
+# regular expression checks them all, and a count of open groups the balance and MAX_NESTING.
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+BINARY = r"\*\*|//|[-+*/%]"  # '**' and '//' before '*' and '/'
+SIGNS = r"(?:[ \t]*[+-])*"
+OPERATOR = rf"(?:{BINARY}){SIGNS}"
+OPENING = rf"\({SIGNS}"
+TOKEN = re.compile(rf"{NUMBER}|{OPERATOR}|{OPENING}|\)")  # spaces and tabs between are skipped
 WHITESPACE = "[ \t]*"
 # A number with the openings before it and the closings after it.
 BRACKETED_NUMBER = rf"(?:{WHITESPACE}{OPENING})*{WHITESPACE}{NUMBER}(?:{WHITESPACE}\))*"
@@ -401,11 +421,15 @@ PARENTHESIS = re.compile("[()]")
 # An integer literal of over MAX_INT_DIGITS digits; a decimal's digits are a float's, any number.
 LONG_INTEGER = re.compile(rf"(?<![0-9.])[0-9]{{{MAX_INT_DIGITS + 1},}}(?![0-9.])")
 
+# A token is a number or text: the signs that start the line ('', '-', '- +'), an opening with
+# its signs ('(', '(-'), ')', or an operator with its signs ('*', '* -').
+Token = Union[int, float, str]
+
 
 def fast_tokens(line: str) -> list[Token] | None:
-    """The tokens parsed_tokens gives for line if it parses, else None (pyparsing says why).
+    """The tokens of line if the grammar parses it, else None (the grammar says why).
 
-    An integer of over MAX_INT_DIGITS digits, which fails parsing, is left to pyparsing too.
+    An integer of over MAX_INT_DIGITS digits, which fails parsing, is left to the grammar too.
     """
     match = TOKENS_LINE.fullmatch(line)
     if match is None or not _balanced(line):
@@ -424,3 +448,76 @@ def _balanced(line: str) -> bool:
         if not 0 <= depth <= MAX_NESTING:
             return False
     return depth == 0
+
+
+def _tokens(text: str) -> list[Token]:
+    """The tokens of text, which holds whole tokens only (a line after its leading signs)."""
+    return [number_value(token) if token[0].isdigit() else token for token in TOKEN.findall(text)]
+
+
+NEGATE = "negate"  # a sign '-' pending until its operand's value is known
+OPEN = "("  # an open group on the stack: no operator inside it applies across it
+# Higher binds tighter, as in Python: -2 ** 2 is -4, and 2 ** 3 ** 2 is 512.
+PRECEDENCE = {OPEN: 0, "+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, NEGATE: 3, "**": 4}
+
+
+def evaluate_tokens(tokens: list[Token]) -> Number:
+    """The value of a line's tokens, as evaluate gives it for the line's tree: operator-
+    precedence parsing, Dijkstra's *shunting-yard* algorithm.
+
+    Numbers go on the values stack; each operator is pending on a second stack until the next
+    one binds no tighter, and is then applied to the values on top: the order Python computes
+    in, so results and faults are Python's.  ')' applies what is pending since its '('.  A
+    sign is a NEGATE that binds tighter than '*' and looser than a '**' after it (-2 ** 2 is
+    -4); a '**' before it takes the signed operand whole (2 ** -1 is 0.5).
+    """
+    values: list[Number] = []
+    pending: list[str] = []
+    if negates(str(tokens[0])):  # the signs before the line's first operand
+        pending.append(NEGATE)
+    for token in islice(tokens, 1, None):
+        if not isinstance(token, str):
+            values.append(token)
+        elif token == ")":
+            while pending[-1] != OPEN:
+                _apply(pending.pop(), values)
+            pending.pop()
+        elif token[0] == OPEN:
+            pending.append(OPEN)
+            if negates(token):  # the signs after '('
+                pending.append(NEGATE)
+        else:
+            meaning = _operator_meaning(token)
+            if meaning.symbol != "**":  # right to left: '**' waits for its whole right operand
+                while pending and PRECEDENCE[pending[-1]] >= meaning.precedence:
+                    _apply(pending.pop(), values)
+            pending.append(meaning.symbol)
+            if meaning.negates:
+                pending.append(NEGATE)
+    while pending:
+        _apply(pending.pop(), values)
+    return values[0]
+
+
+class OperatorMeaning(NamedTuple):
+    """What an operator token (an operator and the signs after it) means to evaluate_tokens."""
+
+    symbol: str  # the binary operator: '+', '**', ...
+    precedence: int  # PRECEDENCE[symbol]
+    negates: bool  # whether its signs negate the operand after it (an odd number of '-')
+
+
+@lru_cache(maxsize=256)  # a few operator texts make up nearly every line: '+', '* -', ...
+def _operator_meaning(token: str) -> OperatorMeaning:
+    """What an operator token means: its symbol, its precedence, and its signs."""
+    symbol = token[:2] if token[:2] in BINARY_OPERATORS else token[0]  # '**' and '//'
+    return OperatorMeaning(symbol, PRECEDENCE[symbol], negates(token[len(symbol) :]))
+
+
+def _apply(symbol: str, values: list[Number]) -> None:
+    """Replace the operand(s) on top of values with the pending operator's result."""
+    if symbol == NEGATE:
+        values[-1] = -values[-1]
+        return
+    right = values.pop()
+    values[-1] = apply_operator(symbol, values[-1], right)

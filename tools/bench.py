@@ -24,9 +24,10 @@ parentheses, decimals, ``// % **``.
                 µs per line, and end to end at ``-n 1`` and ``-n 2``;
 7. non-flat     6,000 lines of the full workload outside the flat form, each timed with
                 ``grammar.evaluate_line`` and with simpleeval in turn (best of 3): the median
-                µs of each and the median of the per-line ratios; the first 2,000 the same
-                way against the grammar before its optimisation (tests/grammar_oracle.py);
-                and 10,000-byte lines, valid and invalid (pyparsing answers those);
+                µs of each and the median of the per-line ratios; 2,000 of them with a typo
+                each (``1 +``, ``(2``, ``2 ** ``, ``1 $ 2``), which the pyparsing grammar
+                answers: their median µs and lines per second; and 10,000-byte lines, valid
+                and invalid;
 8. small        20 concurrent clients sending 10-line requests (tools/load.py's clients,
                 every reply verified): requests/s at ``-n 1`` and ``-n 2``; and one
                 20,000-line flat request at ``-n 1`` and ``-n 2``.
@@ -58,7 +59,6 @@ from simpleeval import SimpleEval
 
 import client
 import grammar
-from tests import grammar_oracle
 from tests.harness import ServerProcess
 
 Number = Union[int, float]
@@ -80,6 +80,7 @@ LONG_LINES = {  # 10,000 bytes at most, outside the flat form
     "invalid, 200-deep groups": ("(" * 200 + "1" + ")" * 200 + "+") * 24 + "^",
 }
 LONG_LINE_TARGET_MS = 60
+INVALID_LINE_REPEATS = 3  # each invalid line's time is its best of this many
 SMALL_REQUEST_LINES = 10
 SMALL_REQUEST_CLIENTS = 20  # connected at once
 LARGE_REQUEST_LINES = 20_000
@@ -96,7 +97,7 @@ class Plan:
     lines: int
     full_lines: int
     simpleeval_lines: int  # non-flat lines timed with grammar.py and with simpleeval
-    ratio_lines: int  # non-flat lines timed with the new and the old grammar
+    invalid_lines: int  # non-flat lines with a typo, timed one by one
     repeats: int
     round_trips: int
     big_request_bytes: int
@@ -166,6 +167,24 @@ def full_operand(rng: random.Random, nesting: int) -> str:
     if kind < 0.45:
         return f"{sign}{rng.randint(0, 99)}.{rng.randint(0, 99)}"
     return f"{sign}{rng.randint(1, 99)}"
+
+
+def with_typo(rng: random.Random, line: str) -> str:
+    """line with one typical typo: an operand missing at the end (``1 +``), a group never
+    closed (``(2``), an exponent missing (``2 ** ``), or an operator that is not one
+    (``1 $ 2``)."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"{line} +"
+    if kind == 1:
+        return f"({line}"
+    if kind == 2:
+        return f"{line} ** "
+    operators = [match.start() for match in re.finditer(r" [-+*/%]+ ", line)]
+    if not operators:
+        return f"{line} $ 2"
+    position = rng.choice(operators)
+    return line[:position] + " $ " + line[line.index(" ", position + 1) + 1 :]
 
 
 def to_payload(lines: Sequence[str]) -> bytes:
@@ -455,8 +474,8 @@ def small_request_lines(number: int) -> tuple[list[str], list[str]]:
 
 
 def non_flat_results(full_lines: Sequence[str], plan: Plan) -> dict[str, float]:
-    """Section 7: non-flat lines one by one against simpleeval and the old grammar, and
-    the 10,000-byte lines."""
+    """Section 7: non-flat lines one by one against simpleeval, the same lines with a typo,
+    and the 10,000-byte lines."""
     not_flat = [
         line
         for line in full_lines
@@ -467,15 +486,20 @@ def non_flat_results(full_lines: Sequence[str], plan: Plan) -> dict[str, float]:
         not_flat[: plan.simpleeval_lines],
         [grammar.evaluate_line, lambda line: simpleeval_line(evaluator, line)],
     )
-    new, old = per_line_times(
-        not_flat[: plan.ratio_lines], [grammar.evaluate_line, grammar_oracle.evaluate_line]
-    )
+    rng = random.Random(SEED)
+    invalid = [with_typo(rng, line) for line in not_flat[: plan.invalid_lines]]
+    invalid_times = [
+        min(timed(grammar.evaluate_line, line)[0] for _ in range(INVALID_LINE_REPEATS))
+        for line in invalid
+    ]
     results = {
         "non_flat_lines": len(ours),
         "non_flat_us": statistics.median(ours) * 1e6,
         "simpleeval_us": statistics.median(theirs) * 1e6,
         "to_simpleeval": median_ratio(ours, theirs),
-        "new_to_old": median_ratio(new, old),
+        "invalid_lines": len(invalid),
+        "invalid_us": statistics.median(invalid_times) * 1e6,
+        "invalid_per_s": len(invalid) / sum(invalid_times),
     }
     for kind, line in LONG_LINES.items():
         results[f"long_line {kind}"] = statistics.median(
@@ -516,6 +540,7 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
     trips = plan.round_trips
     full = r["full_lines"]
     non_flat = f"{r['non_flat_lines']:,}"
+    invalid = f"{r['invalid_lines']:,}"
     small = f"{plan.small_requests:,} {SMALL_REQUEST_LINES}-line requests"
     small_one = plan.small_requests / r["small_one_worker"]
     small_two = plan.small_requests / r["small_two_workers"]
@@ -581,6 +606,13 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
             "",
             "",
         ],
+        [
+            f"7. invalid line (a typo), evaluator, µs, median of {invalid}",
+            f"{r['invalid_us']:.1f}",
+            "",
+            "",
+        ],
+        ["7. invalid lines (a typo), evaluator, lines/s", f"{r['invalid_per_s']:.0f}", "", ""],
         *(
             target_row(
                 f"7. 10,000-byte line, {kind}",
@@ -604,12 +636,6 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
             f"time per byte, {big} / {r['flat_bytes'] / MB:.1f} MB",
             (r["big"] / r["big_bytes"]) / (r["two_workers"] / r["flat_bytes"]),
             1.3,
-        ),
-        target_row(
-            f"grammar new / old, median of {plan.ratio_lines:,} non-flat lines",
-            r["new_to_old"],
-            0.5,
-            stretch=0.25,
         ),
         target_row(
             f"evaluator / simpleeval, median of {non_flat} non-flat lines",
