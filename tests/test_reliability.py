@@ -187,8 +187,8 @@ def test_reply_of_exactly_the_reply_limit_is_served(start_server: StartServer) -
 
 
 def test_a_refused_reply_stores_no_more_than_the_reply_limit(start_server: StartServer) -> None:
-    # The server may write no file past 1,000,000 bytes: a results file that outgrew --max-reply-bytes
-    # would fail to be written, and the reply would say "could not store" instead.
+    # The server may write no file past 1,000,000 bytes: a results file that outgrew
+    # --max-reply-bytes would fail to be written, and the reply would say "could not store".
     server = start_server("--max-reply-bytes", "1000000", faults=["file_size_limit:1000000"])
     reply = server.request(b"\n" * 3_000_000)
     assert reply == b"error: reply too large (limit 1000000 bytes)\n"

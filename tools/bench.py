@@ -26,8 +26,9 @@ parentheses, decimals, ``// % **``.
                 ``grammar.evaluate_line`` and with simpleeval in turn (best of 3): the median
                 µs of each and the median of the per-line ratios; 2,000 of them with a typo
                 each (``1 +``, ``(2``, ``2 ** ``, ``1 $ 2``), which the pyparsing grammar
-                answers: their median µs and lines per second; and 10,000-byte lines, valid
-                and invalid;
+                answers: their median µs and lines per second; 10,000-byte lines, valid
+                and invalid; and 1 MiB of the costliest invalid lines as one request to a
+                ``-n 1`` server, refused by its CPU limit (and the next request served);
 8. small        20 concurrent clients sending 10-line requests (tools/load.py's clients,
                 every reply verified): requests/s at ``-n 1`` and ``-n 2``; and one
                 20,000-line flat request at ``-n 1`` and ``-n 2``.
@@ -79,7 +80,10 @@ LONG_LINES = {  # 10,000 bytes at most, outside the flat form
     "invalid, nested groups": "((1))+" * 1666 + "^",
     "invalid, 200-deep groups": ("(" * 200 + "1" + ")" * 200 + "+") * 24 + "^",
 }
-LONG_LINE_TARGET_MS = 60
+# A request of the costliest lines is bounded by the CPU limit (--cpu-floor, --cpu-per-mib):
+# 1 MiB of them at -n 1 must be answered, or refused, within this (issue 25's goal).
+COSTLY_REQUEST_BYTES = 2**20
+COSTLY_REQUEST_TARGET_S = 10.0
 INVALID_LINE_REPEATS = 3  # each invalid line's time is its best of this many
 SMALL_REQUEST_LINES = 10
 SMALL_REQUEST_CLIENTS = 20  # connected at once
@@ -505,7 +509,21 @@ def non_flat_results(full_lines: Sequence[str], plan: Plan) -> dict[str, float]:
         results[f"long_line {kind}"] = statistics.median(
             timed(grammar.evaluate_line, line)[0] for _ in range(5)
         )
+    results["costly_request"] = costly_request_seconds()
     return results
+
+
+def costly_request_seconds() -> float:
+    """Seconds for 1 MiB of the costliest invalid lines (nested groups) to be refused by a
+    -n 1 server with the default CPU limit; the next request must then be served."""
+    line = LONG_LINES["invalid, nested groups"].encode() + b"\n"
+    payload = line * (COSTLY_REQUEST_BYTES // len(line))
+    with running_server(1) as server:
+        seconds, reply = timed(client.round_trip, payload, HOST, server.port, REQUEST_TIMEOUT_S)
+        if client.refusal(reply, client.count_lines(payload)) is None:
+            raise RuntimeError("the costly request was answered, not refused for its CPU")
+        timed_request("the request after the costly one", server, b"1 + 1\n", b"2\n")
+    return seconds
 
 
 # --- The table. ------------------------------------------------------------------------
@@ -614,13 +632,15 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
         ],
         ["7. invalid lines (a typo), evaluator, lines/s", f"{r['invalid_per_s']:.0f}", "", ""],
         *(
-            target_row(
-                f"7. 10,000-byte line, {kind}",
-                r[f"long_line {kind}"] * 1000,
-                LONG_LINE_TARGET_MS,
-                unit=" ms",
-            )
+            [f"7. 10,000-byte line, {kind}, ms", f"{r[f'long_line {kind}'] * 1000:.1f}", "", ""]
             for kind in LONG_LINES
+        ),
+        target_row(
+            f"7. {COSTLY_REQUEST_BYTES // 2**20} MiB of invalid nested-group lines, -n 1, "
+            "refused (CPU limit)",
+            r["costly_request"],
+            COSTLY_REQUEST_TARGET_S,
+            unit=" s",
         ),
         [f"8. {small}, {SMALL_REQUEST_CLIENTS} clients, -n 1, req/s", f"{small_one:.0f}", "", ""],
         [f"8. {small}, {SMALL_REQUEST_CLIENTS} clients, -n 2, req/s", f"{small_two:.0f}", "", ""],
