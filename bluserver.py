@@ -101,7 +101,7 @@ class Slice:
         self.start = bounds[0]
         self.end = bounds[1]
         self.event_log = event_log
-        self.results = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the handler, after the reply)
+        self.results = tempfile.TemporaryFile()  # noqa: SIM115 (handle closes it)
         self.results_size = 0
         self.error_lines = 0
         self.finished = False  # once the worker has sent END_OF_SLICE
