@@ -30,17 +30,16 @@ import logging
 import math
 import multiprocessing
 import os
-import select
 import signal
 import socket
 import socketserver
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
-from typing import Any, Callable, NoReturn
+from typing import Callable
 
+import serving
 import worker
 from client import (
     CHUNK_BYTES,
@@ -52,13 +51,11 @@ from client import (
     send_frame,
 )
 from events import EventFormatter, EventLog, logger, server_log
+from serving import SHUTDOWN_SIGNALS
 
 LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
-SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; closed or reset
 EXCERPT_CHARS = 80  # how much of a rejected line -vv logs
-SD_LISTEN_FDS_START = 3  # systemd's protocol, sd_listen_fds(3): handed sockets start at fd 3
-TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 # A worker costs ~3 ms of CPU to fork, start and join (2-line requests, -n 2 against -n 1), and
@@ -225,305 +222,60 @@ class RequestHandler(socketserver.BaseRequestHandler):
                     return
 
 
-class HandedSocketError(Exception):
-    """The service manager says it handed a socket over, but it is not one the server can use."""
-
-
-def socket_from_service_manager() -> socket.socket | None:
-    """The listening socket systemd (or tools/cluster.py) handed over, per sd_listen_fds(3): at
-    fd 3, when LISTEN_PID is this process and LISTEN_FDS is 1.  None when no socket is meant for
-    this process: the server then binds its own (-a, -p).
-
-    Raises HandedSocketError when one is meant for it but it is not a listening TCP socket.
-    """
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None  # none at all, or meant for another process (a parent's, inherited)
-    count = os.environ.get("LISTEN_FDS")
-    # Unset, as sd_listen_fds(3) does: they describe this process, not the ones it forks.
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    if count != "1":
-        raise HandedSocketError(f"expected 1 socket from the service manager, not {count}")
-    try:
-        handed = socket.socket(fileno=SD_LISTEN_FDS_START)
-    except OSError as error:
-        raise HandedSocketError(f"fd 3 from the service manager: {error.strerror}") from None
-    listening = handed.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    if handed.family not in TCP_FAMILIES or handed.type != socket.SOCK_STREAM or not listening:
-        raise HandedSocketError("fd 3 from the service manager is not a listening TCP socket")
-    handed.set_inheritable(False)  # no program the server runs needs it
-    return handed
-
-
-def notify_service_manager(state: str) -> None:
-    """Tell the service manager what the server is doing, per sd_notify(3) ("READY=1",
-    "STOPPING=1"): one datagram to the AF_UNIX socket named by $NOTIFY_SOCKET, an abstract one
-    if the name starts with "@".  Nothing when it is unset: no manager asked."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        try:
-            notify.sendto(state.encode(), address)
-        except OSError as error:  # the manager has gone: the server goes on regardless
-            server_log.warning("Service manager not told", state=state, reason=str(error))
-
-
-class SignalPipe:
-    """The signals the server handles, as one byte each in a pipe (``signal.set_wakeup_fd``).
-
-    The pipe, not a Python-level signal handler, is the record: CPython runs a signal handler
-    once for
-    signals of one kind that arrive close together, but writes a byte for each; and the
-    pipe wakes the select() that waits for a connection and a signal at once, so nothing
-    blocks signals while the server waits (two SIGTERMs merged into one in sigwait()).
-    """
-
-    def __init__(self, signums: Sequence[signal.Signals]) -> None:
-        self.reader, self.writer = os.pipe()
-        os.set_blocking(self.reader, False)  # received() reads until it is empty
-        os.set_blocking(self.writer, False)  # C's signal handler writes: it must never block
-        signal.set_wakeup_fd(self.writer)
-        for signum in signums:
-            signal.signal(signum, self.noted)
-
-    @staticmethod
-    def noted(signum: int, frame: object) -> None:
-        """Nothing to do: without a signal handler no byte is written; the byte is the record."""
-
-    def received(self) -> list[signal.Signals]:
-        """The signals that arrived since the last call, in order."""
-        data = bytearray()
-        with contextlib.suppress(BlockingIOError):  # nothing more to read
-            while True:
-                data += os.read(self.reader, 4096)
-        return [signal.Signals(signum) for signum in data]
-
-    def close(self) -> None:
-        """Stop recording signals (in a forked handler: its signals are its own)."""
-        signal.set_wakeup_fd(-1)
-        os.close(self.reader)
-        os.close(self.writer)
-
-
 class BluServer(socketserver.ForkingTCPServer):
-    """Listens, and forks a RequestHandler process per connection, ``max_children`` at once.
+    """Listens on -a and -p, and forks a RequestHandler process per connection, at most
+    max_children at once: socketserver's ForkingTCPServer as it is meant to be used, set up
+    by class attributes and its constructor.
 
-    One loop (serve_until_signalled, with ``wait``) waits in select() for a signal or for a
-    connection to serve; while every slot is busy it does not look at the listener, and new
-    connections wait in the backlog.  The connections it has accepted that have no handler
-    yet wait in ``waiting``: the backlog, taken at shutdown, and one whose fork failed.
+    Alone, it serves with socketserver's own loop (``BluServer(options).serve_forever()``,
+    until Ctrl-C).  main() runs ArmouredServer: this class with the armour of the server
+    process (serving.py) composed over it.  Of socketserver, ArmouredServer uses
+
+    - as they are: TCPServer's bind, listen and accept; ForkingMixIn.process_request, its
+      fork and its child's end (finish_request, shutdown_request, os._exit); handle_error;
+    - overridden: server_bind (HandedListener: a socket handed over), server_activate
+      (HandedListener, DeferredAccept, SignalledServing), verify_request (DeferredAccept),
+      process_request (SignalledServing: the fork sequence; ForkRetry: a fork that fails),
+      finish_request, get_request, service_actions, collect_children (SignalledServing);
+    - replaced: serve_forever, by SignalledServing's, which says why (a signal handler cannot
+      call shutdown(); ForkingMixIn.collect_children blocks while max_children handlers
+      run; the loop polls), so handle_request, handle_timeout and shutdown are unused.
     """
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
     request_queue_size = socket.SOMAXCONN  # as long a backlog as the kernel allows: none refused
-    # serve_until_signalled waits for the handlers itself, so that a second signal can stop them.
-    block_on_close = False
-    # After a fork fails (EAGAIN: out of processes), wait this long before trying again; the
-    # loop still reacts to signals meanwhile, and new connections wait in the backlog.
-    fork_retry_s = 0.1
-    # At shutdown, take connections from the backlog for at most this long: a flood of new
-    # ones must not keep the listener open.
-    backlog_take_s = 0.5
 
-    def __init__(self, options: argparse.Namespace, handed: socket.socket | None = None) -> None:
-        """Bind options.address and options.port, or serve handed: a listening socket from the
-        service manager (socket_from_service_manager)."""
-        self.options = options
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options  # what the handlers read theirs from
         self.max_children = options.max_children
-        self.active_children: set[int] = set()  # the handlers' pids
-        self.waiting: deque[tuple[socket.socket, Any]] = deque()  # accepted, no handler yet
-        self.fork_retry_at = 0.0  # when to try again to fork a handler for waiting[0]
-        self.fork_failed_for: socket.socket | None = None  # warned about once, not at each try
-        self.shutdown_signal: str | None = None  # set by the first SIGINT or SIGTERM
-        self.signals: SignalPipe | None = None  # set when serving starts
-        super().__init__(
-            (options.address, options.port), RequestHandler, bind_and_activate=handed is None
-        )
-        if handed:
-            self.socket.close()  # the one TCPServer made, never bound
-            self.socket = handed
-            self.server_address = handed.getsockname()
-        # A handed socket may be shared: another process may take a connection between this
-        # one's select() and accept(), which must then not block.
-        self.socket.setblocking(False)
-        self.defers_accept = hasattr(socket, "TCP_DEFER_ACCEPT")  # Linux's, as nginx uses it
-        if self.defers_accept:
-            # The kernel keeps a connection from accept() until the client has sent something,
-            # for up to --client-timeout seconds (nginx's "deferred", HAProxy's
-            # "defer-accept"): one that sends nothing takes no handler.  Set on a handed
-            # socket too: the option lives in the socket, and the server knows the timeout.
-            allowance_s = math.ceil(options.client_timeout_s)
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, allowance_s)
-
-    def wait(self) -> bool:
-        """Wait for a signal, and act on it, or for a connection to serve while a slot is free:
-        a waiting one once its retry is due, else one in the backlog.  True if one is due now."""
-        assert self.signals, "serving has started"
-        readers: list[Any] = [self.signals.reader]
-        timeout_s = None  # for ever, until a signal (SIGCHLD: a slot is free) or a connection
-        if self.slot_free() and self.waiting:
-            timeout_s = max(0.0, self.fork_retry_at - time.monotonic())
-        elif self.slot_free() and not self.shutdown_signal:
-            readers.append(self.socket)
-        readable = select.select(readers, [], [], timeout_s)[0]  # those of readers ready
-        for signum in self.signals.received():
-            self.act_on_signal(signum)
-        if not self.slot_free():
-            return False
-        if self.waiting:
-            return time.monotonic() >= self.fork_retry_at
-        return self.socket in readable and not self.shutdown_signal
-
-    def slot_free(self) -> bool:
-        return len(self.active_children) < self.max_children
-
-    def act_on_signal(self, signum: signal.Signals) -> None:
-        """SIGCHLD: reap.  The first SIGINT or SIGTERM: shut down.  Any later one: stop at once."""
-        if signum == signal.SIGCHLD:
-            self.collect_children()
-        elif not self.shutdown_signal:
-            self.begin_shutdown(signum)
-        else:
-            self.stop_now(signum)
-
-    def serve_next(self) -> None:
-        """Hand the next connection to a handler, as socketserver's handle_request() does, unless
-        it is not worth one (verify_request)."""
-        try:
-            connection, client_address = self.get_request()
-        except OSError:  # as socketserver: another process took it first, or it was reset
-            return
-        if self.verify_request(connection, client_address):
-            self.process_request(connection, client_address)
-        else:
-            self.shutdown_request(connection)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """The first waiting connection, else one from the backlog (BlockingIOError if none)."""
-        if self.waiting:
-            return self.waiting.popleft()
-        return self.socket.accept()
-
-    def verify_request(self, connection: Any, client_address: Any) -> bool:
-        """False for a connection that has sent nothing: under deferred accept, the kernel hands
-        one over only after --client-timeout seconds of silence, its whole allowance."""
-        if not self.defers_accept:
-            return True
-        try:
-            connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # left for the handler
-        except BlockingIOError:
-            silent_s = self.options.client_timeout_s
-            reason = f"sent nothing within --client-timeout ({silent_s:g} s)"
-            server_log.warning("Client failed", peer=client_address, reason=reason)
-            return False
-        return True
-
-    def process_request(self, connection: Any, client_address: Any) -> None:
-        """Fork a handler for the connection (ForkingMixIn's); if fork() fails (EAGAIN: out of
-        processes, or ENOMEM), keep the connection and try again after fork_retry_s.
-
-        SIGINT and SIGTERM wait while the process splits, until the child no longer writes to
-        the server's signal pipe (finish_request): a Ctrl-C reaches both, and must count once.
-        """
-        signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
-        try:
-            super().process_request(connection, client_address)
-        except OSError as error:  # from fork(), before anything was started
-            if connection is not self.fork_failed_for:
-                reason = f"cannot start: {error}"
-                retry_in_s = self.fork_retry_s
-                server_log.warning("Handler not started", reason=reason, retry_in_s=retry_in_s)
-            self.fork_failed_for = connection
-            self.waiting.appendleft((connection, client_address))
-            self.fork_retry_at = time.monotonic() + self.fork_retry_s
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
-
-    def finish_request(self, connection: Any, client_address: Any) -> None:
-        """In the handler just forked (ForkingMixIn calls this in the child only): let go of
-        what is the server's — its signal pipe, the connections waiting for other handlers —
-        then run the handler."""
-        assert self.signals, "serving has started"
-        self.signals.close()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for waiting_connection, _ in self.waiting:
-            waiting_connection.close()
-        self.waiting.clear()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)  # blocked for the fork
-        super().finish_request(connection, client_address)
-
-    def collect_children(self, *, blocking: bool = False) -> None:
-        """Reap every handler that has exited, never waiting for one: the loop waits, in
-        select(), for the SIGCHLD that says one has.  (blocking: ForkingMixIn's parameter,
-        always False here since block_on_close is.)"""
-        while self.active_children:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:  # no child left
-                return
-            if not pid:  # none has exited
-                return
-            self.active_children.discard(pid)  # forgotten once reaped: its pid may be reused
-
-    def begin_shutdown(self, signum: signal.Signals) -> None:
-        """The first SIGINT or SIGTERM: take the connections waiting in the backlog, to be
-        served, then close the listener: new connections are refused (a balancer retries
-        them elsewhere), or wait in the socket's backlog if a service manager holds it."""
-        self.shutdown_signal = signum.name
-        self.take_backlog()
-        self.server_close()
-        notify_service_manager("STOPPING=1")
-        server_log.warning(
-            "Shutting down",
-            signal=signum.name,
-            requests_in_flight=len(self.active_children),
-            connections_waiting=len(self.waiting),
-        )
-
-    def take_backlog(self) -> None:
-        """Accept every connection in the listen backlog: closing the listener would reset them,
-        and a balancer that has already sent a request on one cannot send it again."""
-        deadline = time.monotonic() + self.backlog_take_s
-        while time.monotonic() < deadline:
-            try:
-                self.waiting.append(self.socket.accept())
-            except BlockingIOError:  # the backlog is empty
-                return
-            except OSError as error:  # e.g. out of file descriptors: the rest are reset
-                server_log.warning("Backlog not taken", reason=str(error))
-                return
-
-    def stop_now(self, signum: signal.Signals) -> NoReturn:
-        """A second SIGINT or SIGTERM: kill every handler and its workers, close the waiting
-        connections, and exit 1."""
-        for pid in self.active_children:
-            with contextlib.suppress(ProcessLookupError):  # it has just exited
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):  # no group yet: killed before setup
-                os.killpg(pid, signal.SIGKILL)  # its workers, in the process group it made
-        for connection, _ in self.waiting:
-            self.shutdown_request(connection)
-        server_log.warning("Stopped at once", signal=signum.name)
-        raise SystemExit(1)
+        # TCPServer makes an IPv4 socket unless told otherwise: the address says which.
+        self.address_family = address_family(options.address)
+        super().__init__((options.address, options.port), RequestHandler)
 
 
-def serve_until_signalled(server: BluServer) -> None:
-    """Serve until SIGINT or SIGTERM; then serve the connections in flight, waiting or in the
-    backlog, and return once every handler has exited.  A second signal kills them (exit 1)."""
-    server.signals = SignalPipe([*SHUTDOWN_SIGNALS, signal.SIGCHLD])
-    host, port = server.socket.getsockname()[:2]
-    workers = server.options.max_workers
-    banner = f"bluserver: serving on {host}:{port} with up to {workers} workers per request"
-    print(banner, flush=True)
-    server_log.info("Server started", **{**vars(server.options), "address": host, "port": port})
-    notify_service_manager("READY=1")
-    while not server.shutdown_signal or server.active_children or server.waiting:
-        if server.wait():
-            server.serve_next()
-    server_log.warning("Server stopped")
+def address_family(host: str) -> socket.AddressFamily:
+    """AF_INET if host is or names an IPv4 address ('localhost' among them, as TCPServer
+    assumes), else AF_INET6 ('::1', '::', a name with IPv6 addresses only).  Raises
+    socket.gaierror for a name that resolves to neither."""
+    found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    families = {family for family, *_ in found}
+    return socket.AF_INET if socket.AF_INET in families else socket.AF_INET6
+
+
+class ArmouredServer(
+    serving.SignalledServing,
+    serving.ForkRetry,
+    serving.DeferredAccept,
+    serving.HandedListener,
+    BluServer,
+):
+    """The server main() runs: BluServer, with the armour of the server process composed over
+    it as socketserver composes ForkingTCPServer.  Each class of serving.py opens with the
+    failure it handles: signals (a drain, then a stop), a fork that fails, a connection that
+    sends nothing, a listening socket handed over by a process manager."""
+
+
+# === The command line ============================================================================
 
 
 def whole_number(low: int, high: int) -> Callable[[str], int]:
@@ -554,31 +306,67 @@ def seconds(low: float, high: float) -> Callable[[str], float]:
 
 DAY_S = 86_400.0  # the longest timeout: past it, a timeout is a mistake, not a choice
 MAX_WORKERS = 64  # a fork each: far more than cores only costs time and memory per request
+MAX_FD = 2**31 - 1  # the largest file descriptor number (a C int)
+# The shortest --worker-timeout: under a second, a moment of a busy machine's scheduling
+# would look like a worker's silence.
+MIN_WORKER_TIMEOUT_S = 1.0
+MIN_REPLY_BYTES = 1024  # a refusal line must fit in a reply
+
+EPILOG = """\
+examples:
+  python bluserver.py                  # localhost:1982, up to 2 workers per request
+  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v --log-format json
+  python bluserver.py -a ::1           # IPv6; -a :: takes IPv6 and IPv4 on Linux
+
+signals:
+  The first SIGINT (Ctrl-C) or SIGTERM takes the connections already waiting in the listen
+  backlog, closes the listening socket, serves those connections and the requests in flight,
+  and exits 0.  A second one ends them at once and exits 1.  If no handler can be started
+  (out of processes) for 3 s of the drain, the connections still waiting are answered with
+  one error line ("error: server cannot start a handler (...); try again later").
+
+a listening socket handed over (the address is then the socket's: -a and -p are unused):
+  --fd N             serve the listening TCP socket open at file descriptor N, as a process
+                     manager hands one over (circus: --fd $(circus.sockets.NAME))
+  socket activation  started by systemd with a listening socket (LISTEN_PID, LISTEN_FDS, the
+                     socket at fd 3), the server serves it (deploy/bluserver@.socket) and
+                     tells systemd when it serves and stops (sd_notify, $NOTIFY_SOCKET)
+  --fd wins if both are given.
+
+exit status:
+  0  stopped by a signal, after the drain
+  1  the address cannot be used, a socket handed over is not a listening TCP socket, or a
+     second signal stopped the server at once
+  2  bad arguments
+"""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Evaluate arithmetic expressions sent over TCP, one per line, in worker "
         "processes.\nA client sends a request of lines; the reply has one result line per line.",
-        epilog="examples:\n"
-        "  python bluserver.py                  # localhost:1982, up to 2 workers per request\n"
-        "  python bluserver.py -a 0.0.0.0 -p 2000 -n 4 -v --log-format json\n"
-        "\nsignals: the first SIGINT (Ctrl-C) or SIGTERM takes the connections already waiting,\n"
-        "stops accepting, serves them and the requests in flight, and exits 0; a second one\n"
-        "ends them at once and exits 1.\n"
-        "socket activation: started by systemd with a listening socket (LISTEN_PID,\n"
-        "LISTEN_FDS), it serves that socket and ignores -a and -p (deploy/bluserver@.socket).\n"
-        "exit status: 1 if the address cannot be used, 2 on bad arguments.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("-a", "--address", default="localhost", help="address to listen on (default: %(default)s)")
+    add(
+        "-a",
+        "--address",
+        default="localhost",
+        help="address to listen on, IPv4 or IPv6 (default: %(default)s)",
+    )
     add(
         "-p",
         "--port",
         type=whole_number(0, 65535),
         default=1982,
         help="TCP port, 0 for any free one (default: %(default)s)",
+    )
+    add(
+        "--fd",
+        type=whole_number(0, MAX_FD),
+        metavar="N",
+        help="serve the listening socket open at file descriptor N instead of -a and -p",
     )
     add(
         "-n",
@@ -619,10 +407,11 @@ def add_limits(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--max-reply-bytes",
-        type=whole_number(1, 2**40),
+        type=whole_number(MIN_REPLY_BYTES, 2**40),
         default=2**30,
         metavar="BYTES",
-        help="largest reply; a request whose reply would be larger is refused (1 GiB)",
+        help="largest reply, at least 1024 (a refusal line must fit); a request whose reply "
+        "would be larger is refused (1 GiB)",
     )
     group.add_argument(
         "--max-children",
@@ -649,12 +438,27 @@ def add_limits(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--worker-timeout",
         dest="worker_timeout_s",
-        # At least two report intervals: a working worker is never silent this long.
-        type=seconds(2 * worker.REPORT_INTERVAL_S, DAY_S),
+        type=seconds(MIN_WORKER_TIMEOUT_S, DAY_S),
         default=60.0,
         metavar="SECONDS",
-        help=f"longest silence of a worker, at least {2 * worker.REPORT_INTERVAL_S:g} "
-        f"(60; workers report every {worker.REPORT_INTERVAL_S:g} s)",
+        help="longest silence of a worker that uses no CPU (60)",
+    )
+    group.add_argument(
+        "--cpu-floor",
+        dest="cpu_floor_s",
+        type=seconds(0.1, DAY_S),
+        default=2.0,
+        metavar="SECONDS",
+        help="CPU time every request's workers may use, whatever its size (2)",
+    )
+    group.add_argument(
+        "--cpu-per-mib",
+        dest="cpu_per_mib_s",
+        type=seconds(0, DAY_S),
+        default=5.0,
+        metavar="SECONDS",
+        help="more CPU time allowed per MiB of request; past floor plus this, the request is "
+        "refused (5)",
     )
 
 
@@ -665,18 +469,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     log_output.setFormatter(EventFormatter(as_json=options.log_format == "json"))
     logger.addHandler(log_output)
     logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)])
+    server = open_server(options)
+    announce(server)
+    server.serve_forever()  # until the first SIGINT or SIGTERM
+    server.drain()  # serve what is waiting and in flight
+    server_log.warning("Server stopped")
+
+
+def open_server(options: argparse.Namespace) -> ArmouredServer:
+    """The server, listening; if it cannot listen, exit 1 with one line on stderr."""
     try:
-        server = BluServer(options, socket_from_service_manager())
-    except HandedSocketError as error:
-        raise SystemExit(f"bluserver: {error}") from None  # exit status 1
+        return ArmouredServer(options)
+    except serving.HandedSocketError as error:
+        raise SystemExit(f"bluserver: {error}") from None
     except OSError as error:
         where = (
             f"port {options.port} is already in use (try -p)"
             if error.errno == errno.EADDRINUSE
             else (f"cannot listen on {options.address}:{options.port}: {error.strerror or error}")
         )
-        raise SystemExit(f"bluserver: {where}") from None  # exit status 1
-    serve_until_signalled(server)
+        raise SystemExit(f"bluserver: {where}") from None
+
+
+def announce(server: BluServer) -> None:
+    """The banner on stdout, which says where the server listens (the port, if -p 0 let the
+    kernel pick it), and the log's first event."""
+    host, port = server.socket.getsockname()[:2]
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    workers = server.options.max_workers
+    print(f"bluserver: serving on {shown} with up to {workers} workers per request", flush=True)
+    server_log.info("Server started", **{**vars(server.options), "address": host, "port": port})
 
 
 if __name__ == "__main__":
