@@ -80,7 +80,8 @@ def haproxy_config(
 
     Raises ValueError if template has not exactly one bind line or has no server line.
     """
-    bind = address if certificate is None else f"{address} {TLS_OPTIONS}"
+    tls = "" if certificate is None else " " + TLS_OPTIONS.format(certificate=certificate)
+    bind = address + tls
     config, binds = BIND_LINE.subn(lambda line: line.group(1) + bind, template)
     first_server = SERVER_LINE.search(config)
     if binds != 1 or not first_server:
@@ -109,12 +110,12 @@ def circus_config(
     head, fronts = FRONT_PORT.subn(rf"\g<1>{port}", head)
     if not first or fronts != 1:
         raise ValueError(f"{CIRCUS_TEMPLATE} must have a [socket:front] and a {FIRST_INSTANCE}")
-    first_block = first + rest.partition(SECOND_INSTANCE)[0]
+    first_block = (first + rest.partition(SECOND_INSTANCE)[0]).rstrip("\n") + "\n"
     blocks = [
         INSTANCE_PORT.sub(f"port = {port + number}", first_block.replace("blu1", f"blu{number}"))
         for number in range(1, instances + 1)
     ]
-    config = WORKERS_OPTION.sub(f" -n {workers}", head + "".join(blocks))
+    config = WORKERS_OPTION.sub(f" -n {workers}", head + "\n".join(blocks))
     config = config.replace(TEMPLATE_SERVER, server)
     return config.replace(TEMPLATE_RUN_DIR, run_dir)
 
@@ -170,13 +171,20 @@ class ClusterSignals(SysHandler):  # type: ignore[misc]
             logger.info("SIGHUP ignored: the cluster is stopping, or already restarting")
             return
         logger.info("rolling restart: each process is replaced by a new one on its socket")
-        instances, balancers = self.watchers()
-        for watcher in [*instances, *balancers]:
-            if self.stops:
-                return
-            self.rolling = gen.convert_yielded(watcher._reload(graceful=True))
-            await self.rolling
-        self.rolling = None
+        # circus's periodic check (of dead processes, to start others) would act on a watcher
+        # in the middle of its reload, and fail (two removals of one process): circusd's
+        # reload excludes it with a lock, this one pauses it.
+        self.controller.caller.stop()
+        try:
+            instances, balancers = self.watchers()
+            for watcher in [*instances, *balancers]:
+                if self.stops:
+                    return
+                self.rolling = gen.convert_yielded(watcher._reload(graceful=True))
+                await self.rolling
+        finally:
+            self.rolling = None
+            self.controller.caller.start()
         logger.info("rolling restart done")
 
     async def drain_then_stop(self) -> None:

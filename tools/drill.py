@@ -170,6 +170,7 @@ class Cluster:
             lambda: answers_empty_request(self.port, tls=certificate is not None),
             "the cluster to answer",
         )
+        self.pids()  # the sessions of its processes, for processes()
 
     def log(self) -> str:
         return (self.run_dir / "cluster.log").read_text()
@@ -274,31 +275,35 @@ def drill_on(cluster: Cluster, action: str, clients: int) -> Outcome:
 
 @dataclass
 class DrainOutcome:
-    """What became of a request evaluating while its instance drained."""
+    """What became of a request in flight while its instance drained."""
 
     reply: str  # "whole", or what cut it
     seconds: float  # from the request to its reply, or to the cut
     marked_down: bool  # whether HAProxy had marked the instance down meanwhile
-    others_served: bool = True  # whether new requests meanwhile were answered (elsewhere)
+    others_served: bool | None = None  # whether requests sent meanwhile were answered at once
     exit_status: int | None = None  # the drained process's, or circus's after Ctrl-C
 
 
-class LongRequest:
-    """A request of one line that evaluates for seconds ("sleep SECONDS"), sent through
-    HAProxy on port; ``outcome`` waits for its reply."""
+Release = Callable[[Callable[[], str]], None]  # given HAProxy's log: let the request finish
 
-    def __init__(self, port: int, seconds: float) -> None:
-        self.payload = f"sleep {seconds:g}\n".encode()
+
+class LongRequest:
+    """A request of one line (tests/faults.py's "sleep SECONDS", or "gate PATH") sent through
+    HAProxy on port; ``reply`` waits for the reply, which must be expected."""
+
+    def __init__(self, port: int, line: str, expected: bytes) -> None:
+        self.expected = expected
         self.started = time.monotonic()
-        self.sock = socket.create_connection((HOST, port), timeout=seconds + DRILL_TIMEOUT_S)
-        self.sock.sendall(HEADER.pack(len(self.payload)) + self.payload)
+        self.sock = socket.create_connection((HOST, port), timeout=None)
+        payload = f"{line}\n".encode()
+        self.sock.sendall(HEADER.pack(len(payload)) + payload)
 
     def reply(self) -> tuple[str, float]:
         """ "whole" (or what went wrong) and the seconds since the request was sent."""
         with self.sock:
             try:
                 reply = bytes(recv_frame(self.sock))
-                verdict = "whole" if reply == b"slept\n" else f"wrong: {reply!r}"
+                verdict = "whole" if reply == self.expected else f"wrong: {reply!r}"
             except OSError as error:  # ConnectionError among them
                 verdict = f"cut: {error}"
         return verdict, time.monotonic() - self.started
@@ -306,17 +311,16 @@ class LongRequest:
 
 class Balancer:
     """HAProxy with deploy/haproxy.cfg on a free port, in front of the instances on ports, its
-    output in log_path."""
+    output in a file beside config_path."""
 
     def __init__(self, ports: list[int], config_path: Path) -> None:
-        haproxy = "haproxy"
         self.port = free_port()
         config = haproxy_config(HAPROXY_TEMPLATE.read_text(), f"{HOST}:{self.port}", ports)
         config_path.write_text(config)
         self.log_path = config_path.with_suffix(".log")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [haproxy, "-db", "-f", str(config_path)],
+                ["haproxy", "-db", "-f", str(config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -340,34 +344,36 @@ def evaluating(instances: list[ServerProcess]) -> ServerProcess:
 
 
 def new_requests_answered(port: int) -> bool:
-    """Whether a few requests sent now through port are all answered."""
+    """Whether a few requests sent now through port are all answered at once."""
     return all(answers_empty_request(port) for _ in range(4))
 
 
-def drain_plain(seconds: float, work_dir: Path) -> DrainOutcome:
+def start_on(listener: socket.socket | None = None) -> ServerProcess:
+    """A scripted instance (-n 1, JSON logs), serving listener if given (handed over as
+    systemd hands a socket), else a port of its own."""
+    return ServerProcess(["-n", "1", *LOG], listener=listener, **SCRIPTED)  # type: ignore[arg-type]
+
+
+def drain_plain(request: tuple[str, bytes], release: Release, work_dir: Path) -> DrainOutcome:
     """HAProxy in front of two instances started by hand; SIGTERM to the one evaluating."""
     with ExitStack() as cleanups:
-        instances = [ServerProcess(["-n", "1", *LOG], **SCRIPTED) for _ in range(2)]
+        instances = [start_on() for _ in range(2)]
         for instance in instances:
             cleanups.callback(instance.cleanup)
         balancer = Balancer([instance.port for instance in instances], work_dir / "plain.cfg")
         cleanups.callback(balancer.cleanup)
-        request = LongRequest(balancer.port, seconds)
+        long_request = LongRequest(balancer.port, *request)
         draining = evaluating(instances)
         draining.process.send_signal(signal.SIGTERM)
         others_served = new_requests_answered(balancer.port)
-        verdict, elapsed = request.reply()
+        release(balancer.log)
+        verdict, elapsed = long_request.reply()
         status = wait_for_exit(draining.process, EXIT_TIMEOUT_S)
         marked_down = " is DOWN" in balancer.log()
         return DrainOutcome(verdict, elapsed, marked_down, others_served, status)
 
 
-def start_on(listener: socket.socket) -> ServerProcess:
-    """A scripted instance serving listener, handed over as systemd hands a socket."""
-    return ServerProcess(["-n", "1", *LOG], listener=listener, **SCRIPTED)  # type: ignore[arg-type]
-
-
-def drain_restart(seconds: float, work_dir: Path) -> DrainOutcome:
+def drain_restart(request: tuple[str, bytes], release: Release, work_dir: Path) -> DrainOutcome:
     """`systemctl restart` of the instance evaluating, behind HAProxy: its socket stays open
     (held here, as systemd's socket unit holds it), the old process drains, and only once it
     has exited does the new one start on the socket."""
@@ -381,40 +387,51 @@ def drain_restart(seconds: float, work_dir: Path) -> DrainOutcome:
         ports = [listener.getsockname()[1] for listener in listeners]
         balancer = Balancer(ports, work_dir / "restart.cfg")
         cleanups.callback(balancer.cleanup)
-        request = LongRequest(balancer.port, seconds)
+        long_request = LongRequest(balancer.port, *request)
         draining = evaluating(instances)
         draining.process.send_signal(signal.SIGTERM)
         others_served = new_requests_answered(balancer.port)
-        verdict, elapsed = request.reply()
+        release(balancer.log)
+        verdict, elapsed = long_request.reply()
         status = wait_for_exit(draining.process, EXIT_TIMEOUT_S)
-        listener = listeners[instances.index(draining)]
-        cleanups.callback(start_on(listener).cleanup)  # the restart's new process
+        cleanups.callback(start_on(listeners[instances.index(draining)]).cleanup)  # the new one
         marked_down = " is DOWN" in balancer.log()
         return DrainOutcome(verdict, elapsed, marked_down, others_served, status)
 
 
-def drain_cluster(seconds: float, signum: signal.Signals) -> DrainOutcome:
+def drain_cluster(
+    request: tuple[str, bytes], release: Release, signum: signal.Signals
+) -> DrainOutcome:
     """make cluster with a long request in flight: SIGHUP (rolling restart) or SIGINT (Ctrl-C)."""
     with running_cluster(2, scripted=True) as cluster:
-        request = LongRequest(cluster.port, seconds)
+        long_request = LongRequest(cluster.port, *request)
         instances = [pid for name in cluster.names for pid in cluster.pids()[name]]
         wait_until(
             lambda: any(row.ppid in instances for row in process_table()),
             "an instance to evaluate the request",
         )
         cluster.process.send_signal(signum)
-        others_served = signum != signal.SIGHUP or new_requests_answered(cluster.port)
-        verdict, elapsed = request.reply()
+        others_served = new_requests_answered(cluster.port) if signum == signal.SIGHUP else None
+        release(cluster.haproxy_log)
+        verdict, elapsed = long_request.reply()
         status = cluster.process.wait(EXIT_TIMEOUT_S) if signum == signal.SIGINT else None
         marked_down = " is DOWN" in cluster.haproxy_log()
         return DrainOutcome(verdict, elapsed, marked_down, others_served, status)
 
 
-DRAINS: dict[str, Callable[[float, Path], DrainOutcome]] = {
+def drain_roll(request: tuple[str, bytes], release: Release, _: Path) -> DrainOutcome:
+    return drain_cluster(request, release, signal.SIGHUP)
+
+
+def drain_stop(request: tuple[str, bytes], release: Release, _: Path) -> DrainOutcome:
+    return drain_cluster(request, release, signal.SIGINT)
+
+
+DRAINS = {
     "plain instance, SIGTERM": drain_plain,
     "systemctl restart (socket held)": drain_restart,
-    "make cluster, rolling restart (SIGHUP)": lambda s, _: drain_cluster(s, signal.SIGHUP),
-    "make cluster, Ctrl-C (SIGINT)": lambda s, _: drain_cluster(s, signal.SIGINT),
+    "make cluster, rolling restart (SIGHUP)": drain_roll,
+    "make cluster, Ctrl-C (SIGINT)": drain_stop,
 }
 
 
@@ -436,14 +453,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def print_drains(seconds: float) -> int:
     cut = 0
+    request = (f"sleep {seconds:g}", b"slept\n")
+    answered = {True: "answered at once", False: "NOT answered at once", None: "not sent"}
     with tempfile.TemporaryDirectory(prefix="drill-") as work_dir:
         for setup, drain in DRAINS.items():
-            outcome = drain(seconds, Path(work_dir))
+            outcome = drain(request, lambda log: None, Path(work_dir))
             down = "marked down" if outcome.marked_down else "never marked down"
             print(
                 f"drill: {setup}: a {seconds:g} s request: reply {outcome.reply} after "
-                f"{outcome.seconds:.1f} s; HAProxy: instance {down}; new requests meanwhile "
-                f"{'answered' if outcome.others_served else 'NOT answered'}"
+                f"{outcome.seconds:.1f} s; HAProxy: the instance {down}; new requests "
+                f"meanwhile {answered[outcome.others_served]}"
             )
             cut += outcome.reply != "whole"
     return 1 if cut else 0
