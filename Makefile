@@ -12,9 +12,11 @@ WORKERS ?= 2
 INSTANCES ?= 3
 # The container engine: podman if installed (it needs no daemon), else docker.
 CONTAINER ?= $(notdir $(firstword $(shell command -v podman docker)))
+CERT ?=
+TLS_DIR ?= tls
 
 .DEFAULT_GOAL := help
-.PHONY: help run cluster test coverage bench limits load lint dist docker-build docker-run docker-test clean
+.PHONY: help run cluster cert test coverage bench limits load lint dist docker-build docker-run docker-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,15 +26,28 @@ $(VENV)/.runtime: requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.cluster: $(VENV)/.runtime requirements-cluster.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-cluster.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-cluster.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 run: $(VENV)/.runtime ## start the server on PORT (1982) with WORKERS (2) workers per request
 	$(BIN)/python bluserver.py -p $(PORT) -n $(WORKERS) -v
 
-cluster: $(VENV)/.runtime ## HAProxy on PORT in front of INSTANCES (3) servers on PORT+1... (tools/cluster.py)
-	$(BIN)/python -m tools.cluster -p $(PORT) -i $(INSTANCES) -n $(WORKERS)
+cluster: $(VENV)/.cluster ## HAProxy on PORT (TLS with CERT=tls/bluserver.pem) before INSTANCES (3) servers, under circus
+	$(BIN)/python -m tools.circus_cluster -p $(PORT) -i $(INSTANCES) -n $(WORKERS) $(if $(CERT),--cert $(CERT))
+
+cert: ## write a self-signed certificate for localhost and 127.0.0.1: tls/bluserver.pem (with its key), .crt
+	mkdir -p $(TLS_DIR)
+	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=localhost \
+		-addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+		-keyout $(TLS_DIR)/bluserver.key -out $(TLS_DIR)/bluserver.crt 2>/dev/null
+	cat $(TLS_DIR)/bluserver.crt $(TLS_DIR)/bluserver.key > $(TLS_DIR)/bluserver.pem
+	rm $(TLS_DIR)/bluserver.key
+	chmod 600 $(TLS_DIR)/bluserver.pem
 
 test: $(VENV)/.dev ## run the test suite
 	$(BIN)/python -m pytest

@@ -10,11 +10,12 @@ reading the file (``wait_for_event``) instead of sleeping.
 Under ``start_method`` or ``faults``, the server runs through tests/launch.py, which sets
 the interpreter's default multiprocessing start method or installs a fault from
 tests/faults.py before it imports bluserver.  Given a ``listener``, the server is handed that
-listening socket as systemd hands one (socket activation, tools.cluster.socket_activation).
+listening socket as systemd hands one (socket activation, ``socket_activation``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,12 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from client import recv_frame, send_frame
-from tools.cluster import socket_activation
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: bluserver.py is here
 STARTUP_TIMEOUT_S = 20.0
@@ -37,6 +37,7 @@ EVENT_TIMEOUT_S = 20.0  # how long to wait for something that must happen
 EXIT_TIMEOUT_S = 30.0
 SUBPROCESS_TIMEOUT_S = 30.0  # how long a command the tests run (a client, --help) may take
 POLL_S = 0.01  # how often a wait checks its condition
+LISTEN_FDS_START = 3  # systemd's protocol: the first socket handed over is fd 3
 
 # Options the tests start servers with: start_server(*LOG, **SCRIPTED), start_server(*JSON_LOG).
 JSON_LOG = ("--log-format", "json")  # one JSON object per log line, as ServerProcess.events reads
@@ -90,6 +91,28 @@ def wait_for_exit(process: subprocess.Popen[Any], timeout_s: float) -> int:
     except AssertionError:
         raise subprocess.TimeoutExpired(process.args, timeout_s) from None
     return process.wait()  # at once: it has exited
+
+
+def socket_activation(listener: socket.socket, env: Mapping[str, str]) -> Callable[[], None]:
+    """A preexec_fn that hands listener to the program Popen starts, as systemd does
+    (sd_listen_fds(3)): the socket at fd 3, LISTEN_FDS=1, and LISTEN_PID set to the pid of the
+    started process itself.  That pid is known only once forked, so the whole environment (env)
+    is set here, between fork and exec.  Give Popen env=None, and close_fds=False so that fd 3
+    survives exec; every other file descriptor is closed at exec, as systemd passes nothing
+    else."""
+    listener_fd = listener.fileno()
+
+    def hand_over() -> None:
+        os.dup2(listener_fd, LISTEN_FDS_START)
+        os.set_inheritable(LISTEN_FDS_START, True)  # dup2 onto itself (fd 3 already) would not
+        for name in os.listdir("/proc/self/fd"):  # Python's own are closed at exec (PEP 446),
+            if int(name) > LISTEN_FDS_START:  # but not what this process inherited
+                with contextlib.suppress(OSError):  # the listing's own, closed by now
+                    os.set_inheritable(int(name), False)
+        os.environ.clear()
+        os.environ.update(env, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+
+    return hand_over
 
 
 def connect(port: int) -> socket.socket:

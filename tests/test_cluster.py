@@ -1,22 +1,26 @@
-"""Several instances behind HAProxy (deploy/haproxy.cfg, tools/cluster.py) and the systemd units.
+"""Several instances behind HAProxy (deploy/haproxy.cfg), make cluster under circus
+(deploy/circus.ini, tools/circus_cluster.py), TLS, and the systemd units.
 
 The balancer tests run a real HAProxy on 127.0.0.1 with deploy/haproxy.cfg, its ports
-rewritten by tools.cluster.haproxy_config, in front of real servers (tests.harness.ServerProcess,
-run with -v and JSON logs, which show which instance served which request), or run `make
-cluster`'s supervisor itself under steady load (tools/drill.py). They are skipped where
-haproxy is not installed; .ci/run installs it.
+rewritten by tools.circus_cluster.haproxy_config, in front of real servers (tests.harness.
+ServerProcess, run with -v and JSON logs, which show which instance served which request), or
+run make cluster itself (tools/drill.py's Cluster) under steady load, or with a request in
+flight while an instance drains. They are skipped where haproxy is not installed; .ci/run
+installs it.
 """
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,14 +34,27 @@ from tests.harness import (
     ServerProcess,
     StartServers,
     connect,
-    process_table,
     request,
-    session_processes,
+    run_client,
     wait_for_exit,
     wait_until,
 )
-from tools.cluster import TEMPLATE, StartLimit, answers_empty_request, haproxy_config
-from tools.drill import drill, free_port
+from tools.circus_cluster import (
+    CIRCUS_TEMPLATE,
+    FRONT_SOCKET,
+    HAPROXY_TEMPLATE,
+    circus_config,
+    haproxy_config,
+)
+from tools.drill import (
+    DRAINS,
+    Balancer,
+    Cluster,
+    DrainOutcome,
+    Release,
+    drill,
+    running_cluster,
+)
 
 HAPROXY = shutil.which("haproxy")
 needs_haproxy = pytest.mark.skipif(
@@ -59,23 +76,12 @@ def served(server: ServerProcess) -> list[int]:
     return [event["lines"] for event in server.events("Request served") if event["lines"]]
 
 
-class Balancer:
-    """HAProxy with deploy/haproxy.cfg on a free port, in front of instances."""
+class Instances:
+    """HAProxy (a tools.drill.Balancer) and the instances behind it."""
 
-    def __init__(self, instances: list[ServerProcess], config_path: Path) -> None:
-        assert HAPROXY
+    def __init__(self, balancer: Instances, instances: list[ServerProcess]) -> None:
+        self.port = balancer.port
         self.instances = instances
-        self.port = free_port()
-        ports = [instance.port for instance in instances]
-        config_path.write_text(haproxy_config(TEMPLATE.read_text(), self.port, ports))
-        with config_path.with_suffix(".log").open("wb") as log:
-            self.process = subprocess.Popen(
-                [HAPROXY, "-db", "-f", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
 
     def connect(self) -> socket.socket:
         return connect(self.port)
@@ -86,44 +92,66 @@ class Balancer:
     def served(self) -> list[list[int]]:
         return [served(instance) for instance in self.instances]
 
-    def cleanup(self) -> None:
-        self.process.terminate()
-        wait_for_exit(self.process, EXIT_TIMEOUT_S)
-        wait_until(lambda: not session_processes(self.process.pid), "HAProxy's processes to exit")
-
 
 @pytest.fixture
-def balancer(start_servers: StartServers, tmp_path: Path) -> Iterator[Balancer]:
+def balancer(start_servers: StartServers, tmp_path: Path) -> Iterator[Instances]:
     """HAProxy in front of INSTANCES servers with one worker each."""
     instances = start_servers(*[[*LOG, "-n", "1"]] * INSTANCES)
-    balancer = Balancer(instances, tmp_path / "haproxy.cfg")
+    balancer = Balancer([instance.port for instance in instances], tmp_path / "haproxy.cfg")
     try:
-        wait_until(lambda: answers_empty_request(balancer.port), "HAProxy to answer")
-        yield balancer
+        yield Instances(balancer, instances)
     finally:
         balancer.cleanup()
 
 
-def test_shipped_config_is_what_make_cluster_runs_by_default() -> None:
-    template = TEMPLATE.read_text()
-    assert haproxy_config(template, 1982, [1983, 1984, 1985]) == template
+def test_shipped_haproxy_config_is_what_make_cluster_runs_by_default_but_its_socket() -> None:
+    template = HAPROXY_TEMPLATE.read_text()
+    assert haproxy_config(template, "127.0.0.1:1982", [1983, 1984, 1985]) == template
 
 
-def test_config_gets_one_server_line_per_instance() -> None:
-    config = haproxy_config(TEMPLATE.read_text(), 5000, [5001, 5002])
-    assert re.findall(r"^\s*(bind|server)\s+(.*)$", config, re.MULTILINE) == [
-        (
-            "bind",
-            '127.0.0.1:5000         # this machine only; "bind :1982" to serve other machines too',
-        ),
+def test_haproxy_config_gets_the_front_socket_tls_and_one_server_line_per_instance() -> None:
+    config = haproxy_config(HAPROXY_TEMPLATE.read_text(), FRONT_SOCKET, [5001, 5002], "c.pem")
+    assert re.findall(r"^\s*(bind|server)\s+(\S+(?: \S+)*?)(?:\s+#.*)?$", config, re.M) == [
+        ("bind", '"fd@${FRONT_FD}" ssl crt c.pem ssl-min-ver TLSv1.2'),
         ("server", "blu1 127.0.0.1:5001"),
         ("server", "blu2 127.0.0.1:5002"),
     ]
 
 
+def test_shipped_circus_config_is_what_make_cluster_runs_by_default() -> None:
+    template = CIRCUS_TEMPLATE.read_text()
+    config = circus_config(
+        template,
+        1982,
+        3,
+        workers=2,
+        server=".venv/bin/python bluserver.py",
+        run_dir="build/cluster-1982",
+    )
+    assert config == template
+
+
+def test_circus_config_gets_a_socket_and_a_watcher_per_instance() -> None:
+    config = configparser.ConfigParser(interpolation=None)
+    config.read_string(
+        circus_config(
+            CIRCUS_TEMPLATE.read_text(), 5000, 2, workers=1, server="py blu.py", run_dir="/r"
+        )
+    )
+    sockets = {name: config[name]["port"] for name in config if name.startswith("socket:")}
+    assert sockets == {"socket:front": "5000", "socket:blu1": "5001", "socket:blu2": "5002"}
+    commands = [config[name]["cmd"] for name in config if name.startswith("watcher:blu")]
+    assert commands == [
+        f"setpriv --pdeathsig TERM py blu.py --fd $(circus.sockets.blu{number}) -n 1"
+        for number in (1, 2)
+    ]
+    assert config["watcher:blu2"]["stdout_stream.filename"] == "/r/blu2.log"
+    assert config["circus"]["endpoint"] == "ipc:///r/control.sock"
+
+
 @needs_haproxy
 def test_concurrent_clients_are_all_answered_right_and_spread_over_instances(
-    balancer: Balancer,
+    balancer: Instances,
 ) -> None:
     sizes = range(50, 62)  # each request has its own line count, to find it in the logs
     requests = [numbered_lines(size) for size in sizes]
@@ -140,7 +168,7 @@ def test_concurrent_clients_are_all_answered_right_and_spread_over_instances(
 
 
 @needs_haproxy
-def test_requests_after_an_instance_is_killed_are_all_answered_right(balancer: Balancer) -> None:
+def test_requests_after_an_instance_is_killed_are_all_answered_right(balancer: Instances) -> None:
     victim = balancer.instances[0].process
     victim.kill()
     victim.wait()
@@ -155,7 +183,7 @@ def test_requests_after_an_instance_is_killed_are_all_answered_right(balancer: B
 
 @needs_haproxy
 def test_a_draining_instance_finishes_its_request_while_new_ones_go_to_the_others(
-    balancer: Balancer,
+    balancer: Instances,
 ) -> None:
     payload, expected = numbered_lines(100)
     with balancer.connect() as in_flight:
@@ -186,33 +214,139 @@ def test_a_draining_instance_finishes_its_request_while_new_ones_go_to_the_other
     wait_until(lambda: sum(len(served(other)) for other in others) == 6, "the new requests' logs")
 
 
+def gated(tmp_path: Path) -> tuple[tuple[str, bytes], Path]:
+    """A request that evaluates until the test creates a file (tests/faults.py's gate), its
+    reply, and the file."""
+    gate = tmp_path / "gate"
+    return (f"gate {gate}", b"released\n"), gate
+
+
+def release_once(condition: Callable[[str], bool], gate: Path) -> Release:
+    """What a drain waits for before it lets the request finish: condition on HAProxy's log."""
+
+    def release(haproxy_log: Callable[[], str]) -> None:
+        wait_until(lambda: condition(haproxy_log()), "HAProxy's log to show it")
+        gate.touch()
+
+    return release
+
+
+@needs_haproxy
+@pytest.mark.parametrize("setup", ["plain instance, SIGTERM", "systemctl restart (socket held)"])
+def test_a_draining_instance_marked_down_by_haproxy_still_finishes_its_request(
+    setup: str, tmp_path: Path
+) -> None:
+    # The request finishes only after HAProxy has marked its instance down: with
+    # "on-marked-down shutdown-sessions", HAProxy cut it then (issue 25.10's flake).
+    request, gate = gated(tmp_path)
+    drain = DRAINS[setup]
+    outcome = drain(request, release_once(lambda log: " is DOWN" in log, gate), tmp_path)
+    assert (outcome.reply, outcome.marked_down, outcome.exit_status) == ("whole", True, 0)
+
+
+@needs_haproxy
+def test_make_cluster_rolling_restart_lets_the_old_process_finish_its_request(
+    tmp_path: Path,
+) -> None:
+    request, gate = gated(tmp_path)
+    outcome = DRAINS["make cluster, rolling restart (SIGHUP)"](
+        request, release_once(lambda log: True, gate), tmp_path
+    )
+    assert (outcome.reply, outcome.marked_down, outcome.others_served) == ("whole", False, True)
+
+
+@needs_haproxy
+def test_ctrl_c_of_make_cluster_lets_haproxy_and_the_instances_finish_a_request(
+    tmp_path: Path,
+) -> None:
+    request, gate = gated(tmp_path)
+    outcome: DrainOutcome = DRAINS["make cluster, Ctrl-C (SIGINT)"](
+        request, release_once(lambda log: True, gate), tmp_path
+    )
+    assert (outcome.reply, outcome.exit_status) == ("whole", 0)
+
+
+@needs_haproxy
+def test_a_hung_instance_is_marked_down_sent_nothing_new_and_keeps_its_request(
+    balancer: Instances, tmp_path: Path
+) -> None:
+    payload, expected = numbered_lines(100)
+    with balancer.connect() as in_flight:
+        in_flight.sendall(HEADER.pack(len(payload)) + payload[:100])  # begun, not ended
+        announced = {"bytes": len(payload)}
+        wait_until(
+            lambda: any(i.events("Request announced", **announced) for i in balancer.instances),
+            "an instance to receive the request",
+        )
+        hung = next(i for i in balancer.instances if i.events("Request announced", **announced))
+        os.kill(hung.pid, signal.SIGSTOP)
+        try:
+            log_path = tmp_path / "haproxy.log"
+            wait_until(lambda: " is DOWN" in log_path.read_text(), "HAProxy to mark it down")
+            new_requests = [numbered_lines(size) for size in range(10, 16)]
+            assert [balancer.request(request) for request, _ in new_requests] == [
+                reply for _, reply in new_requests
+            ]
+        finally:
+            os.kill(hung.pid, signal.SIGCONT)
+        in_flight.sendall(payload[100:])
+        assert recv_frame(in_flight) == expected
+    wait_until(lambda: served(hung) == [100], "its request, and only it, to be logged")
+
+
 @needs_haproxy
 def test_ctrl_c_stops_make_cluster_leaving_no_process(tmp_path: Path) -> None:
-    port = free_port(ports_after=2)
-    with (tmp_path / "cluster.log").open("wb") as log:
-        cluster = subprocess.Popen(
-            [sys.executable, "-m", "tools.cluster", "-p", str(port), "-i", "2", "-n", "1"],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-    try:
-        wait_until(lambda: answers_empty_request(port), "the cluster to answer")
-        children = [row.pid for row in process_table() if row.ppid == cluster.pid]
-        assert len(children) == 3, children  # HAProxy and two servers (handlers are theirs)
-        os.killpg(cluster.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
-        assert wait_for_exit(cluster, EXIT_TIMEOUT_S) == 0, (tmp_path / "cluster.log").read_text()
-        wait_until(lambda: not session_processes(cluster.pid), "every process to exit")
-    finally:
-        for pid in session_processes(cluster.pid):
-            os.kill(pid, signal.SIGKILL)
+    with running_cluster(2) as cluster:
+        assert len(cluster.processes()) >= 3  # HAProxy and two servers
+        os.killpg(cluster.process.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+        assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 0, cluster.log()
+        wait_until(lambda: not cluster.processes(), "every process to exit")
+
+
+@needs_haproxy
+def test_a_second_ctrl_c_kills_an_instance_that_does_not_drain() -> None:
+    with running_cluster(2) as cluster:
+        stopped = cluster.pids()["blu1"][0]
+        os.kill(stopped, signal.SIGSTOP)  # it cannot act on SIGTERM: the drain never ends
+        os.killpg(cluster.process.pid, signal.SIGINT)
+        wait_until(lambda: "blu2 stopped" in cluster.log(), "the other instance to stop")
+        os.killpg(cluster.process.pid, signal.SIGINT)
+        assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 1
+        wait_until(lambda: not cluster.processes(), "every process to exit")
+
+
+@needs_haproxy
+def test_ctrl_c_during_a_rolling_restart_stops_make_cluster(tmp_path: Path) -> None:
+    request, gate = gated(tmp_path)
+    with running_cluster(2, scripted=True) as cluster:
+        in_flight = socket.create_connection(("127.0.0.1", cluster.port))
+        payload = request[0].encode() + b"\n"
+        in_flight.sendall(HEADER.pack(len(payload)) + payload)
+        wait_until(lambda: Path(f"{gate}.waiting").exists(), "the request to be evaluated")
+        cluster.process.send_signal(signal.SIGHUP)  # blu1's old process drains: the roll waits
+        wait_until(lambda: "rolling restart:" in cluster.log(), "the rolling restart")
+        cluster.process.send_signal(signal.SIGINT)
+        gate.touch()
+        with in_flight:
+            assert recv_frame(in_flight) == request[1]
+        assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 0, cluster.log()
+        wait_until(lambda: not cluster.processes(), "every process to exit")
+
+
+@needs_haproxy
+def test_sigkill_of_make_cluster_stops_haproxy_and_the_instances(tmp_path: Path) -> None:
+    with running_cluster(2) as cluster:
+        cluster.pids()  # the sessions of HAProxy and the instances, to look for them after
+        cluster.process.kill()
+        cluster.process.wait()
+        wait_until(lambda: not cluster.processes(), "every process to exit (parent death signal)")
+        again = Cluster(2, tmp_path)  # its ports are free again
+        again.cleanup()
 
 
 def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tools.cluster"],
+        [sys.executable, "-m", "tools.circus_cluster"],
         cwd=ROOT,
         env={**os.environ, "PATH": "/nonexistent"},
         capture_output=True,
@@ -224,10 +358,10 @@ def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
 
 
 @needs_haproxy
-def test_rolling_restart_under_load_replaces_every_instance_and_fails_no_request() -> None:
+def test_rolling_restart_under_load_replaces_every_process_and_fails_no_request() -> None:
     outcome = drill("roll", instances=2, clients=6)
     assert outcome.failures == []
-    assert sorted(outcome.replaced) == ["blu1", "blu2"]
+    assert sorted(outcome.replaced) == ["blu1", "blu2", "haproxy"]
     assert outcome.served_during > 0, "requests were served while the instances restarted"
     assert outcome.exit_status == 0
 
@@ -240,19 +374,53 @@ def test_killed_instance_under_load_is_started_again_and_costs_at_most_what_it_e
     assert outcome.exit_status == 0
 
 
-def test_start_limit_allows_five_starts_in_ten_seconds() -> None:
-    limit = StartLimit(burst=5, interval_s=10.0)
-    for start in (0.0, 1.0, 2.0, 3.0, 4.0):
-        assert limit.allows_start(start)
-        limit.record_start(start)
-    assert not limit.allows_start(9.9)
+@pytest.fixture
+def certificate(tmp_path: Path) -> Path:
+    """make cert's certificate for localhost and 127.0.0.1, written to tmp_path: its .pem
+    (certificate and key) and .crt (certificate)."""
+    subprocess.run(
+        ["make", "--no-print-directory", "-s", "cert", f"TLS_DIR={tmp_path}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return tmp_path / "bluserver.pem"
 
 
-def test_start_limit_allows_a_start_again_once_the_oldest_is_out_of_the_window() -> None:
-    limit = StartLimit(burst=5, interval_s=10.0)
-    for start in (0.0, 1.0, 2.0, 3.0, 4.0):
-        limit.record_start(start)
-    assert limit.allows_start(10.0)
+@needs_haproxy
+def test_make_cluster_with_a_certificate_answers_inside_tls_only(
+    certificate: Path, tmp_path: Path
+) -> None:
+    payload, expected = numbered_lines(20)
+    context = ssl.create_default_context(cafile=certificate.with_suffix(".crt"))
+    with running_cluster(1, certificate=certificate) as cluster:
+        plain = socket.create_connection(("127.0.0.1", cluster.port))
+        with context.wrap_socket(plain, server_hostname="localhost") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+            tls.sendall(HEADER.pack(len(payload)) + payload)
+            assert recv_frame(tls) == expected
+        with socket.create_connection(("127.0.0.1", cluster.port), timeout=5) as plain:
+            plain.sendall(HEADER.pack(len(payload)) + payload)  # not TLS: HAProxy hangs up
+            with pytest.raises(ConnectionError):
+                recv_frame(plain)
+
+
+@needs_haproxy
+def test_client_with_cafile_gets_its_reply_through_make_cluster_over_tls(
+    certificate: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "in.txt").write_text("1 + 2\n2 * 3\n")
+    with running_cluster(1, certificate=certificate) as cluster:
+        result = run_client(
+            "-p",
+            str(cluster.port),
+            "--cafile",
+            str(certificate.with_suffix(".crt")),
+            str(tmp_path / "in.txt"),
+            str(tmp_path / "out.txt"),
+        )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.txt").read_text() == "3\n6\n"
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
