@@ -52,6 +52,9 @@ import guard
 import serving
 import supervise
 import worker
+
+# The protocol is client.py's, imported rather than written twice: both sides frame, count
+# lines and refuse with the same code, and the client stays one file that people can copy.
 from client import (
     CHUNK_BYTES,
     ERROR_PREFIX,
@@ -67,7 +70,7 @@ from events import EventFormatter, EventLog, RejectedLinesLog, logger, server_lo
 
 # Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms,
 # and a forked worker shares the request's memory with its handler instead of being sent it.
-WORKERS = multiprocessing.get_context("fork")
+FORK = multiprocessing.get_context("fork")
 
 # A worker costs ~3 ms of CPU to fork, start and join (2-line requests, -n 2 against -n 1), and
 # the flat form, the cheapest per byte, is evaluated at ~120 ns a byte (450 for the full
@@ -110,10 +113,10 @@ class Slice:
 
     def start_worker(self, name: str) -> None:
         """Fork a worker process on payload[start:end], linked to this one by a Pipe."""
-        receiver, sender = WORKERS.Pipe(duplex=False)
+        receiver, sender = FORK.Pipe(duplex=False)
         self.receiver = receiver
         args = (sender, self.payload, self.start, self.end)
-        self.process = WORKERS.Process(target=worker.evaluate_slice, args=args, name=name)
+        self.process = FORK.Process(target=worker.evaluate_slice, args=args, name=name)
         try:
             self.process.start()
         finally:
@@ -123,7 +126,8 @@ class Slice:
 
     def receive(self) -> None:
         """Take one message from the worker (wait() said there is one): results, or
-        END_OF_SLICE."""
+        END_OF_SLICE.  Raises EOFError if the worker has ended without END_OF_SLICE: it died
+        (supervise.py runs its lines again)."""
         assert self.receiver, "only a running worker sends"
         message = self.receiver.recv_bytes()
         if message == worker.END_OF_SLICE:
@@ -219,7 +223,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         return None
 
     def announced(self, size: int) -> None:
-        """The client has said how many bytes its request has."""
+        """The client has said how many bytes its request has (guard.py refuses here a
+        request larger than --max-bytes, before reading it)."""
         self.event_log.info("Request announced", bytes=size)
 
     def new_slices(self, payload: bytearray, ranges: list[tuple[int, int]]) -> list[Slice]:
@@ -234,11 +239,17 @@ class RequestHandler(socketserver.BaseRequestHandler):
             running = [slice_ for slice_ in slices if not slice_.finished]
 
     def slices_with_messages(self, running: list[Slice]) -> list[Slice]:
-        """Wait until at least one running slice's worker has sent a message (or closed its
-        end of the Pipe); return those slices.  wait() watches every Pipe at once."""
-        receivers: list[Any] = [slice_.receiver for slice_ in running]
-        ready = wait(receivers)
+        """The running slices whose worker has sent a message (or closed its end of the
+        Pipe), once there is at least one."""
+        ready = self.wait_for_workers(running)
         return [slice_ for slice_ in running if slice_.receiver in ready]
+
+    def wait_for_workers(self, running: list[Slice]) -> list[Any]:
+        """Wait until a running slice's receiver has a message (or its worker's end of file);
+        return the receivers that have.  multiprocessing.connection.wait() watches every
+        Pipe at once."""
+        receivers: list[Any] = [slice_.receiver for slice_ in running]
+        return wait(receivers)
 
     def send_reply(self, slices: list[Slice]) -> int:
         """Send the slices' results as one frame, in order, read back a chunk at a time; return
@@ -255,18 +266,20 @@ class BluServer(socketserver.ForkingTCPServer):
     by class attributes and its constructor.
 
     Alone, it serves with socketserver's own loop (``BluServer(options).serve_forever()``,
-    until Ctrl-C).  main() runs ArmouredServer: this class with the armour of the server
-    process (serving.py) composed over it.  Of socketserver, ArmouredServer uses
+    until Ctrl-C; tests/lesson_server.py runs it so).  main() runs ArmouredServer: this class
+    with the armour of the server process (serving.py) composed over it.  Of socketserver,
+    ArmouredServer uses
 
-    - as they are: TCPServer's bind, listen and accept; ForkingMixIn.process_request, its
-      fork and its child's end (finish_request, shutdown_request, os._exit); handle_error;
-    - overridden: server_bind (HandedListener: a socket handed over), server_activate
-      (HandedListener, DeferredAccept, SignalledServing), verify_request (DeferredAccept),
-      process_request (SignalledServing: the fork sequence; ForkRetry: a fork that fails),
-      finish_request, get_request, service_actions, collect_children (SignalledServing);
-    - replaced: serve_forever, by SignalledServing's, which says why (a signal handler cannot
-      call shutdown(); ForkingMixIn.collect_children blocks while max_children handlers
-      run; the loop polls), so handle_request, handle_timeout and shutdown are unused.
+    - as they are: TCPServer's bind, listen and close; ForkingMixIn's fork and its child's end
+      (shutdown_request, os._exit); handle_error;
+    - extended, calling socketserver's own: server_bind (HandedListener: a socket handed
+      over), server_activate (HandedListener, DeferredAccept, SignalledServing),
+      verify_request (DeferredAccept), process_request (SignalledServing: the fork sequence;
+      ForkRetry: a fork that fails), finish_request (SignalledServing: the child's steps);
+    - replaced: serve_forever and the steps of one connection (SignalledServing's, whose
+      docstring says why), get_request (the connections already accepted first),
+      service_actions (acting on signals) and collect_children (never waiting); so
+      handle_request, handle_timeout and shutdown are unused.
     """
 
     allow_reuse_address = True  # restart at once, while old connections sit in TIME_WAIT
@@ -293,7 +306,7 @@ def address_family(host: str) -> socket.AddressFamily:
 # === The server people run: the lesson, with its armour composed over it =================
 
 
-class SupervisedSlice(supervise.Supervision, Slice):
+class SupervisedSlice(supervise.SliceSupervision, Slice):
     """The lesson's Slice, its worker supervised (supervise.py)."""
 
 
@@ -518,8 +531,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)])
     server = open_server(options)
     announce(server)
-    server.serve_forever()  # until the first SIGINT or SIGTERM
-    server.drain()  # serve what is waiting and in flight
+    # ArmouredServer's (serving.SignalledServing): until the first SIGINT or SIGTERM.
+    server.serve_forever()
+    server.drain()  # then serve what is waiting and in flight
     server_log.warning("Server stopped")
 
 

@@ -68,7 +68,7 @@ def recv_exactly(
 
 
 def recv_frame(sock: socket.socket, before_wait: BeforeWait | None = None) -> bytearray:
-    """Receive one length-prefixed message."""
+    """Receive one frame: its length (HEADER), then that many bytes."""
     (size,) = HEADER.unpack(recv_exactly(sock, HEADER.size, before_wait))
     return recv_exactly(sock, size, before_wait)
 
@@ -79,11 +79,11 @@ def send_frame(
     length: int | None = None,
     before_wait: BeforeWait | None = None,
 ) -> None:
-    """Send the parts, one after another, as one message.  With length (their total) given, the
+    """Send the parts, one after another, as one frame.  With length (their total) given, the
     parts are taken as they are sent, so that a reply read from disk never sits whole in
     memory; without it, they are listed first to add up their lengths.
 
-    Not sendall(): its timeout would bound the whole message, and cut off a slow but steady
+    Not sendall(): its timeout would bound the whole frame, and cut off a slow but steady
     reader; before_wait (the server's pace) sets the timeout before each wait instead."""
     if length is None:
         parts = list(parts)
@@ -104,6 +104,12 @@ def count_lines(data: bytes | bytearray, start: int = 0, end: int | None = None)
     optional."""
     end = len(data) if end is None else end
     return data.count(b"\n", start, end) + (start < end and data[end - 1] != ord("\n"))
+
+
+def error_line(reason: str) -> bytes:
+    """The line that answers a line with no value, or refuses a whole request: 'error: '
+    and the reason."""
+    return ERROR_PREFIX + reason.encode() + b"\n"
 
 
 def refusal(reply: bytes | bytearray, request_lines: int) -> str | None:

@@ -30,7 +30,7 @@ import select
 import socket
 import time
 
-from client import CHUNK_BYTES, send_frame
+from client import CHUNK_BYTES, error_line, send_frame
 from events import EventLog
 
 LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
@@ -79,19 +79,19 @@ class ReplyPace(Pace):
 
     def __init__(self, connection: socket.socket, timeout_s: float, min_rate: int) -> None:
         super().__init__(connection, timeout_s, min_rate)
-        self.half_closed = False  # the client has sent its end of file: nothing more to read
+        self.client_watch = ClientWatch(connection)
 
     def __call__(self, moved: int) -> None:
         while True:
             wait_s = self.longest_wait_s(moved)
-            readers = [] if self.half_closed else [self.connection]
+            readers = self.client_watch.sockets()
             readable, writable, _ = select.select(readers, [self.connection], [], wait_s)
             if writable:
                 self.connection.settimeout(wait_s)
                 return
             if not readable:
                 raise socket.timeout("timed out")
-            self.half_closed = not self.connection.recv(CHUNK_BYTES)
+            self.client_watch.discard_stray_bytes()
 
 
 class ClientWatch:
@@ -118,7 +118,7 @@ class ClientWatch:
         """How long the handler may wait without checking on the client."""
         return self.CHECK_INTERVAL_S if self.half_closed else math.inf
 
-    def drain(self) -> None:
+    def discard_stray_bytes(self) -> None:
         """Read what the client has sent (it is readable): drop it, or note its half-close."""
         if not self.connection.recv(CHUNK_BYTES):
             self.half_closed = True
@@ -150,7 +150,7 @@ class ClientGuard:
         except Refusal as refusal:
             self.event_log.warning("Request refused", reason=str(refusal))
             with contextlib.suppress(*CLIENT_FAILURES):  # a client gone needs no reply
-                send_frame(self.connection, [f"error: {refusal}\n".encode()])
+                send_frame(self.connection, [error_line(str(refusal))])
         except CLIENT_FAILURES as error:
             self.event_log.warning("Client failed", reason=str(error) or "timed out")
             self.client_failed = True

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from client import CHUNK_BYTES, ERROR_PREFIX, send_frame
+from client import CHUNK_BYTES, error_line, send_frame
 from events import server_log
 
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -102,10 +102,6 @@ class SignalledServing(socketserver.ForkingTCPServer):
     listens) and get_request (the connections in ``accepted`` first).
     """
 
-    # ForkingMixIn.server_close (which drain() calls to close the listener) would otherwise
-    # wait, in os.waitpid(pid, 0), for every handler to end, deaf to a second signal: the
-    # drain waits for them itself, in select().
-    block_on_close = False
     # At the drain, take connections from the backlog for at most this long: a flood of new
     # ones must not keep the listener open.
     backlog_take_s = 0.5
@@ -137,14 +133,17 @@ class SignalledServing(socketserver.ForkingTCPServer):
 
         Not socketserver's own loop, for three reasons:
 
-        1. It ends only when shutdown() is called from another thread: shutdown() waits for
-           the loop to return, so a signal handler, which runs in the loop's own thread,
-           would wait for itself for ever.
-        2. It calls ForkingMixIn.collect_children after every connection (service_actions),
-           which blocks in os.waitpid(-1, 0) while max_children handlers run: signals would
-           wait until a handler ends.
-        3. It wakes every poll_interval (0.5 s) to look for a shutdown, and it keeps selecting
-           the listener while no handler can be forked.
+        1. It ends cleanly only when shutdown() is called from another thread: shutdown()
+           waits for the loop to return, so a signal handler, which runs in the loop's own
+           thread, would wait for itself for ever (an exception raised by a signal handler,
+           as Ctrl-C's KeyboardInterrupt, ends it wherever it happens to be: in a fork, say).
+        2. It bounds the handlers at max_children only by blocking: it keeps accepting, and
+           ForkingMixIn.collect_children, which its service_actions calls at every turn,
+           waits in os.waitpid(-1, 0) while max_children handlers run.  Signals would wait
+           until a handler ends.
+        3. It wakes every poll_interval (0.5 s) to look for a shutdown, and it cannot serve
+           the connections in ``accepted`` (the backlog taken at a drain, a failed fork)
+           before the listener's.
 
         This loop waits in one select() for a signal or, while a handler is free to start, a
         connection (wait_for_signal_or_connection); it keeps socketserver's hook for the
@@ -156,26 +155,31 @@ class SignalledServing(socketserver.ForkingTCPServer):
             self.serve_one_turn()
 
     def drain(self) -> None:
-        """After serve_forever: take the connections waiting in the listen backlog, close the
-        listener, serve those taken as handlers become free to start (max_children still
-        holds), and return once every handler has ended.
+        """After serve_forever: serve the connections taken from the backlog as handlers
+        become free to start (max_children still holds), and return once every handler has
+        ended.  begin_drain, at the first signal, has closed the listener."""
+        assert self.shutdown_signal, "serve_forever has returned"
+        while self.active_children or self.accepted:
+            self.serve_one_turn()
+
+    def begin_drain(self, signum: signal.Signals) -> None:
+        """The first SIGINT or SIGTERM, at once: take the connections waiting in the listen
+        backlog, close the listener, and say so (serve_forever returns, drain follows).
 
         New connections are refused once the listener is closed (a balancer retries them
         elsewhere), or wait in the socket's backlog if a service manager holds it.  So are
         connections open but silent when the drain begins: deferred accept keeps them from the
         backlog (README, "Signals", says why they are not waited for)."""
-        assert self.shutdown_signal, "serve_forever has returned"
+        self.shutdown_signal = signum
         self.take_backlog()
         self.server_close()
         notify_service_manager("STOPPING=1")
         server_log.warning(
             "Shutting down",
-            signal=self.shutdown_signal.name,
+            signal=signum.name,
             requests_in_flight=len(self.active_children),
             connections_waiting=len(self.accepted),
         )
-        while self.active_children or self.accepted:
-            self.serve_one_turn()
 
     def serve_one_turn(self) -> None:
         """Wait for a signal or a connection, act on the signals, then hand the connection
@@ -220,9 +224,13 @@ class SignalledServing(socketserver.ForkingTCPServer):
             connection, client_address = self.get_request()
         except OSError:  # as socketserver: another process took it first, or it was reset
             return
-        if self.verify_request(connection, client_address):
+        if not self.verify_request(connection, client_address):
+            self.shutdown_request(connection)
+            return
+        try:
             self.process_request(connection, client_address)
-        else:
+        except Exception:  # as socketserver: an error of one connection is logged, not fatal
+            self.handle_error(connection, client_address)
             self.shutdown_request(connection)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -241,7 +249,7 @@ class SignalledServing(socketserver.ForkingTCPServer):
             if signum == signal.SIGCHLD:
                 self.collect_children()
             elif not self.shutdown_signal:
-                self.shutdown_signal = signum
+                self.begin_drain(signum)
             else:
                 self.stop_now(signum)
 
@@ -249,7 +257,9 @@ class SignalledServing(socketserver.ForkingTCPServer):
         """Reap every handler that has ended, never waiting for one: the loop waits, in
         select(), for the SIGCHLD that says one has.  ForkingMixIn's own blocks in
         os.waitpid(-1, 0) while max_children handlers run, and with blocking (which its
-        server_close passes as block_on_close: False here) waits for every one."""
+        server_close, called by begin_drain to close the listener, passes as block_on_close)
+        waits for every one, deaf to a second signal.  So blocking is ignored: the drain
+        waits for the handlers itself, in select()."""
         while self.active_children:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -378,14 +388,15 @@ class ForkRetry(socketserver.ForkingTCPServer):
         if self.failing_in_drain_since is None:
             self.failing_in_drain_since = now
         if now - self.failing_in_drain_since >= self.drain_fork_failures_s:
-            self.refuse_accepted(f"server cannot start a handler ({error}); try again later")
+            reason = error.strerror or str(error)
+            self.refuse_accepted(f"server cannot start a handler ({reason}); try again later")
 
     def refuse_accepted(self, reason: str) -> None:
         """Answer every connection accepted with one refusal line, and close it."""
         server_log.warning("Connections refused", reason=reason, connections=len(self.accepted))
         while self.accepted:
             connection, _ = self.accepted.popleft()
-            refuse(connection, ERROR_PREFIX + reason.encode() + b"\n")
+            refuse(connection, error_line(reason))
             self.shutdown_request(connection)
 
 
@@ -507,8 +518,8 @@ def listening_socket(fd: int, name: str) -> socket.socket:
 
 
 def handed_by_service_manager() -> bool:
-    """Whether systemd (or tools/cluster.py) handed a listening socket over, per
-    sd_listen_fds(3): at fd 3, when LISTEN_PID is this process and LISTEN_FDS is 1.
+    """Whether systemd (or tests/harness.py's socket_activation) handed a listening socket
+    over, per sd_listen_fds(3): at fd 3, when LISTEN_PID is this process and LISTEN_FDS is 1.
 
     Raises HandedSocketError when sockets are meant for this process but not exactly one."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):

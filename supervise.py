@@ -8,7 +8,7 @@ a request costs what its size suggests.  None of that is promised:
   (START_BACKOFF_S), then the request is refused (``WorkerNotStarted``);
 - a worker dies, or goes silent for --worker-timeout while using no CPU (stopped by SIGSTOP
   or a debugger, blocked): the lines it has not answered run once more, then are answered
-  ``error: worker failed`` (``Supervision.retry``, ATTEMPTS);
+  ``error: worker failed`` (``SliceSupervision.retry``, ATTEMPTS);
 - the reply would exceed --max-reply-bytes: refused whole, before anything past the limit
   is stored (``ReplyBudget``, ``ReplyTooLarge``);
 - the disk will not take the results: refused (``ReplyNotStored``);
@@ -17,7 +17,7 @@ a request costs what its size suggests.  None of that is promised:
   refused and its workers stopped (``CpuLimit``, ``RequestTooCostly``);
 - the client resets while its request is evaluated (guard.ClientWatch, waited on here).
 
-``Supervision`` attaches to the lesson's Slice, and ``WorkerSupervision`` to its handler,
+``SliceSupervision`` attaches to the lesson's Slice, and ``WorkerSupervision`` to its handler,
 through the lesson's hooks (bluserver.py composes them).  A Slice keeps these invariants,
 whatever happens to its worker (a results file that cannot be written ends the whole request
 instead, with ReplyNotStored):
@@ -40,7 +40,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 import worker
-from client import ERROR_PREFIX, count_lines
+from client import count_lines, error_line
 from events import EventLog
 from guard import ClientWatch, Refusal
 
@@ -48,7 +48,7 @@ ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once
 # Waits before trying again to fork a worker when the system is out of processes (EAGAIN).
 START_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 EXIT_GRACE_S = 1.0  # how long a worker that has sent END_OF_SLICE may take to exit
-WORKER_FAILED = ERROR_PREFIX + b"worker failed\n"
+WORKER_FAILED = error_line("worker failed")
 MIB = 2**20
 # /proc counts CPU time in ticks of 10 ms: checking the limit more often than this learns nothing.
 CPU_CHECK_MIN_INTERVAL_S = 0.01
@@ -103,7 +103,7 @@ class ReplyBudget:
         self.left -= size
 
 
-class Supervision:
+class SliceSupervision:
     """A Slice mixin: its worker is started however the system resists, replaced when it dies
     or is stuck, and its results are kept within the reply's budget and on disk."""
 
@@ -119,18 +119,12 @@ class Supervision:
     receiver: Connection | None
     name: str
 
-    def __init__(
-        self,
-        payload: bytearray,
-        bounds: tuple[int, int],
-        event_log: Any,
-        budget: ReplyBudget,
-    ) -> None:
+    def __init__(self, payload: bytearray, bounds: tuple[int, int], event_log: Any) -> None:
         try:
             super().__init__(payload, bounds, event_log)  # type: ignore[call-arg]
         except OSError as error:  # no results file: no usable temporary directory
             raise ReplyNotStored(error) from None
-        self.budget = budget
+        self.budget: ReplyBudget | None = None  # the request's, shared: WorkerSupervision's
         self.first_line_at = bounds[0]  # start moves past the lines answered, at each attempt
         self.answered = 0  # lines answered by the current attempt
         self.attempts = 0
@@ -189,6 +183,7 @@ class Supervision:
 
     def store(self, results: bytes) -> None:
         """Charge the results to the reply's budget before they are stored, then store them."""
+        assert self.budget, "new_slices gives every slice the request's budget"
         self.budget.spend(len(results))
         try:
             super().store(results)  # type: ignore[misc]
@@ -305,9 +300,8 @@ class CpuLimit:
 
     def __init__(self, request_bytes: int, floor_s: float, per_mib_s: float) -> None:
         self.limit_s = floor_s + per_mib_s * request_bytes / MIB
-        self.reaped_s = (
-            worker.reaped_workers_cpu_s()
-        )  # before this request: none, in a new handler
+        # The workers reaped before this request: none, in a handler forked for it.
+        self.reaped_s = worker.reaped_workers_cpu_s()
         self.check_at = time.monotonic()
 
     def used_s(self, running: list[Any]) -> float:
@@ -316,18 +310,20 @@ class CpuLimit:
         reaped_s = worker.reaped_workers_cpu_s() - self.reaped_s
         return reaped_s + running_ticks / CLOCK_TICKS_PER_S
 
-    def seconds_to_check(self, running: list[Any]) -> float:
-        """How long the handler may wait before it checks the CPU used again: the least time
-        the running workers take to spend what is left, all working flat out.  When a check
-        is due, check: raise RequestTooCostly if the limit is spent.  (Checking costs a read
-        of /proc per worker: not at every message.)"""
+    def check(self, running: list[Any]) -> None:
+        """Raise RequestTooCostly if the limit is spent, when a check is due: checking costs a
+        read of /proc per worker, not to be paid at every message.  The next is due once the
+        running workers could have spent what is left, all working flat out."""
         now = time.monotonic()
-        if now >= self.check_at:
-            left_s = self.limit_s - self.used_s(running)
-            if left_s <= 0:
-                raise RequestTooCostly(self.limit_s)
-            self.check_at = now + max(CPU_CHECK_MIN_INTERVAL_S, left_s / len(running))
-        return self.check_at - now
+        if now < self.check_at:
+            return
+        left_s = self.limit_s - self.used_s(running)
+        if left_s <= 0:
+            raise RequestTooCostly(self.limit_s)
+        self.check_at = now + max(CPU_CHECK_MIN_INTERVAL_S, left_s / len(running))
+
+    def seconds_to_next_check(self) -> float:
+        return max(0.0, self.check_at - time.monotonic())
 
 
 class WorkerSupervision:
@@ -341,11 +337,14 @@ class WorkerSupervision:
     slice_class: Callable[..., Any]
 
     def new_slices(self, payload: bytearray, ranges: list[tuple[int, int]]) -> list[Any]:
+        """The lesson's slices, sharing one ReplyBudget; and the request's CpuLimit."""
+        slices: list[Any] = super().new_slices(payload, ranges)  # type: ignore[misc]
         budget = ReplyBudget(self.options.max_reply_bytes)
-        self.cpu_limit = CpuLimit(
-            len(payload), self.options.cpu_floor_s, self.options.cpu_per_mib_s
-        )
-        return [self.slice_class(payload, bounds, self.event_log, budget) for bounds in ranges]
+        for slice_ in slices:
+            slice_.budget = budget
+        floor_s = self.options.cpu_floor_s
+        self.cpu_limit = CpuLimit(len(payload), floor_s, self.options.cpu_per_mib_s)
+        return slices
 
     def collect_results(self, slices: list[Any]) -> None:
         """The lesson's collect_results, watching the client meanwhile; then every result is
@@ -355,22 +354,24 @@ class WorkerSupervision:
         for slice_ in slices:
             slice_.flush_results()
 
-    def slices_with_messages(self, running: list[Any]) -> list[Any]:
-        """Wait for a message from any worker, or for the client, at most until the
-        longest-silent worker would be stuck or the CPU limit could be spent; then replace the
-        workers that are stuck."""
+    def wait_for_workers(self, running: list[Any]) -> list[Any]:
+        """Replaces the lesson's wait, which waits on the Pipes alone, for as long as it takes.
+        This one also waits on the client (a reset cancels the work), and at most until the
+        longest-silent worker would be stuck or the CPU limit is to be checked; then it
+        checks the client and the CPU limit, and replaces the workers that are stuck.
+        Returns the receivers that have a message, as the lesson's does."""
+        self.cpu_limit.check(running)
         worker_timeout_s = self.options.worker_timeout_s
         longest_silent_since = min(slice_.heard_at for slice_ in running)
         until_stuck_s = max(0.0, longest_silent_since + worker_timeout_s - time.monotonic())
-        until_cpu_check_s = self.cpu_limit.seconds_to_check(running)
+        until_cpu_check_s = self.cpu_limit.seconds_to_next_check()
         timeout_s = min(until_stuck_s, until_cpu_check_s, self.client_watch.longest_wait_s())
         receivers = [slice_.receiver for slice_ in running]
         ready = wait(receivers + self.client_watch.sockets(), timeout=timeout_s)
         if self.connection in ready:
-            self.client_watch.drain()
+            self.client_watch.discard_stray_bytes()
         self.client_watch.check()
-        with_messages = [slice_ for slice_ in running if slice_.receiver in ready]
         for slice_ in running:
-            if slice_ not in with_messages and slice_.is_stuck(worker_timeout_s):
+            if slice_.receiver not in ready and slice_.is_stuck(worker_timeout_s):
                 slice_.retry("stuck")
-        return with_messages
+        return ready

@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -211,6 +212,8 @@ def test_slice_bounds_examples(
 # --- The wire protocol. ------------------------------------------------------------------
 
 
+LESSON_SERVER = ROOT / "tests" / "lesson_server.py"  # the lesson alone, without its armour
+
 PROTOCOL_CASES = [
     ("mixed_good_and_bad_lines_keep_alignment", MIXED_PAYLOAD, MIXED_REPLY),
     ("empty_request_gets_empty_reply", b"", b""),
@@ -235,6 +238,18 @@ def test_reply_has_one_result_line_per_input_line_in_order(
 ) -> None:
 
     assert server.request(payload) == reply
+
+
+def test_the_lesson_alone_answers_every_protocol_case_as_the_server_does(
+    start_server: StartServer,
+) -> None:
+    # bluserver.BluServer without the armour, on socketserver's own serve_forever.
+    lesson = start_server("-n", "2", command=[sys.executable, str(LESSON_SERVER)])
+    for name, payload, reply in PROTOCOL_CASES:
+        assert lesson.request(payload) == reply, name
+    # Large enough for two slices, so two workers and their Pipes.
+    lines = b"1 + 2 * 3\n" * (3 * MIN_SLICE_BYTES // 10)
+    assert lesson.request(lines) == b"7\n" * (3 * MIN_SLICE_BYTES // 10)
 
 
 @pytest.mark.parametrize("half_close", [True, False], ids=["half_closed", "left_open"])

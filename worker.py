@@ -29,9 +29,11 @@ from typing import NamedTuple, Union
 import grammar
 
 # One message is one write() of at most PIPE_BUF bytes, its 4-byte length (Connection's own
-# framing) included.  POSIX makes such a write to a pipe atomic: the handler never finds half
-# a message in the pipe, so a worker stopped between two writes (SIGSTOP, a debugger) can
-# never keep the handler's recv_bytes() waiting for the rest of one.
+# framing) included: Connection.send_bytes writes a message of up to 16 KiB and its length
+# in one write (CPython's connection.py, bpo-20540), and tests/test_reliability.py stops a
+# worker mid-reply to prove it.  POSIX makes such a write to a pipe atomic: the handler never
+# finds half a message in the pipe, so a worker stopped between two writes (SIGSTOP, a
+# debugger) can never keep the handler's recv_bytes() waiting for the rest of one.
 MESSAGE_BYTES = select.PIPE_BUF - 4
 # Results are encoded and sent once about this many are ready: a few messages at a time.
 SEND_AT_BYTES = 16 * MESSAGE_BYTES
@@ -44,7 +46,7 @@ def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int)
     line per line, in order; then END_OF_SLICE.  Runs in the worker process."""
     become_worker(sender)
     results: list[str] = []
-    results_size = 0  # in characters: a character is at least one byte
+    results_chars = 0  # a character is at least one byte
     try:
         for line in slice_lines(payload, start, end):
             if isinstance(line, LineTooLong):
@@ -52,11 +54,11 @@ def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int)
             else:
                 result = grammar.evaluate_line(line)
             results.append(result)
-            results_size += len(result) + 1
-            if results_size >= SEND_AT_BYTES:
+            results_chars += len(result) + 1
+            if results_chars >= SEND_AT_BYTES:
                 send_results(sender, results)
                 results = []
-                results_size = 0
+                results_chars = 0
         send_results(sender, results)
         sender.send_bytes(END_OF_SLICE)
     except BrokenPipeError:
@@ -95,7 +97,12 @@ def close_inherited_files(sender: Connection) -> None:
     """Close every file descriptor fork inherited but sender and stderr (whose tracebacks are
     the one clue to why a worker died): a worker that holds the client's socket keeps the
     connection open after its handler has closed it, and one that holds the server's stdout
-    keeps a pipe reader waiting.  stdin and stdout become /dev/null."""
+    keeps a pipe reader waiting.  stdin and stdout become /dev/null.
+
+    Among them is multiprocessing's sentinel, the pipe whose end of file tells the handler
+    the worker has exited: from then on the handler's Process.join(timeout) returns at once,
+    and join() waits as long as the worker takes (supervise.SliceSupervision.stop_worker
+    waits for the end of file of the worker's own Pipe instead)."""
     os.closerange(3, sender.fileno())
     os.closerange(sender.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
     devnull = os.open(os.devnull, os.O_RDWR)

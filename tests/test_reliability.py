@@ -751,7 +751,7 @@ def test_peers_that_reset_after_reading_their_reply_leave_no_traceback_and_no_wa
 COSTLY_LINE = b"((((((((((1))))))))))+" * 450 + b"1\n"
 
 
-def test_a_request_costlier_than_its_cpu_allowance_is_refused_whole_and_the_next_is_served(
+def test_a_request_over_its_cpu_limit_is_refused_whole_and_the_next_is_served(
     start_server: StartServer,
 ) -> None:
     server = start_server(*LOG, "-n", "1", "--cpu-floor", "0.1", "--cpu-per-mib", "0")

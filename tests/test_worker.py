@@ -152,10 +152,8 @@ def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
         payload: bytes, scripts: dict[int, Script], limit: int = 2**20
     ) -> bluserver.SupervisedSlice:
         monkeypatch.setattr(worker, "evaluate_slice", scripted_workers(scripts))
-        budget = supervise.ReplyBudget(limit)
-        slice_ = bluserver.SupervisedSlice(
-            bytearray(payload), (0, len(payload)), EVENT_LOG, budget
-        )
+        slice_ = bluserver.SupervisedSlice(bytearray(payload), (0, len(payload)), EVENT_LOG)
+        slice_.budget = supervise.ReplyBudget(limit)
         slices.append(slice_)
         slice_.start_worker("worker-1")
         return slice_
