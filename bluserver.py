@@ -92,8 +92,9 @@ def slice_bounds(payload: bytes | bytearray, count: int) -> list[tuple[int, int]
 
 
 class Slice:
-    """The handler's end of one worker: a range of whole lines of the request, the worker
-    process evaluating it, the Pipe it answers by, and its results.
+    """The handler's end of one worker: a range of whole lines of the request
+    (payload[start:end], which the worker evaluates), the worker process, the Pipe it answers
+    by, and its results.
 
     The results go to a nameless temporary file: they cost no memory however large the reply,
     and the file vanishes however the handler ends.
