@@ -105,7 +105,7 @@ class Slice:
         self.start = bounds[0]
         self.end = bounds[1]
         self.event_log = event_log
-        self.results = tempfile.TemporaryFile()  # noqa: SIM115 (handle closes it)
+        self.results = tempfile.TemporaryFile()  # noqa: SIM115 (see close)
         self.results_size = 0
         self.error_lines = 0
         self.finished = False  # once the worker has sent END_OF_SLICE
@@ -153,6 +153,11 @@ class Slice:
         if self.receiver:
             self.receiver.close()
 
+    def close(self) -> None:
+        """Reap the worker, and let go of its Pipe and of the results (once they are sent)."""
+        self.stop_worker()
+        self.results.close()
+
     def result_chunks(self) -> Iterator[bytes]:
         """Every result stored, from the start, CHUNK_BYTES at a time."""
         self.results.seek(0)
@@ -194,8 +199,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
             bytes_out = self.send_reply(slices)
         finally:
             for slice_ in slices:
-                slice_.stop_worker()
-                slice_.results.close()
+                slice_.close()
         self.event_log.info(
             "Request served",
             lines=count_lines(payload),

@@ -26,7 +26,7 @@ import argparse
 import contextlib
 import math
 import os
-import select
+import selectors
 import socket
 import time
 
@@ -84,13 +84,20 @@ class ReplyPace(Pace):
     def __call__(self, moved: int) -> None:
         while True:
             wait_s = self.longest_wait_s(moved)
-            readers = self.client_watch.sockets()
-            readable, writable, _ = select.select(readers, [self.connection], [], wait_s)
-            if writable:
+            events = selectors.EVENT_WRITE
+            if self.client_watch.sockets():
+                events |= selectors.EVENT_READ
+            # A selector, not select.select(): a handler's descriptors may be past 1023 (a
+            # drain takes the whole backlog at once), which select() cannot watch.
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.connection, events)
+                ready = selector.select(wait_s)
+            if not ready:
+                raise socket.timeout("timed out")
+            ready_events = ready[0][1]
+            if ready_events & selectors.EVENT_WRITE:
                 self.connection.settimeout(wait_s)
                 return
-            if not readable:
-                raise socket.timeout("timed out")
             self.client_watch.discard_stray_bytes()
 
 

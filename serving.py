@@ -28,7 +28,7 @@ import argparse
 import contextlib
 import math
 import os
-import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -201,7 +201,11 @@ class SignalledServing(socketserver.ForkingTCPServer):
             timeout_s = max(0.0, self.next_try_at - time.monotonic())
         elif self.handler_free_to_start() and not self.shutdown_signal:
             readers.append(self.socket)
-        return select.select(readers, [], [], timeout_s)[0]
+        # A selector, not select.select(): a socket handed over may be past descriptor 1023.
+        with selectors.DefaultSelector() as selector:
+            for reader in readers:
+                selector.register(reader, selectors.EVENT_READ)
+            return [key.fileobj for key, _ in selector.select(timeout_s)]
 
     def handler_free_to_start(self) -> bool:
         """Fewer than max_children handlers run."""

@@ -26,6 +26,9 @@ instead, with ReplyNotStored):
   one for each of the first ``answered`` lines of payload[start:end], in order;
 - a worker evaluates payload[start:end]: a new attempt starts past the lines answered;
 - ``finished`` once the results hold a result line for every line of payload[first_line_at:end].
+
+A result line longer than a message spans two or more: a worker lost between them leaves part
+of a line in the results, which is dropped before its lines run again (``drop_partial_line``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once
 # Waits before trying again to fork a worker when the system is out of processes (EAGAIN).
 START_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 EXIT_GRACE_S = 1.0  # how long a worker that has sent END_OF_SLICE may take to exit
+SKIP_BYTES = 64 * 1024  # a retry finds the first unanswered line counting this much at once
 WORKER_FAILED = error_line("worker failed")
 MIB = 2**20
 # /proc counts CPU time in ticks of 10 ms: checking the limit more often than this learns nothing.
@@ -102,6 +106,10 @@ class ReplyBudget:
             raise ReplyTooLarge(self.limit)
         self.left -= size
 
+    def give_back(self, size: int) -> None:
+        """Return size bytes spent on results that were dropped."""
+        self.left += size
+
 
 class SliceSupervision:
     """A Slice mixin: its worker is started however the system resists, replaced when it dies
@@ -113,6 +121,7 @@ class SliceSupervision:
     end: int
     event_log: Any
     results: Any
+    results_size: int
     finished: bool
     error_lines: int
     process: BaseProcess | None
@@ -125,6 +134,7 @@ class SliceSupervision:
         except OSError as error:  # no results file: no usable temporary directory
             raise ReplyNotStored(error) from None
         self.budget: ReplyBudget | None = None  # the request's, shared: WorkerSupervision's
+        self.whole_lines_size = 0  # the results' bytes up to the end of their last line
         self.first_line_at = bounds[0]  # start moves past the lines answered, at each attempt
         self.answered = 0  # lines answered by the current attempt
         self.attempts = 0
@@ -189,7 +199,25 @@ class SliceSupervision:
             super().store(results)  # type: ignore[misc]
         except OSError as error:  # ENOSPC, or EFBIG past RLIMIT_FSIZE
             raise self.not_stored(error) from None
-        self.answered += results.count(b"\n")
+        lines = results.count(b"\n")
+        if lines:
+            self.answered += lines
+            self.whole_lines_size = self.results_size - (len(results) - results.rfind(b"\n") - 1)
+
+    def drop_partial_line(self) -> None:
+        """Drop the part of a result line that a lost worker sent without the rest (a line
+        longer than a message spans messages), and give its bytes back to the budget."""
+        partial = self.results_size - self.whole_lines_size
+        if not partial:
+            return
+        try:
+            self.results.truncate(self.whole_lines_size)  # after writing what it buffers
+        except OSError as error:
+            raise self.not_stored(error) from None
+        self.results.seek(self.whole_lines_size)
+        self.results_size = self.whole_lines_size
+        assert self.budget, "new_slices gives every slice the request's budget"
+        self.budget.give_back(partial)
 
     def flush_results(self) -> None:
         """Write what the results file still buffers: before the reply's length is sent, a
@@ -226,6 +254,7 @@ class SliceSupervision:
         name = self.name
         answered = self.answered
         self.stop_worker()
+        self.drop_partial_line()
         self.start = self.skip_lines(self.start, answered)
         self.answered = 0
         if self.start == self.end:
@@ -238,7 +267,15 @@ class SliceSupervision:
 
     def skip_lines(self, offset: int, count: int) -> int:
         """The offset count lines past offset; at most self.end (the last line may have no
-        newline)."""
+        newline).  The lines may be millions: whole runs of SKIP_BYTES are counted at C speed
+        (bytearray.count), and only the last run's lines one by one."""
+        while count:
+            run_end = min(offset + SKIP_BYTES, self.end)
+            newlines = self.payload.count(b"\n", offset, run_end)
+            if newlines >= count or run_end == self.end:
+                break
+            count -= newlines
+            offset = run_end
         for _ in range(count):
             newline = self.payload.find(b"\n", offset, self.end)
             if newline < 0:
@@ -272,6 +309,14 @@ class SliceSupervision:
         super().stop_worker()  # type: ignore[misc]
         self.process = None
         self.receiver = None
+
+    def close(self) -> None:
+        """The lesson's close, for a request that may have been given up on (refused, its
+        client gone): closing the results file writes what it still buffers, which a full disk
+        may refuse again, and nobody needs those results."""
+        self.stop_worker()  # outside the suppress below: its errors are its own
+        with contextlib.suppress(OSError):
+            super().close()  # type: ignore[misc]
 
 
 def open_file_descriptors() -> set[int]:

@@ -18,6 +18,7 @@ nothing until written), so no byte of the request travels through a pipe: only r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import select
@@ -38,6 +39,7 @@ MESSAGE_BYTES = select.PIPE_BUF - 4
 # Results are encoded and sent once about this many are ready: a few messages at a time.
 SEND_AT_BYTES = 16 * MESSAGE_BYTES
 END_OF_SLICE = b""  # a worker's last message: every line of its slice is answered
+STDERR_FD = 2
 DECODE_BYTES = 256 * 1024  # a worker decodes its lines a batch of about this many bytes at a time
 
 
@@ -103,8 +105,13 @@ def close_inherited_files(sender: Connection) -> None:
     the worker has exited: from then on the handler's Process.join(timeout) returns at once,
     and join() waits as long as the worker takes (supervise.SliceSupervision.stop_worker
     waits for the end of file of the worker's own Pipe instead)."""
-    os.closerange(3, sender.fileno())
-    os.closerange(sender.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+    # Those open, from Linux's /proc: os.closerange up to the open-file limit costs a system
+    # call per number on Python 3.9, and a container's limit may be a billion.
+    for name in os.listdir("/proc/self/fd"):
+        inherited = int(name)
+        if inherited > STDERR_FD and inherited != sender.fileno():
+            with contextlib.suppress(OSError):  # the listing's own, closed by now
+                os.close(inherited)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)

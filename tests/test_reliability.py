@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +29,10 @@ import worker
 from client import HEADER, recv_exactly, recv_frame, send_frame
 from tests.harness import (
     EVENT_TIMEOUT_S,
+    EXIT_TIMEOUT_S,
     JSON_LOG,
     LOG,
+    ROOT,
     SCRIPTED,
     StartServer,
     process_table,
@@ -825,3 +829,165 @@ def test_every_refusal_fits_in_the_smallest_reply_limit() -> None:
     assert longest <= bluserver.MIN_REPLY_BYTES
     with pytest.raises(SystemExit):
         bluserver.parse_args(["--max-reply-bytes", str(bluserver.MIN_REPLY_BYTES - 1)])
+
+
+# --- Found by attacking the armour: a worker lost mid-line, a full disk at a refusal, and ------
+# --- descriptors past 1023, which select() cannot watch. ----------------------------------------
+#
+# Where a failure needs the server started in an unusual way (a worker lost between two
+# messages, a socket handed over at a high descriptor), the test writes a small launcher that
+# sets it up and then runs bluserver.main, and starts it with ServerProcess's ``command``.
+
+# 10 ** 4299 has 4,300 digits: its result line is longer than one message (PIPE_BUF - 4).
+LONG_RESULT_LINE = b"1" + b"0" * 4299 + b"\n"
+
+# A worker that, the first time it has sent a message ending inside a result line, dies
+# (as SIGKILL, the OOM killer, or --worker-timeout after a SIGSTOP would end it) before it
+# sends the rest of that line.
+DYING_MID_LINE = """\
+import os, sys
+sys.path.insert(0, {root!r})
+from multiprocessing import connection
+
+send_bytes = connection.Connection.send_bytes
+died_once = {marker!r}
+
+
+def send_then_die(sender, message, offset=0, size=None):
+    send_bytes(sender, message, offset, size)
+    end = len(message) if size is None else offset + size
+    if end > offset and message[end - 1] != ord("\\n") and not os.path.exists(died_once):
+        open(died_once, "w").close()
+        os._exit(1)
+
+
+connection.Connection.send_bytes = send_then_die
+import bluserver
+
+bluserver.main()
+"""
+
+# A process manager that hands the server its listening socket at a descriptor past
+# FD_SETSIZE (1024), as one holding many sockets may.
+HIGH_FD = 1500
+HANDING_A_HIGH_FD = """\
+import os, resource, socket, sys
+sys.path.insert(0, {root!r})
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+os.dup2(listener.fileno(), {fd})
+listener.close()
+import bluserver
+
+bluserver.main([*sys.argv[1:], "--fd", "{fd}"])
+"""
+
+
+def launcher(tmp_path: Path, source: str) -> list[str]:
+    """A command that runs source (a launcher of bluserver) with this interpreter."""
+    script = tmp_path / "launcher.py"
+    script.write_text(source)
+    return [sys.executable, str(script)]
+
+
+@pytest.fixture
+def many_files() -> Iterator[None]:
+    """This process (and the servers it starts) may open as many files as its hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def accept_queue_length(port: int) -> int:
+    """How many connections wait in the accept queue of the socket listening on port (the
+    rx_queue of its LISTEN row in /proc/net/tcp)."""
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def test_a_worker_lost_between_the_two_messages_of_a_long_result_line_leaves_no_fragment(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The first message holds 4,092 bytes of the line's 4,301: the retry must not append the
+    # whole line after them (supervise.SliceSupervision.drop_partial_line drops the part).
+    marker = tmp_path / "died"
+    command = launcher(tmp_path, DYING_MID_LINE.format(root=str(ROOT), marker=str(marker)))
+    server = start_server(*LOG, "-n", "1", command=command)
+    reply = server.request(b"10 ** 4299\n1 + 1\n")
+    assert server.events("Worker failed")  # the worker did die mid-line
+    assert reply == LONG_RESULT_LINE + b"2\n"
+
+
+def test_a_refusal_while_results_wait_in_a_buffer_the_disk_refuses_is_one_line_no_traceback(
+    start_server: StartServer,
+) -> None:
+    # 17 results of 4,002 bytes are received, 16 of them written; the CPU limit then refuses
+    # the request, and closing the results file writes the 17th past RLIMIT_FSIZE (66,000).
+    server = start_server(
+        *JSON_LOG,
+        "-n",
+        "1",
+        "--cpu-floor",
+        "0.5",
+        "--cpu-per-mib",
+        "0",
+        faults=["scripted_lines", "file_size_limit:66000"],
+    )
+    with server.connect() as sock:
+        send_frame(sock, [b"10 ** 4000\n" * 17 + b"spin 30\n"])
+        reply = recv_frame(sock)
+    assert reply == (
+        b"error: request too costly (over 0.50 s of CPU; see --cpu-floor, --cpu-per-mib)\n"
+    )
+    server.wait_until_idle()
+    assert "Traceback" not in server.stderr()
+
+
+def test_a_listening_socket_handed_over_past_fd_setsize_is_served(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    command = launcher(tmp_path, HANDING_A_HIGH_FD.format(root=str(ROOT), fd=HIGH_FD))
+    server = start_server(*LOG, command=command)
+    assert server.request(b"1 + 1\n") == b"2\n"
+    assert "Traceback" not in server.stderr()
+
+
+def test_a_drain_serves_every_waiting_connection_even_past_fd_setsize(
+    start_server: StartServer, tmp_path: Path, many_files: None
+) -> None:
+    # The drain accepts the whole backlog at once: past ~1,020 connections, the handlers'
+    # descriptors are over 1,023, which select.select (guard.ReplyPace) cannot watch.
+    gate = tmp_path / "gate"
+    server = start_server(*JSON_LOG, "--max-children", "2", faults=[f"gated_handlers:{gate}"])
+    clients = []
+    try:
+        for _ in range(1100):
+            clients.append(socket.create_connection(("127.0.0.1", server.port), timeout=60))
+            send_frame(clients[-1], [b"1 + 1\n"])
+        wait_until(lambda: len(server.handlers()) == 2, "two handlers, held at the gate")
+        wait_until(
+            lambda: accept_queue_length(server.port) == 1098, "the rest in the accept queue"
+        )
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait_for_event("Shutting down")["connections_waiting"] == 1098
+        gate.touch()
+        replies = []
+        for client in clients:
+            try:
+                replies.append(bytes(recv_frame(client)))
+            except (OSError, EOFError) as error:
+                replies.append(repr(error).encode())
+            client.close()  # at once: its handler lingers until the client closes
+    finally:
+        for client in clients:
+            client.close()
+    assert wait_for_exit(server.process, EXIT_TIMEOUT_S) == 0
+    assert [reply for reply in replies if reply != b"2\n"] == []
+    assert "Traceback" not in server.stderr()

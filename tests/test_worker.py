@@ -160,8 +160,7 @@ def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
 
     yield make
     for slice_ in slices:
-        slice_.stop_worker()
-        slice_.results.close()
+        slice_.close()
 
 
 def run_to_the_end(slice_: bluserver.SupervisedSlice) -> bytes:
