@@ -354,6 +354,25 @@ def start_on(listener: socket.socket | None = None) -> ServerProcess:
     return ServerProcess(["-n", "1", *LOG], listener=listener, **SCRIPTED)  # type: ignore[arg-type]
 
 
+def drain_the_one_evaluating(
+    balancer: Balancer,
+    instances: list[ServerProcess],
+    request: tuple[str, bytes],
+    release: Release,
+) -> tuple[ServerProcess, DrainOutcome]:
+    """Send the long request through balancer, SIGTERM the instance that evaluates it, and
+    see what comes of it: that instance, once it has exited, and the outcome."""
+    long_request = LongRequest(balancer.port, *request)
+    draining = evaluating(instances)
+    draining.process.send_signal(signal.SIGTERM)
+    others_served = new_requests_answered(balancer.port)
+    release(balancer.log)
+    verdict, elapsed = long_request.reply()
+    status = wait_for_exit(draining.process, EXIT_TIMEOUT_S)
+    marked_down = " is DOWN" in balancer.log()
+    return draining, DrainOutcome(verdict, elapsed, marked_down, others_served, status)
+
+
 def drain_plain(request: tuple[str, bytes], release: Release, work_dir: Path) -> DrainOutcome:
     """HAProxy in front of two instances started by hand; SIGTERM to the one evaluating."""
     with ExitStack() as cleanups:
@@ -362,15 +381,8 @@ def drain_plain(request: tuple[str, bytes], release: Release, work_dir: Path) ->
             cleanups.callback(instance.cleanup)
         balancer = Balancer([instance.port for instance in instances], work_dir / "plain.cfg")
         cleanups.callback(balancer.cleanup)
-        long_request = LongRequest(balancer.port, *request)
-        draining = evaluating(instances)
-        draining.process.send_signal(signal.SIGTERM)
-        others_served = new_requests_answered(balancer.port)
-        release(balancer.log)
-        verdict, elapsed = long_request.reply()
-        status = wait_for_exit(draining.process, EXIT_TIMEOUT_S)
-        marked_down = " is DOWN" in balancer.log()
-        return DrainOutcome(verdict, elapsed, marked_down, others_served, status)
+        _, outcome = drain_the_one_evaluating(balancer, instances, request, release)
+        return outcome
 
 
 def drain_restart(request: tuple[str, bytes], release: Release, work_dir: Path) -> DrainOutcome:
@@ -387,16 +399,9 @@ def drain_restart(request: tuple[str, bytes], release: Release, work_dir: Path) 
         ports = [listener.getsockname()[1] for listener in listeners]
         balancer = Balancer(ports, work_dir / "restart.cfg")
         cleanups.callback(balancer.cleanup)
-        long_request = LongRequest(balancer.port, *request)
-        draining = evaluating(instances)
-        draining.process.send_signal(signal.SIGTERM)
-        others_served = new_requests_answered(balancer.port)
-        release(balancer.log)
-        verdict, elapsed = long_request.reply()
-        status = wait_for_exit(draining.process, EXIT_TIMEOUT_S)
-        cleanups.callback(start_on(listeners[instances.index(draining)]).cleanup)  # the new one
-        marked_down = " is DOWN" in balancer.log()
-        return DrainOutcome(verdict, elapsed, marked_down, others_served, status)
+        drained, outcome = drain_the_one_evaluating(balancer, instances, request, release)
+        cleanups.callback(start_on(listeners[instances.index(drained)]).cleanup)  # the new one
+        return outcome
 
 
 def drain_cluster(
