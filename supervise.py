@@ -343,11 +343,13 @@ class CpuLimit:
     more: the default lets every ordinary request through, with a wide margin, and bounds
     what the rest can take."""
 
-    def __init__(self, request_bytes: int, floor_s: float, per_mib_s: float) -> None:
+    def __init__(self, request_bytes: int, workers: int, floor_s: float, per_mib_s: float) -> None:
         self.limit_s = floor_s + per_mib_s * request_bytes / MIB
         # The workers reaped before this request: none, in a handler forked for it.
         self.reaped_s = worker.reaped_workers_cpu_s()
-        self.check_at = time.monotonic()
+        # The first check is due once the workers could have spent the limit, all working
+        # flat out: an ordinary request is answered long before, and reads no /proc file.
+        self.check_at = time.monotonic() + self.limit_s / max(1, workers)
 
     def used_s(self, running: list[Any]) -> float:
         """The CPU time used so far: the workers reaped, and those still running."""
@@ -388,7 +390,8 @@ class WorkerSupervision:
         for slice_ in slices:
             slice_.budget = budget
         floor_s = self.options.cpu_floor_s
-        self.cpu_limit = CpuLimit(len(payload), floor_s, self.options.cpu_per_mib_s)
+        per_mib_s = self.options.cpu_per_mib_s
+        self.cpu_limit = CpuLimit(len(payload), len(slices), floor_s, per_mib_s)
         return slices
 
     def collect_results(self, slices: list[Any]) -> None:
