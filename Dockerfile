@@ -1,4 +1,4 @@
-# bluserver in a container: `make docker-build`, then `make docker-run` (README, "In a
+# bluserver in a container: `make docker-build`, then `make docker-run` (OPERATIONS.md, "In a
 # container").  The build needs no package index: pyparsing comes from wheels that
 # `make docker-build` downloads on the host into build/wheels (pip download), so it builds
 # offline and installs the same files every time.

@@ -61,7 +61,7 @@ coverage: $(VENV)/.dev ## run the tests measuring every process (server, handler
 bench: $(VENV)/.dev ## measure evaluation and end-to-end speed and memory (tools/bench.py)
 	$(BIN)/python -m tools.bench
 
-limits: $(VENV)/.dev ## measure what the README's limits promise, against real servers (tools/limits.py)
+limits: $(VENV)/.dev ## measure what OPERATIONS.md's limits promise, against real servers (tools/limits.py)
 	$(BIN)/python -m tools.limits
 
 load: $(VENV)/.dev ## 50 concurrent clients x 2,000 lines, every reply verified (tools/load.py)

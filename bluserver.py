@@ -455,7 +455,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="key=value lines or JSON (default: %(default)s)",
     )
     add_limits(
-        parser.add_argument_group("limits (README.md, 'Limits', says what happens at each)")
+        parser.add_argument_group("limits (OPERATIONS.md, 'Limits', says what happens at each)")
     )
     return parser.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""Measure the limits README.md states, each against a real server: ``make limits``.
+"""Measure the limits OPERATIONS.md states, each against a real server: ``make limits``.
 
 1. memory    a 1 MB request of ``10 ** 4000`` lines (a 364 MB reply) with --max-bytes 1000000:
              the peak RSS of the largest server process, and of the whole server;

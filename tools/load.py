@@ -7,7 +7,7 @@ Run ``make load``, or ``.venv/bin/python -m tools.load [-p PORT] [--throughput]`
   times; prints requests per second, each run's and the median.  Given several ports
   (``-p 1983 -p 1982``: one instance, then HAProxy in front of several, from ``make
   cluster``), it measures them in turn, run after run, so that a noisy neighbour slows
-  them alike: what the balancer costs and what more instances bring (README, "Running
+  them alike: what the balancer costs and what more instances bring (OPERATIONS.md, "Running
   several instances").
 
 Without -p it starts its own server (``bluserver.py -a 127.0.0.1 -p 0 -n 2``, with
