@@ -16,7 +16,7 @@ CERT ?=
 TLS_DIR ?= tls
 
 .DEFAULT_GOAL := help
-.PHONY: help run cluster cert test coverage bench limits load lint dist docker-build docker-run docker-test clean
+.PHONY: help lesson run cluster cert test coverage bench limits load lint dist docker-build docker-run docker-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -33,6 +33,9 @@ $(VENV)/.cluster: $(VENV)/.runtime requirements-cluster.txt
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-cluster.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
+
+lesson: $(VENV)/.runtime ## run the lesson alone (lesson.py) on PORT with WORKERS, logging its events; Ctrl-C stops it
+	$(BIN)/python lesson.py -p $(PORT) -n $(WORKERS) -v
 
 run: $(VENV)/.runtime ## start the server on PORT (1982) with WORKERS (2) workers per request
 	$(BIN)/python bluserver.py -p $(PORT) -n $(WORKERS) -v

@@ -1,7 +1,8 @@
 """The arithmetic language: its definition, a pyparsing grammar, and the evaluation of a line.
 
-worker.py calls ``evaluate_line`` once per line: it returns the value as text, ``""`` for a
-blank line, or ``error: <reason>``, and no line makes it raise, hang or exhaust memory.
+A worker (worker.py) calls ``evaluate_line`` once per line: it returns the value as text,
+``""`` for a blank line, or ``error: <reason>``, and no line makes it raise, hang or exhaust
+memory.
 
 The language is Python's arithmetic on non-negative literals.  Its grammar, a rule per
 precedence level, loosest first (pyparsing's ``fourFn.py`` writes its BNF the same way)::
@@ -23,15 +24,13 @@ the signs after a ``**`` negate all of its right side: ``2 ** -3 ** 2`` is ``2 *
 
 Reading order, as in pyparsing's ``eval_arith.py``: the grammar, whose parse actions build a
 tree of nodes (section "The grammar"); then plain Python that evaluates the tree (section
-"Evaluation"); then ``evaluate_line``, which answers one line.  Every line the fast path
-declines is parsed here, every invalid line among them, so every error message and column
-is pyparsing's.
+"Evaluation"); then ``evaluate_line``, which answers one line: parse, evaluate, format.  The
+lesson's workers answer every line so.
 
-The fast path (the fenced section at the end) is an optimisation and no part of the
-definition: one regular expression for a line's tokens and operator-precedence evaluation
-with a stack, and the original's flat form ("1 + 2 * 3") apart.  tests/test_grammar.py
-proves with Hypothesis that it takes exactly the lines the grammar parses and gives what the
-grammar gives.
+The server people run plugs in an optimisation, fastpath.py: it answers the valid lines
+without pyparsing and hands every other line to ``evaluate_line`` here, so every error
+message and column is pyparsing's.  tests/test_grammar.py proves with Hypothesis that it
+takes exactly the lines the grammar parses and gives what the grammar gives.
 """
 
 from __future__ import annotations
@@ -39,10 +38,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from itertools import islice
 from operator import add, floordiv, mod, mul, sub, truediv
-from typing import Callable, NamedTuple, Union
+from typing import Callable, TypeVar, Union
 
 import pyparsing as pp
 
@@ -301,44 +298,51 @@ def format_number(value: Number) -> str:
 
 
 def evaluate_line(line: str) -> str:
-    """The result text for one line (without newline); never raises.
+    """The result text for one line (without newline): its value, "" for a blank line, or
+    "error: <reason>"; never raises.  The three steps of the language: parse the line into a
+    tree (parse_line), evaluate the tree (evaluate), format the value (format_number).
 
     line is text as worker.py decodes it, from UTF-8 with errors="surrogateescape": a byte
     that is not UTF-8 arrives as a lone surrogate U+DC80-U+DCFF, and a line holding one is
     answered with NOT_UTF8.  A direct caller gets the same answer for those code points.
     """
-    flat = flat_tokens(line)  # the fast path's first step: the common case, checked first
-    if flat is None:
-        # The size first: a line over the limit is refused whatever it holds (blanks, bytes
-        # that are not UTF-8), as worker.py refuses one too long to decode.
-        too_long = _too_long(line)
-        if too_long is not None:
-            return too_long
-        if not line.strip(" \t"):
-            return ""
+    # The size first: a line over the limit is refused whatever it holds (blanks, bytes that
+    # are not UTF-8), as worker.py refuses one too long to decode.
+    refusal = too_long(line)
+    if refusal is not None:
+        return refusal
+    # A lone surrogate is no token, so such a line never parses: its answer names the real
+    # fault rather than the surrogate's column.
+    if NOT_UTF8_BYTE.search(line):
+        return NOT_UTF8
+    if not line.strip(" \t"):
+        return ""
+    return answer(line_value, line)
+
+
+def line_value(line: str) -> Number:
+    """The value of a line that is not blank: its tree, evaluated."""
+    return evaluate(parse_line(line))
+
+
+Operand = TypeVar("Operand")
+
+
+def answer(value_of: Callable[[Operand], Number], operand: Operand) -> str:
+    """The result text of value_of(operand): the value formatted, or the error line for the
+    fault that computing it raised.  The one place a fault becomes its text, for the grammar
+    and for the fast path (fastpath.py) alike."""
     try:
-        value = evaluate_flat(flat) if flat is not None else line_value(line)
-        return format_number(value)
+        return format_number(value_of(operand))
     except EvaluationError as error:
-        # A lone surrogate is no token, so a line holding a byte that is not UTF-8 never
-        # parses; its answer names the real fault rather than the surrogate's column.
-        return NOT_UTF8 if NOT_UTF8_BYTE.search(line) else f"error: {error}"
+        return f"error: {error}"
     except ZeroDivisionError:
         return "error: division by zero"
     except OverflowError:
         return f"error: {FLOAT_OVERFLOW}"
 
 
-def line_value(line: str) -> Number:
-    """The value of a line that is not blank: the fast path's if it takes the line, else the
-    grammar's."""
-    tokens = fast_tokens(line)
-    if tokens is not None:
-        return evaluate_tokens(tokens)
-    return evaluate(parse_line(line))
-
-
-def _too_long(line: str) -> str | None:
+def too_long(line: str) -> str | None:
     """line_too_long's text if line takes over MAX_LINE_BYTES in UTF-8, else None.
 
     A character takes 1 to 4 bytes, so only a line of over MAX_LINE_BYTES // 4 characters can
@@ -358,166 +362,3 @@ def utf8_size(line: str) -> int:
         return len(line.encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
         return len(line.encode("utf-8", "surrogatepass"))
-
-
-# ==========================================================================================
-# THE FAST PATH — an optimisation, not part of the language's definition.
-#
-# Every valid line takes it, and no invalid line: tests/test_grammar.py proves with Hypothesis
-# that it takes exactly the lines parse_line parses and gives what evaluate gives for them.
-# The grammar above stays the definition, and answers every line declined here.
-# ==========================================================================================
-
-# 1. The original's flat form: integers and + - * / between single spaces, split(" ") its
-# tokens.  It is nearly every line the original's clients send, so it skips even the stack.
-FLAT = re.compile(r"[0-9]+(?: [-+*/] [0-9]+)*")
-FLAT_MAX_CHARS = 4000  # too short for an integer of MAX_INT_DIGITS: the flat path checks no sizes
-
-
-def flat_tokens(line: str) -> list[str] | None:
-    """The tokens of line if it is in the flat form, else None."""
-    return line.split(" ") if len(line) <= FLAT_MAX_CHARS and FLAT.fullmatch(line) else None
-
-
-def evaluate_flat(tokens: list[str]) -> Number:
-    """Value of a flat line's tokens: * and / fold into a term, which + and - fold into the
-    total."""
-    total: Number = 0
-    pending_sign = "+"
-    term: Number = int(tokens[0])
-    rest = iter(tokens[1:])
-    pairs = zip(rest, rest)  # one iterator twice: (operator, literal) pairs
-    for operator_token, literal in pairs:
-        if operator_token == "*":
-            term *= int(literal)
-        elif operator_token == "/":
-            term /= int(literal)
-        else:
-            total = total + term if pending_sign == "+" else total - term
-            pending_sign = operator_token
-            term = int(literal)
-    return total + term if pending_sign == "+" else total - term
-
-
-# 2. Every other valid line.  Signs ride on the operator or '(' before them (a '-' right after
-# an operand is the binary minus, anywhere else a sign), so operands and operators alternate
-# and, apart from the balance of its parentheses, a line's tokens form a regular language: one
-# regular expression checks them all, and a count of open groups the balance and MAX_NESTING.
-NUMBER = r"[0-9]+(?:\.[0-9]+)?"
-BINARY = r"\*\*|//|[-+*/%]"  # '**' and '//' before '*' and '/'
-SIGNS = r"(?:[ \t]*[+-])*"
-OPERATOR = rf"(?:{BINARY}){SIGNS}"
-OPENING = rf"\({SIGNS}"
-TOKEN = re.compile(rf"{NUMBER}|{OPERATOR}|{OPENING}|\)")  # spaces and tabs between are skipped
-WHITESPACE = "[ \t]*"
-# A number with the openings before it and the closings after it.
-BRACKETED_NUMBER = rf"(?:{WHITESPACE}{OPENING})*{WHITESPACE}{NUMBER}(?:{WHITESPACE}\))*"
-# The signs are matched with the spaces before them (pyparsing skips those): a WHITESPACE
-# before them would try every split of a long run of spaces between the two.
-TOKENS_LINE = re.compile(
-    rf"({SIGNS})({BRACKETED_NUMBER}(?:{WHITESPACE}{OPERATOR}{BRACKETED_NUMBER})*){WHITESPACE}"
-)
-PARENTHESIS = re.compile("[()]")
-# An integer literal of over MAX_INT_DIGITS digits; a decimal's digits are a float's, any number.
-LONG_INTEGER = re.compile(rf"(?<![0-9.])[0-9]{{{MAX_INT_DIGITS + 1},}}(?![0-9.])")
-
-# A token is a number or text: the signs that start the line ('', '-', '- +'), an opening with
-# its signs ('(', '(-'), ')', or an operator with its signs ('*', '* -').
-Token = Union[int, float, str]
-
-
-def fast_tokens(line: str) -> list[Token] | None:
-    """The tokens of line if the grammar parses it, else None (the grammar says why).
-
-    An integer of over MAX_INT_DIGITS digits, which fails parsing, is left to the grammar too.
-    """
-    match = TOKENS_LINE.fullmatch(line)
-    if match is None or not _balanced(line):
-        return None
-    if len(line) > MAX_INT_DIGITS and LONG_INTEGER.search(line):
-        return None
-    return [match[1].lstrip(" \t"), *_tokens(match[2])]
-
-
-def _balanced(line: str) -> bool:
-    """Whether each ')' of line closes a '(' before it, each '(' is closed, and no more than
-    MAX_NESTING groups are open at once.  Meant for a line of tokens: a '(' is a group's."""
-    depth = 0
-    for parenthesis in PARENTHESIS.findall(line):
-        depth += 1 if parenthesis == "(" else -1
-        if not 0 <= depth <= MAX_NESTING:
-            return False
-    return depth == 0
-
-
-def _tokens(text: str) -> list[Token]:
-    """The tokens of text, which holds whole tokens only (a line after its leading signs)."""
-    return [number_value(token) if token[0].isdigit() else token for token in TOKEN.findall(text)]
-
-
-NEGATE = "negate"  # a sign '-' pending until its operand's value is known
-OPEN = "("  # an open group on the stack: no operator inside it applies across it
-# Higher binds tighter, as in Python: -2 ** 2 is -4, and 2 ** 3 ** 2 is 512.
-PRECEDENCE = {OPEN: 0, "+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, NEGATE: 3, "**": 4}
-
-
-def evaluate_tokens(tokens: list[Token]) -> Number:
-    """The value of a line's tokens, as evaluate gives it for the line's tree: operator-
-    precedence parsing, Dijkstra's *shunting-yard* algorithm.
-
-    Numbers go on the values stack; each operator is pending on a second stack until the next
-    one binds no tighter, and is then applied to the values on top: the order Python computes
-    in, so results and faults are Python's.  ')' applies what is pending since its '('.  A
-    sign is a NEGATE that binds tighter than '*' and looser than a '**' after it (-2 ** 2 is
-    -4); a '**' before it takes the signed operand whole (2 ** -1 is 0.5).
-    """
-    values: list[Number] = []
-    pending: list[str] = []
-    if negates(str(tokens[0])):  # the signs before the line's first operand
-        pending.append(NEGATE)
-    for token in islice(tokens, 1, None):
-        if not isinstance(token, str):
-            values.append(token)
-        elif token == ")":
-            while pending[-1] != OPEN:
-                _apply(pending.pop(), values)
-            pending.pop()
-        elif token[0] == OPEN:
-            pending.append(OPEN)
-            if negates(token):  # the signs after '('
-                pending.append(NEGATE)
-        else:
-            meaning = _operator_meaning(token)
-            if meaning.symbol != "**":  # right to left: '**' waits for its whole right operand
-                while pending and PRECEDENCE[pending[-1]] >= meaning.precedence:
-                    _apply(pending.pop(), values)
-            pending.append(meaning.symbol)
-            if meaning.negates:
-                pending.append(NEGATE)
-    while pending:
-        _apply(pending.pop(), values)
-    return values[0]
-
-
-class OperatorMeaning(NamedTuple):
-    """What an operator token (an operator and the signs after it) means to evaluate_tokens."""
-
-    symbol: str  # the binary operator: '+', '**', ...
-    precedence: int  # PRECEDENCE[symbol]
-    negates: bool  # whether its signs negate the operand after it (an odd number of '-')
-
-
-@lru_cache(maxsize=256)  # a few operator texts make up nearly every line: '+', '* -', ...
-def _operator_meaning(token: str) -> OperatorMeaning:
-    """What an operator token means: its symbol, its precedence, and its signs."""
-    symbol = token[:2] if token[:2] in BINARY_OPERATORS else token[0]  # '**' and '//'
-    return OperatorMeaning(symbol, PRECEDENCE[symbol], negates(token[len(symbol) :]))
-
-
-def _apply(symbol: str, values: list[Number]) -> None:
-    """Replace the operand(s) on top of values with the pending operator's result."""
-    if symbol == NEGATE:
-        values[-1] = -values[-1]
-        return
-    right = values.pop()
-    values[-1] = apply_operator(symbol, values[-1], right)

@@ -1,13 +1,14 @@
 """The handler's armour toward its client: what a client, honest or not, can do to a handler.
 
-The lesson's RequestHandler (bluserver.py) trusts its client to send its request, wait for
+The lesson's RequestHandler (lesson.py) trusts its client to send its request, wait for
 the reply and read it.  A client on a network may instead:
 
 - stall, or trickle a byte at a time: each transfer is paced (``Pace``, Apache
   mod_reqtimeout's rule: --client-timeout plus one second per --min-rate bytes moved);
 - announce more than --max-bytes: the request is refused unread (``RequestTooLarge``);
 - send bytes after its request, or reset the connection while the request is evaluated:
-  the bytes are dropped, a reset cancels the work (``ClientWatch``, supervise.py waits on it);
+  the bytes are dropped, a reset cancels the work (endings.ClientWatch, which supervise.py's
+  wait for the workers watches);
 - go on sending while the reply goes out: what it sends is dropped, so that neither side
   waits for the other (``ReplyPace``);
 - still have unread bytes on its way when the handler closes: the handler lingers, reading
@@ -16,29 +17,22 @@ the reply and read it.  A client on a network may instead:
 
 ``ClientGuard`` attaches all of this to the handler through socketserver's own hooks
 (``handle``, ``finish``) and the lesson's (``pace_request``, ``pace_reply``, ``announced``).
-A request the server will not evaluate (a ``Refusal``: this module's, supervise.py's) is
-answered with one error line instead of its results.
+A request the server will not evaluate (an endings.Refusal: this module's, supervise.py's) is
+answered here with one error line instead of its results.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
-import os
 import selectors
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from client import CHUNK_BYTES, error_line, send_frame
-from events import EventLog
+from endings import CLIENT_FAILURES, ClientWatch, Refusal
 
 LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
-CLIENT_FAILURES = (socket.timeout, ConnectionError)  # silent or too slow; closed or reset
-
-
-class Refusal(Exception):
-    """Why a request is answered with one error line instead of its results."""
 
 
 class RequestTooLarge(Refusal):
@@ -101,59 +95,24 @@ class ReplyPace(Pace):
             self.client_watch.discard_stray_bytes()
 
 
-class ClientWatch:
-    """The client's connection while its request is evaluated.
-
-    Stray bytes it sends after the request are read and dropped: unread, they would make
-    close() reset the connection and cut the reply.  A reset raises ConnectionResetError (or
-    another ConnectionError), which cancels the work.  End of file is a half-close after
-    sending, and the request is still served; from then on the socket is always readable, so
-    it is no longer waited on, only checked for a reset, at least every CHECK_INTERVAL_S.
-    """
-
-    CHECK_INTERVAL_S = 0.5  # a check costs one system call; a reset is noticed within this
-
-    def __init__(self, connection: socket.socket) -> None:
-        self.connection = connection
-        self.half_closed = False
-
-    def sockets(self) -> list[socket.socket]:
-        """What to wait on: the socket, until the client has half-closed it."""
-        return [] if self.half_closed else [self.connection]
-
-    def longest_wait_s(self) -> float:
-        """How long the handler may wait without checking on the client."""
-        return self.CHECK_INTERVAL_S if self.half_closed else math.inf
-
-    def discard_stray_bytes(self) -> None:
-        """Read what the client has sent (it is readable): drop it, or note its half-close."""
-        if not self.connection.recv(CHUNK_BYTES):
-            self.half_closed = True
-
-    def check(self) -> None:
-        """Raise ConnectionResetError if a half-closed client has since reset the connection."""
-        if not self.half_closed:
-            return
-        # A reset after the client's end of file is not seen by reading (end of file again),
-        # but leaves its error on the socket.
-        error = self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            raise ConnectionResetError(error, os.strerror(error))
+if TYPE_CHECKING:
+    # The mixin's declared base, for the type checker only: what it extends.
+    from lesson import RequestHandler as HandlerBase
+else:
+    HandlerBase = object
 
 
-class ClientGuard:
+class ClientGuard(HandlerBase):
     """A RequestHandler mixin: the pace of each transfer, the limit on what a request may
     announce, one error line for a refusal, one warning for a client that fails, and the
     lingering close after the reply."""
 
-    connection: socket.socket
-    options: argparse.Namespace
-    event_log: EventLog
-
     def handle(self) -> None:
+        """The lesson's handle; a refusal, raised anywhere in it, answered with one error
+        line; a client that failed, logged."""
         self.client_failed = False
         try:
-            super().handle()  # type: ignore[misc]
+            super().handle()
         except Refusal as refusal:
             self.event_log.warning("Request refused", reason=str(refusal))
             with contextlib.suppress(*CLIENT_FAILURES):  # a client gone needs no reply
@@ -172,13 +131,13 @@ class ClientGuard:
         """Refuse a request larger than --max-bytes before reading a byte of it."""
         if size > self.options.max_bytes:
             raise RequestTooLarge(size, self.options.max_bytes)
-        super().announced(size)  # type: ignore[misc]
+        super().announced(size)
 
     def finish(self) -> None:
         """Linger after the reply (or a refusal), unless the client has already failed."""
         if not self.client_failed:
             linger(self.connection)
-        super().finish()  # type: ignore[misc]
+        super().finish()
 
 
 def linger(connection: socket.socket) -> None:

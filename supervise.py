@@ -1,6 +1,6 @@
 """Supervising the workers of one request: the handler's armour toward its workers.
 
-The lesson (bluserver.py's ``Slice`` and ``RequestHandler``) takes it that every worker
+The lesson (lesson.py's ``Slice`` and ``RequestHandler``) takes it that every worker
 starts, answers each line of its slice and exits, that the disk takes every result, and that
 a request costs what its size suggests.  None of that is promised:
 
@@ -8,24 +8,26 @@ a request costs what its size suggests.  None of that is promised:
   (START_BACKOFF_S), then the request is refused (``WorkerNotStarted``);
 - a worker dies, or goes silent for --worker-timeout while using no CPU (stopped by SIGSTOP
   or a debugger, blocked): the lines it has not answered run once more, then are answered
-  ``error: worker failed`` (``SliceSupervision.retry``, ATTEMPTS);
+  ``error: worker failed`` (``SupervisedSlice.retry``, ATTEMPTS);
 - the reply would exceed --max-reply-bytes: refused whole, before anything past the limit
   is stored (``ReplyBudget``, ``ReplyTooLarge``);
 - the disk will not take the results: refused (``ReplyNotStored``);
 - the lines cost far more than their size says (a line of nested groups, invalid lines that
   pyparsing must explain): past --cpu-floor plus --cpu-per-mib seconds per MiB of the request,
   refused and its workers stopped (``CpuLimit``, ``RequestTooCostly``);
-- the client resets while its request is evaluated (guard.ClientWatch, waited on here).
+- the client resets while its request is evaluated (endings.ClientWatch, waited on here).
 
-``SliceSupervision`` attaches to the lesson's Slice, and ``WorkerSupervision`` to its handler,
-through the lesson's hooks (bluserver.py composes them).  A Slice keeps these invariants,
-whatever happens to its worker (a results file that cannot be written ends the whole request
-instead, with ReplyNotStored):
+``SupervisedSlice`` is a subclass of the lesson's Slice; ``WorkerSupervision``, a mixin of its
+handler, makes them and waits for their workers, through the lesson's hooks (bluserver.py
+composes the handler).  A SupervisedSlice keeps these invariants, whatever happens to its
+worker (a results file that cannot be written ends the whole request instead, with
+ReplyNotStored):
 
-- its results hold one result line for each line of payload[first_line_at:start], then
-  one for each of the first ``answered`` lines of payload[start:end], in order;
+- its results hold one result line for each of the slice's lines before ``start`` (which
+  moves past the lines answered, at each attempt), then one for each of the first
+  ``answered`` lines from ``start``, in order;
 - a worker evaluates payload[start:end]: a new attempt starts past the lines answered;
-- ``finished`` once the results hold a result line for every line of payload[first_line_at:end].
+- ``finished`` once the results hold a result line for every line of the slice.
 
 A result line longer than a message spans two or more: a worker lost between them leaves part
 of a line in the results, which is dropped before its lines run again (``drop_partial_line``).
@@ -33,19 +35,19 @@ of a line in the results, which is dropped before its lines run again (``drop_pa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import socket
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-import worker
+import fastpath
+import lesson
 from client import count_lines, error_line
+from endings import ClientWatch, Refusal
 from events import EventLog
-from guard import ClientWatch, Refusal
 
 ATTEMPTS = 2  # a worker that dies or is stuck has its unanswered lines run once more
 # Waits before trying again to fork a worker when the system is out of processes (EAGAIN).
@@ -111,31 +113,27 @@ class ReplyBudget:
         self.left += size
 
 
-class SliceSupervision:
-    """A Slice mixin: its worker is started however the system resists, replaced when it dies
-    or is stuck, and its results are kept within the reply's budget and on disk."""
+class SupervisedSlice(lesson.Slice):
+    """The lesson's Slice, its worker supervised: started however the system resists,
+    replaced when it dies or is stuck, and its results kept within the reply's budget (shared
+    with the request's other slices) and on disk.  Its workers answer with the fast path."""
 
-    # The lesson Slice's, for the type checker.
-    payload: bytearray
-    start: int
-    end: int
-    event_log: Any
-    results: Any
-    results_size: int
-    finished: bool
-    error_lines: int
-    process: BaseProcess | None
-    receiver: Connection | None
-    name: str
+    # The optimisation the server people run plugs in: the grammar's answers, faster.
+    evaluate_line = staticmethod(fastpath.evaluate_line)
 
-    def __init__(self, payload: bytearray, bounds: tuple[int, int], event_log: Any) -> None:
+    def __init__(
+        self,
+        payload: bytearray,
+        bounds: tuple[int, int],
+        event_log: EventLog,
+        budget: ReplyBudget,
+    ) -> None:
         try:
-            super().__init__(payload, bounds, event_log)  # type: ignore[call-arg]
+            super().__init__(payload, bounds, event_log)
         except OSError as error:  # no results file: no usable temporary directory
             raise ReplyNotStored(error) from None
-        self.budget: ReplyBudget | None = None  # the request's, shared: WorkerSupervision's
+        self.budget = budget  # the request's, shared by its slices
         self.whole_lines_size = 0  # the results' bytes up to the end of their last line
-        self.first_line_at = bounds[0]  # start moves past the lines answered, at each attempt
         self.answered = 0  # lines answered by the current attempt
         self.attempts = 0
         self.heard_at = 0.0  # when the worker last sent something, or started
@@ -163,15 +161,14 @@ class SliceSupervision:
                 time.sleep(wait_s)  # a pause for the system, not a wait for a condition
         self.answered = 0
         self.heard_at = time.monotonic()
-        assert self.process, "just started"
-        self.worked_ticks = cpu_ticks(self.process.pid)
+        self.worked_ticks = self.worker_cpu_ticks()
 
     def try_to_start_worker(self, name: str) -> None:
         """The lesson's start_worker, leaving nothing open when fork() fails: multiprocessing
         (popen_fork) opens two pipes before it forks, and closes neither if the fork fails."""
         open_before = open_file_descriptors()
         try:
-            super().start_worker(name)  # type: ignore[misc]
+            super().start_worker(name)
         except OSError:
             if self.receiver:
                 self.receiver.close()
@@ -187,16 +184,15 @@ class SliceSupervision:
         lines it did not answer run again."""
         self.heard_at = time.monotonic()
         try:
-            super().receive()  # type: ignore[misc]
+            super().receive()
         except EOFError:
             self.retry("died")
 
     def store(self, results: bytes) -> None:
         """Charge the results to the reply's budget before they are stored, then store them."""
-        assert self.budget, "new_slices gives every slice the request's budget"
         self.budget.spend(len(results))
         try:
-            super().store(results)  # type: ignore[misc]
+            super().store(results)
         except OSError as error:  # ENOSPC, or EFBIG past RLIMIT_FSIZE
             raise self.not_stored(error) from None
         lines = results.count(b"\n")
@@ -216,7 +212,6 @@ class SliceSupervision:
             raise self.not_stored(error) from None
         self.results.seek(self.whole_lines_size)
         self.results_size = self.whole_lines_size
-        assert self.budget, "new_slices gives every slice the request's budget"
         self.budget.give_back(partial)
 
     def flush_results(self) -> None:
@@ -241,13 +236,17 @@ class SliceSupervision:
         stuck is not making progress, not being slow)."""
         if time.monotonic() - self.heard_at < worker_timeout_s:
             return False
-        assert self.process, "only a running worker is judged"
-        ticks = cpu_ticks(self.process.pid)
+        ticks = self.worker_cpu_ticks()
         if ticks > self.worked_ticks:  # it has been working: as good as a message
             self.worked_ticks = ticks
             self.heard_at = time.monotonic()
             return False
         return True
+
+    def worker_cpu_ticks(self) -> int:
+        """The CPU time its worker has used, in clock ticks (cpu_ticks)."""
+        assert self.process, "only a running worker is measured"
+        return cpu_ticks(self.process.pid)
 
     def retry(self, reason: str) -> None:
         """Stop the worker; run the lines it has not answered once more, if attempts are left."""
@@ -306,7 +305,7 @@ class SliceSupervision:
             # SIGKILL also ends a stopped process (SIGSTOP, a debugger), where SIGTERM waits;
             # to one that has exited (a zombie until reaped) it does nothing.
             self.process.kill()
-        super().stop_worker()  # type: ignore[misc]
+        super().stop_worker()
         self.process = None
         self.receiver = None
 
@@ -316,7 +315,7 @@ class SliceSupervision:
         may refuse again, and nobody needs those results."""
         self.stop_worker()  # outside the suppress below: its errors are its own
         with contextlib.suppress(OSError):
-            super().close()  # type: ignore[misc]
+            super().close()
 
 
 def open_file_descriptors() -> set[int]:
@@ -346,18 +345,18 @@ class CpuLimit:
     def __init__(self, request_bytes: int, workers: int, floor_s: float, per_mib_s: float) -> None:
         self.limit_s = floor_s + per_mib_s * request_bytes / MIB
         # The workers reaped before this request: none, in a handler forked for it.
-        self.reaped_s = worker.reaped_workers_cpu_s()
+        self.reaped_s = lesson.reaped_workers_cpu_s()
         # The first check is due once the workers could have spent the limit, all working
         # flat out: an ordinary request is answered long before, and reads no /proc file.
         self.check_at = time.monotonic() + self.limit_s / max(1, workers)
 
-    def used_s(self, running: list[Any]) -> float:
+    def used_s(self, running: list[SupervisedSlice]) -> float:
         """The CPU time used so far: the workers reaped, and those still running."""
-        running_ticks = sum(max(0, cpu_ticks(slice_.process.pid)) for slice_ in running)
-        reaped_s = worker.reaped_workers_cpu_s() - self.reaped_s
+        running_ticks = sum(max(0, slice_.worker_cpu_ticks()) for slice_ in running)
+        reaped_s = lesson.reaped_workers_cpu_s() - self.reaped_s
         return reaped_s + running_ticks / CLOCK_TICKS_PER_S
 
-    def check(self, running: list[Any]) -> None:
+    def check(self, running: list[SupervisedSlice]) -> None:
         """Raise RequestTooCostly if the limit is spent, when a check is due: checking costs a
         read of /proc per worker, not to be paid at every message.  The next is due once the
         running workers could have spent what is left, all working flat out."""
@@ -373,53 +372,58 @@ class CpuLimit:
         return max(0.0, self.check_at - time.monotonic())
 
 
-class WorkerSupervision:
-    """A RequestHandler mixin: each request's slices share a ReplyBudget and a CpuLimit, and
-    the wait for the workers' messages also watches for stuck workers, the CPU limit and the
-    client (guard.ClientWatch)."""
+if TYPE_CHECKING:
+    # The mixin's declared base, for the type checker only: what it extends.
+    from lesson import RequestHandler as HandlerBase
+else:
+    HandlerBase = object
 
-    connection: socket.socket
-    options: argparse.Namespace
-    event_log: EventLog
-    slice_class: Callable[..., Any]
 
-    def new_slices(self, payload: bytearray, ranges: list[tuple[int, int]]) -> list[Any]:
-        """The lesson's slices, sharing one ReplyBudget; and the request's CpuLimit."""
-        slices: list[Any] = super().new_slices(payload, ranges)  # type: ignore[misc]
+class WorkerSupervision(HandlerBase):
+    """A RequestHandler mixin: each request's slices are SupervisedSlices that share a
+    ReplyBudget and a CpuLimit, and the wait for the workers' messages also watches for stuck
+    workers, the CPU limit and the client (endings.ClientWatch)."""
+
+    def new_slices(self, payload: bytearray, ranges: list[tuple[int, int]]) -> list[lesson.Slice]:
+        """Replaces the lesson's: a SupervisedSlice for each range, sharing one ReplyBudget;
+        and the request's CpuLimit."""
         budget = ReplyBudget(self.options.max_reply_bytes)
-        for slice_ in slices:
-            slice_.budget = budget
+        self.supervised = [
+            SupervisedSlice(payload, bounds, self.event_log, budget) for bounds in ranges
+        ]
         floor_s = self.options.cpu_floor_s
         per_mib_s = self.options.cpu_per_mib_s
-        self.cpu_limit = CpuLimit(len(payload), len(slices), floor_s, per_mib_s)
-        return slices
+        self.cpu_limit = CpuLimit(len(payload), len(ranges), floor_s, per_mib_s)
+        return list(self.supervised)
 
-    def collect_results(self, slices: list[Any]) -> None:
+    def collect_results(self, slices: list[lesson.Slice]) -> None:
         """The lesson's collect_results, watching the client meanwhile; then every result is
         on disk."""
         self.client_watch = ClientWatch(self.connection)
-        super().collect_results(slices)  # type: ignore[misc]
-        for slice_ in slices:
+        super().collect_results(slices)
+        for slice_ in self.supervised:
             slice_.flush_results()
 
-    def wait_for_workers(self, running: list[Any]) -> list[Any]:
+    def wait_for_workers(self, running: list[lesson.Slice]) -> Sequence[object]:
         """Replaces the lesson's wait, which waits on the Pipes alone, for as long as it takes.
         This one also waits on the client (a reset cancels the work), and at most until the
         longest-silent worker would be stuck or the CPU limit is to be checked; then it
         checks the client and the CPU limit, and replaces the workers that are stuck.
         Returns the receivers that have a message, as the lesson's does."""
-        self.cpu_limit.check(running)
+        supervised = [slice_ for slice_ in self.supervised if slice_ in running]
+        self.cpu_limit.check(supervised)
         worker_timeout_s = self.options.worker_timeout_s
-        longest_silent_since = min(slice_.heard_at for slice_ in running)
+        longest_silent_since = min(slice_.heard_at for slice_ in supervised)
         until_stuck_s = max(0.0, longest_silent_since + worker_timeout_s - time.monotonic())
         until_cpu_check_s = self.cpu_limit.seconds_to_next_check()
         timeout_s = min(until_stuck_s, until_cpu_check_s, self.client_watch.longest_wait_s())
-        receivers = [slice_.receiver for slice_ in running]
-        ready = wait(receivers + self.client_watch.sockets(), timeout=timeout_s)
+        watched: list[Connection | socket.socket] = [*lesson.receivers(running)]
+        watched += self.client_watch.sockets()
+        ready = wait(watched, timeout=timeout_s)
         if self.connection in ready:
             self.client_watch.discard_stray_bytes()
         self.client_watch.check()
-        for slice_ in running:
+        for slice_ in supervised:
             if slice_.receiver not in ready and slice_.is_stuck(worker_timeout_s):
                 slice_.retry("stuck")
         return ready

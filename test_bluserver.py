@@ -27,9 +27,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bluserver
-from bluserver import MIN_SLICE_BYTES
+import lesson
 from client import HEADER, recv_frame, send_frame
 from grammar import evaluate_line
+from lesson import MIN_SLICE_BYTES
 from tests.harness import (
     JSON_LOG,
     ROOT,
@@ -169,7 +170,7 @@ payloads = st.one_of(
 def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(
     payload: bytes, count: int
 ) -> None:
-    bounds = bluserver.slice_bounds(payload, count)
+    bounds = lesson.slice_bounds(payload, count)
 
     edges = [0, *(end for _, end in bounds)]
     assert bounds == list(zip(edges, edges[1:]))  # contiguous, from the first byte
@@ -206,13 +207,13 @@ def test_slice_bounds_are_contiguous_whole_lines_covering_the_payload(
 def test_slice_bounds_examples(
     payload: bytes, count: int, expected: list[tuple[int, int]]
 ) -> None:
-    assert bluserver.slice_bounds(payload, count) == expected
+    assert lesson.slice_bounds(payload, count) == expected
 
 
 # --- The wire protocol. ------------------------------------------------------------------
 
 
-LESSON_SERVER = ROOT / "tests" / "lesson_server.py"  # the lesson alone, without its armour
+LESSON_SERVER = ROOT / "lesson.py"  # the lesson alone, without its armour
 
 PROTOCOL_CASES = [
     ("mixed_good_and_bad_lines_keep_alignment", MIXED_PAYLOAD, MIXED_REPLY),
@@ -243,13 +244,48 @@ def test_reply_has_one_result_line_per_input_line_in_order(
 def test_the_lesson_alone_answers_every_protocol_case_as_the_server_does(
     start_server: StartServer,
 ) -> None:
-    # bluserver.BluServer without the armour, on socketserver's own serve_forever.
+    # lesson.BluServer without the armour, on socketserver's own serve_forever.
     lesson = start_server("-n", "2", command=[sys.executable, str(LESSON_SERVER)])
     for name, payload, reply in PROTOCOL_CASES:
         assert lesson.request(payload) == reply, name
     # Large enough for two slices, so two workers and their Pipes.
     lines = b"1 + 2 * 3\n" * (3 * MIN_SLICE_BYTES // 10)
     assert lesson.request(lines) == b"7\n" * (3 * MIN_SLICE_BYTES // 10)
+
+
+def ctrl_c_as_on_a_terminal() -> None:
+    """A preexec_fn: SIGINT's default action, which a shell gives a program it starts in the
+    foreground (one started in the background, as a test runner may be, inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_the_lesson_runs_as_a_program_logs_its_events_and_ends_on_ctrl_c_with_exit_0() -> None:
+    command = [sys.executable, str(LESSON_SERVER), "-a", "127.0.0.1", "-p", "0", "-v"]
+    with subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_as_on_a_terminal,  # noqa: PLW1509 - one system call, no locks
+    ) as lesson_run:
+        assert lesson_run.stdout, "piped"
+        banner = lesson_run.stdout.readline()
+        port = re.search(r"serving on 127\.0\.0\.1:(\d+) ", banner)
+        assert port, banner
+        with socket.create_connection(("127.0.0.1", int(port[1]))) as sock:
+            send_frame(sock, [b"1 + 2\n(2"])
+            assert recv_frame(sock) == b"3\nerror: missing ')' at column 3\n"
+        lesson_run.send_signal(signal.SIGINT)  # as Ctrl-C on a terminal, to the server alone
+        status = wait_for_exit(lesson_run, SUBPROCESS_TIMEOUT_S)
+        # Read through the pipes' own buffers, which hold what followed the banner.
+        log = lesson_run.stdout.read()
+        assert lesson_run.stderr, "piped"
+        errors = lesson_run.stderr.read()
+    assert (status, errors) == (0, "")
+    for event in ("Server started", "Incoming connection", "Worker started", "Request served"):
+        assert f"event={event!r}" in log, event
+    assert "event='Server stopped'" in log
 
 
 @pytest.mark.parametrize("half_close", [True, False], ids=["half_closed", "left_open"])

@@ -1,6 +1,6 @@
 """The worker process: evaluates one slice of a request and sends the results up its Pipe.
 
-A handler (bluserver.py) cuts its request into slices of whole lines and forks one worker
+A handler (lesson.py) cuts its request into slices of whole lines and forks one worker
 per slice with ``multiprocessing.Process``, each linked to it by a one-way
 ``multiprocessing.Pipe``::
 
@@ -8,7 +8,7 @@ per slice with ``multiprocessing.Process``, each linked to it by a one-way
     ───────────────                                   ──────────────
     Slice.start_worker ── Process(target=evaluate_slice), Pipe ──▶ evaluate_slice
                                                         slice_lines: the slice's lines
-                                                        grammar.evaluate_line, per line
+                                                        evaluate_line, per line
     Slice.receive ◀──── recv_bytes ◀──── send_bytes ── results, in messages
     Slice.receive ◀──── recv_bytes ◀──── send_bytes ── END_OF_SLICE: all lines answered
 
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import select
 import sys
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
-from typing import NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 import grammar
 
@@ -43,9 +42,16 @@ STDERR_FD = 2
 DECODE_BYTES = 256 * 1024  # a worker decodes its lines a batch of about this many bytes at a time
 
 
-def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
-    """Evaluate the lines of payload[start:end] and send their results up sender, one result
-    line per line, in order; then END_OF_SLICE.  Runs in the worker process."""
+def evaluate_slice(
+    sender: Connection,
+    payload: bytearray,
+    start: int,
+    end: int,
+    evaluate_line: Callable[[str], str],
+) -> None:
+    """Evaluate the lines of payload[start:end] with evaluate_line (the lesson's:
+    grammar.evaluate_line) and send their results up sender, one result line per line, in
+    order; then END_OF_SLICE.  Runs in the worker process."""
     become_worker(sender)
     results: list[str] = []
     results_chars = 0  # a character is at least one byte
@@ -54,7 +60,7 @@ def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int)
             if isinstance(line, LineTooLong):
                 result = grammar.line_too_long(line.size)
             else:
-                result = grammar.evaluate_line(line)
+                result = evaluate_line(line)
             results.append(result)
             results_chars += len(result) + 1
             if results_chars >= SEND_AT_BYTES:
@@ -102,9 +108,10 @@ def close_inherited_files(sender: Connection) -> None:
     keeps a pipe reader waiting.  stdin and stdout become /dev/null.
 
     Among them is multiprocessing's sentinel, the pipe whose end of file tells the handler
-    the worker has exited: from then on the handler's Process.join(timeout) returns at once,
-    and join() waits as long as the worker takes (supervise.SliceSupervision.stop_worker
-    waits for the end of file of the worker's own Pipe instead)."""
+    the worker has exited: closed here, its end of file comes at once, so the handler's
+    Process.join(timeout) no longer times out, but waits (waitpid) as long as the worker
+    takes (supervise.SupervisedSlice.stop_worker waits for the end of file of the worker's
+    own Pipe instead, which comes when it exits)."""
     # Those open, from Linux's /proc: os.closerange up to the open-file limit costs a system
     # call per number on Python 3.9, and a container's limit may be a billion.
     for name in os.listdir("/proc/self/fd"):
@@ -174,9 +181,3 @@ def decode_lines(payload: bytearray, start: int, stop: int) -> Iterator[str]:
     if text.endswith("\n"):
         text = text[:-1]
     yield from text.split("\n")
-
-
-def reaped_workers_cpu_s() -> float:
-    """In a handler: the CPU time of every worker it has reaped (its only children), in seconds."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime

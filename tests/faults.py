@@ -12,7 +12,7 @@ import signal
 import time
 from multiprocessing import connection, popen_fork
 
-import grammar
+import fastpath
 
 
 def scripted_lines(_: str) -> None:
@@ -25,7 +25,7 @@ def scripted_lines(_: str) -> None:
     ``die-once PATH``   exit at once if PATH does not exist (creating it); else 'resumed'
     ``count PATH``      append a byte to PATH, so the test can count evaluations; 'counted'
     """
-    evaluate = grammar.evaluate_line
+    evaluate = fastpath.evaluate_line
 
     def scripted(line: str) -> str:
         command, _, argument = line.partition(" ")
@@ -54,7 +54,8 @@ def scripted_lines(_: str) -> None:
             return "counted"
         return evaluate(line)
 
-    grammar.evaluate_line = scripted
+    # Before bluserver is imported: its workers' evaluator is fastpath's, as it is then.
+    fastpath.evaluate_line = scripted
 
 
 def failing_worker_starts(times: str) -> None:
@@ -96,15 +97,15 @@ def dying_before_end_of_slice(_: str) -> None:
 def gated_handlers(path: str) -> None:
     """Each handler waits, before it does anything, until the test creates the file at path."""
     # Imported here: the faults before it must be in place when it imports worker.
-    import bluserver  # noqa: PLC0415
+    import lesson  # noqa: PLC0415
 
-    setup = bluserver.RequestHandler.setup
+    setup = lesson.RequestHandler.setup
 
-    def gated_setup(self: bluserver.RequestHandler) -> None:
+    def gated_setup(self: lesson.RequestHandler) -> None:
         wait_for(path)
         setup(self)
 
-    bluserver.RequestHandler.setup = gated_setup  # type: ignore[method-assign]
+    lesson.RequestHandler.setup = gated_setup  # type: ignore[method-assign]
 
 
 def wait_for(path: str) -> None:
@@ -133,12 +134,12 @@ def failing_worker_forks(times: str) -> None:
     """In each handler, the first `times` os.fork() calls (its workers') fail as fork() does
     when out of processes, after multiprocessing has opened the pipes it forks with."""
     # Imported here: the faults before it must be in place when it imports worker.
-    import bluserver  # noqa: PLC0415
+    import lesson  # noqa: PLC0415
 
-    setup = bluserver.RequestHandler.setup
+    setup = lesson.RequestHandler.setup
 
-    def setup_then_fail_forks(self: bluserver.RequestHandler) -> None:
+    def setup_then_fail_forks(self: lesson.RequestHandler) -> None:
         setup(self)
         failing_forks(times)
 
-    bluserver.RequestHandler.setup = setup_then_fail_forks  # type: ignore[method-assign]
+    lesson.RequestHandler.setup = setup_then_fail_forks  # type: ignore[method-assign]

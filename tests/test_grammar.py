@@ -35,6 +35,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import fastpath
 import grammar
 from grammar import evaluate_line
 from test_bluserver import ORIGINAL_EXAMPLES
@@ -352,7 +353,7 @@ FLAT_LINES = [
 
 @pytest.mark.parametrize(("line", "tokens"), FLAT_LINES)
 def test_flat_path_takes_the_originals_flat_form(line: str, tokens: list[str]) -> None:
-    assert grammar.flat_tokens(line) == tokens
+    assert fastpath.flat_tokens(line) == tokens
 
 
 NOT_FLAT_LINES = [
@@ -372,13 +373,13 @@ NOT_FLAT_LINES = [
     pytest.param("1 +", id="missing-operand"),
     pytest.param("٣ + 1", id="non-ascii-digit"),
     pytest.param("1 + 1\n", id="newline"),
-    pytest.param("1" * (grammar.FLAT_MAX_CHARS + 1), id="longer-than-flat-max-chars"),
+    pytest.param("1" * (fastpath.FLAT_MAX_CHARS + 1), id="longer-than-flat-max-chars"),
 ]
 
 
 @pytest.mark.parametrize("line", NOT_FLAT_LINES)
 def test_flat_path_leaves_other_lines_to_the_grammar(line: str) -> None:
-    assert grammar.flat_tokens(line) is None
+    assert fastpath.flat_tokens(line) is None
 
 
 FAST_PATH_LINES = [
@@ -393,7 +394,7 @@ FAST_PATH_LINES = [
 
 @pytest.mark.parametrize(("line", "tokens"), FAST_PATH_LINES)
 def test_fast_path_gives_the_tokens_of_every_valid_line(line: str, tokens: list[object]) -> None:
-    assert grammar.fast_tokens(line) == tokens
+    assert fastpath.fast_tokens(line) == tokens
 
 
 FAST_PATH_DECLINES = [
@@ -413,7 +414,7 @@ FAST_PATH_DECLINES = [
 
 @pytest.mark.parametrize("line", FAST_PATH_DECLINES)
 def test_fast_path_leaves_every_invalid_line_to_the_grammar(line: str) -> None:
-    assert grammar.fast_tokens(line) is None
+    assert fastpath.fast_tokens(line) is None
 
 
 # --- Property: the fast path agrees with the grammar. ---------------------------------
@@ -463,17 +464,17 @@ def flat_lines(draw: st.DrawFn) -> str:
 @example("1 - 1 / 0")
 @example("9" * 400 + " / 1")
 def test_flat_path_agrees_with_the_grammar_on_flat_lines(line: str) -> None:
-    tokens = grammar.flat_tokens(line)
+    tokens = fastpath.flat_tokens(line)
     assert tokens is not None
-    assert outcome(lambda: grammar.evaluate_flat(tokens)) == grammar_outcome(line)
+    assert outcome(lambda: fastpath.evaluate_flat(tokens)) == grammar_outcome(line)
 
 
 def test_flat_path_agrees_on_the_largest_product_it_takes() -> None:
     # FLAT_MAX_CHARS is what spares the flat path the digit checks: no product it takes
     # can reach 4300 digits.
-    half = grammar.FLAT_MAX_CHARS // 2
-    line = "9" * half + " * " + "9" * (grammar.FLAT_MAX_CHARS - half - 3)
-    assert grammar.flat_tokens(line) is not None
+    half = fastpath.FLAT_MAX_CHARS // 2
+    line = "9" * half + " * " + "9" * (fastpath.FLAT_MAX_CHARS - half - 3)
+    assert fastpath.flat_tokens(line) is not None
     assert evaluate_line(line) == grammar_outcome(line)
 
 
@@ -726,10 +727,10 @@ LINES = st.one_of(
 
 def fast_path_outcome(line: str) -> str | None:
     """What line gives by the fast path alone, or None if the fast path declines it."""
-    tokens = grammar.fast_tokens(line)
+    tokens = fastpath.fast_tokens(line)
     if tokens is None:
         return None
-    return outcome(lambda: grammar.evaluate_tokens(tokens))
+    return outcome(lambda: fastpath.evaluate_tokens(tokens))
 
 
 def grammar_parses(line: str) -> bool:

@@ -1,5 +1,5 @@
 """Both ends of a worker in unit form: how a worker reads its slice's lines and sends its
-results, and how a handler's supervised Slice (bluserver.SupervisedSlice, supervise.py) keeps
+results, and how a handler's supervised Slice (supervise.SupervisedSlice) keeps
 its invariants in every state a worker can leave it in.
 
 The Slice tests fork real workers through real Pipes, but each worker runs a script instead
@@ -21,7 +21,6 @@ from typing import Callable, Union
 
 import pytest
 
-import bluserver
 import events
 import grammar
 import supervise
@@ -128,7 +127,9 @@ def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
     """A stand-in for worker.evaluate_slice: the worker for the range starting at offset sends
     the messages scripts[offset], then exits without another word (as if it died)."""
 
-    def evaluate_slice(sender: Connection, payload: bytearray, start: int, end: int) -> None:
+    def evaluate_slice(
+        sender: Connection, payload: bytearray, start: int, end: int, *_: object
+    ) -> None:
         worker.close_inherited_files(sender)  # as a real worker does
         for message in scripts[start]:
             if message is STOPPED:
@@ -140,20 +141,22 @@ def scripted_workers(scripts: dict[int, Script]) -> Callable[..., None]:
     return evaluate_slice
 
 
-MakeSlice = Callable[..., bluserver.SupervisedSlice]
+MakeSlice = Callable[..., supervise.SupervisedSlice]
 
 
 @pytest.fixture
 def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
     """make_slice(payload, scripts) -> a Slice over all of payload, its worker started."""
-    slices: list[bluserver.SupervisedSlice] = []
+    slices: list[supervise.SupervisedSlice] = []
 
     def make(
         payload: bytes, scripts: dict[int, Script], limit: int = 2**20
-    ) -> bluserver.SupervisedSlice:
+    ) -> supervise.SupervisedSlice:
         monkeypatch.setattr(worker, "evaluate_slice", scripted_workers(scripts))
-        slice_ = bluserver.SupervisedSlice(bytearray(payload), (0, len(payload)), EVENT_LOG)
-        slice_.budget = supervise.ReplyBudget(limit)
+        budget = supervise.ReplyBudget(limit)
+        slice_ = supervise.SupervisedSlice(
+            bytearray(payload), (0, len(payload)), EVENT_LOG, budget
+        )
         slices.append(slice_)
         slice_.start_worker("worker-1")
         return slice_
@@ -163,7 +166,7 @@ def make_slice(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeSlice]:
         slice_.close()
 
 
-def run_to_the_end(slice_: bluserver.SupervisedSlice) -> bytes:
+def run_to_the_end(slice_: supervise.SupervisedSlice) -> bytes:
     """Receive until the slice is finished (no worker here is ever stuck); its stored results."""
     deadline = time.monotonic() + 10
     while not slice_.finished:
