@@ -27,14 +27,18 @@ launcher, as a process of its own.
 
 What is counted: the request, not start-up and stop.  The handler and the workers live only
 for the request, and the client is the request, so all their calls count (the client's
-import-time code is no function call).  The server process also imports, parses its command
-line, listens and, after SIGINT, drains: so its calls count only from the moment it waits for
-the connection to the moment it waits again after reaping the handler.  The launcher logs the
-server's every call of ``selectors``' ``select`` (where both loops, socketserver's and
-serving.py's, wait) as a marker: the client starts once the server's last record is that
-marker, and the server is stopped once its handler is reaped and its last record is that
-marker again.  The log's size at those two moments bounds the server's records.  Neither
-moment is a time measured against a clock, so a slow machine gives the same trace.
+import-time code calls no project function).  The server process also imports, parses its
+command line, listens and, after SIGINT, drains: its part of the request is its loop.  So the
+launcher logs, as a marker, each call that the server process makes of ``selectors``'
+``select`` (where both loops wait, socketserver's and serving.py's), with the project
+functions it waits in.  The client starts once the server's last record is that marker: the
+server waits for a connection.  The server's trace is the functions it waited in then, and
+the calls it made after; it ends once the server has reaped the handler and its last record
+is the marker again, where the log's size is taken before SIGINT.  No moment is a time read
+from a clock, so a slow machine gives the same trace.
+
+Before Python 3.11 a code object has no qualified name (``co_qualname``): a method is then
+named without its class, and the methods of one name in one module count as one.
 """
 
 from __future__ import annotations
