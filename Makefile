@@ -16,7 +16,7 @@ CERT ?=
 TLS_DIR ?= tls
 
 .DEFAULT_GOAL := help
-.PHONY: help lesson run cluster cert test coverage bench limits load lint dist docker-build docker-run docker-test clean
+.PHONY: help lesson run cluster cert test coverage bench limits load trace lint dist docker-build docker-run docker-test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,6 +69,9 @@ limits: $(VENV)/.dev ## measure what OPERATIONS.md's limits promise, against rea
 
 load: $(VENV)/.dev ## 50 concurrent clients x 2,000 lines, every reply verified (tools/load.py)
 	$(BIN)/python -m tools.load
+
+trace: $(VENV)/.runtime ## one request's project functions, per process: the lesson, then the server (tools/trace.py)
+	$(BIN)/python -m tools.trace
 
 lint: $(VENV)/.dev ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check .
