@@ -326,15 +326,25 @@ class GuardedRequestHandler(
 
 class ArmouredServer(
     serving.SignalledServing,
-    serving.ForkRetry,
     serving.DeferredAccept,
     serving.HandedListener,
     BluServer,
 ):
     """The server main() runs: BluServer, with the armour of the server process composed over
     it as socketserver composes ForkingTCPServer.  Each class of serving.py opens with the
-    failure it handles: signals (a drain, then a stop), a fork that fails, a connection that
-    sends nothing, a listening socket handed over by a process manager."""
+    failures it handles: signals (a drain, then a stop) and a fork that fails, a connection
+    that sends nothing, a listening socket handed over by a process manager.
+
+    The order matters where two classes override one hook, each calling the next:
+
+    - SignalledServing first: its process_request wraps the fork in the signal mask, and its
+      finish_request takes the child's first steps (its own process group, its own signals)
+      before anything else runs in the child.
+    - DeferredAccept before HandedListener: HandedListener.server_activate does not call on
+      for a handed socket (it listens already), and deferred accept is set on it too.
+    - HandedListener before BluServer: its server_bind takes the handed socket instead of
+      TCPServer's bind.
+    """
 
     handler_class = GuardedRequestHandler
 
@@ -536,9 +546,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)])
     server = open_server(options)
     announce(server)
-    # ArmouredServer's (serving.SignalledServing): until the first SIGINT or SIGTERM.
-    server.serve_forever()
-    server.drain()  # then serve what is waiting and in flight
+    # Until the first SIGINT or SIGTERM, then the drain (serving.SignalledServing).
+    server.serve_until_signalled()
     server_log.warning("Server stopped")
 
 
