@@ -22,9 +22,11 @@ and ``TCPServer``::
                        other listening sockets it hands every process are closed.
 
 Each stands on its own state; the orders of the MRO that matter are written where
-ArmouredServer composes them (its docstring).  serve_until_signalled also makes every process
-the server forks die with its parent (children_die_with_their_parent): a forced stop leaves no
-process.  Socket activation and sd_notify (the service manager's side) close the module.
+ArmouredServer composes them (its docstring).  An error of one connection at any step of
+accepting it is logged and the connection dropped, never fatal.  And serve_until_signalled
+makes every process the server forks die with its parent (children_die_with_their_parent):
+a forced stop of the server or of a handler leaves no process behind.  Socket activation and
+sd_notify (the service manager's side) close the module.
 
 socketserver's own loop and its contracts still hold on every class here: serve_forever stops
 on shutdown(), collect_children(blocking=True) and server_close (block_on_close) wait for the
@@ -130,10 +132,12 @@ class SignalledServing(socketserver.ForkingTCPServer):
     One class for both: ``accepted`` holds the backlog taken at a drain and a connection whose
     fork failed, and the loop serves it before the listener's.
 
-    Of socketserver, this overrides process_request and finish_request (the fork sequence, a
-    fork that fails) and get_request (the connections in ``accepted`` first), and makes the
-    listener non-blocking (server_activate).  Its loop has a name of its own: socketserver's
-    serve_forever, shutdown, collect_children and server_close keep their contracts here.
+    Of socketserver, this overrides process_request and finish_request (the fork sequence),
+    get_request (the connections in ``accepted`` first), server_activate (a listener that
+    does not block; signals recorded from the moment the server listens) and server_close
+    (signals no longer recorded).  Its loop has a name of its own: socketserver's
+    serve_forever, shutdown, collect_children and server_close keep their contracts (stop
+    serve_forever with shutdown(), as socketserver says: it does not act on signals).
     """
 
     # At the drain, take connections from the backlog for at most this long: a flood of new
@@ -157,20 +161,30 @@ class SignalledServing(socketserver.ForkingTCPServer):
         self.fork_failed_for: socket.socket | None = None  # warned about once, not at each try
         self.failing_in_drain_since: float | None = None  # forks have failed since, draining
         self.shutdown_signal: signal.Signals | None = None  # the first SIGINT or SIGTERM
-        self.signals: SignalPipe | None = None  # set while serve_until_signalled runs
+        self.signals: SignalPipe | None = None  # set once the server listens, until closed
         super().__init__(*args, **kwargs)
 
     def server_activate(self) -> None:
-        """Listen, without blocking: the loop accepts only once select() says a connection
-        waits, and a socket shared with other processes (HandedListener) may have lost it to
-        one of them meanwhile; the drain accepts until the backlog is empty."""
+        """Listen, then record signals: from now on a SIGTERM drains (connections may already
+        wait in the backlog), once serve_until_signalled runs; one that arrives before waits
+        in the pipe.  The listener does not block: the loop accepts only once select() says a
+        connection waits, and a socket shared with other processes (HandedListener) may have
+        lost it to one of them meanwhile; the drain accepts until the backlog is empty."""
         super().server_activate()
         self.socket.setblocking(False)
+        self.signals = SignalPipe([*SHUTDOWN_SIGNALS, signal.SIGCHLD])
+
+    def server_close(self) -> None:
+        """Stop recording signals, then socketserver's own: close the listener and, under
+        block_on_close, wait for every handler (a Ctrl-C can end that wait)."""
+        if self.signals:
+            self.signals.close()
+            self.signals = None
+        super().server_close()
 
     def serve_until_signalled(self) -> None:
-        """Serve until the first SIGINT or SIGTERM, then drain: serve the connections taken
-        from the backlog as handlers become free to start (max_children still holds), and
-        return once every handler has ended.  A second signal raises SystemExit(1) (stop_now).
+        """Serve until the first SIGINT or SIGTERM, then drain (drain), and return once every
+        handler has ended.  A second signal raises SystemExit(1) (stop_now).
 
         Not socketserver's serve_forever, for three reasons:
 
@@ -192,16 +206,17 @@ class SignalledServing(socketserver.ForkingTCPServer):
         steps for the connection that is due (serve_connection).
         """
         children_die_with_their_parent()
-        self.signals = SignalPipe([*SHUTDOWN_SIGNALS, signal.SIGCHLD])
-        try:
-            notify_service_manager("READY=1")
-            while not self.shutdown_signal:
-                self.serve_one_turn()
-            while self.active_children or self.accepted:  # the drain
-                self.serve_one_turn()
-        finally:
-            self.signals.close()
-            self.signals = None
+        notify_service_manager("READY=1")
+        while not self.shutdown_signal:
+            self.serve_one_turn()
+        self.drain()
+
+    def drain(self) -> None:
+        """After the first SIGINT or SIGTERM (begin_drain has closed the listener): serve the
+        connections taken from the backlog as handlers become free to start (max_children
+        still holds), and return once every handler has ended."""
+        while self.active_children or self.accepted:
+            self.serve_one_turn()
 
     def begin_drain(self, signum: signal.Signals) -> None:
         """The first SIGINT or SIGTERM, at once: take the connections waiting in the listen
@@ -237,7 +252,7 @@ class SignalledServing(socketserver.ForkingTCPServer):
         handler is free to start: the first of ``accepted`` once its try is due, else one in
         the listener's backlog.  While max_children handlers run, only a signal ends the wait
         (SIGCHLD: one has ended).  Returns whether the listener has a connection waiting."""
-        assert self.signals, "serve_until_signalled runs"
+        assert self.signals, "the server listens"
         readers: list[int | socket.socket] = [self.signals.reader]
         timeout_s = None  # until a signal
         if self.handler_free_to_start() and self.accepted:
@@ -268,7 +283,8 @@ class SignalledServing(socketserver.ForkingTCPServer):
         """socketserver's steps for one connection, as its loop takes them once select() says
         one waits (BaseServer._handle_request_noblock, private, so written out here):
         get_request, verify_request, then process_request or shutdown_request.  An error of
-        one connection is logged and the connection dropped, never fatal."""
+        one connection is logged and the connection dropped, never fatal; a fork that fails
+        keeps the connection (fork_failed), where socketserver's loop closes it."""
         try:
             connection, client_address = self.get_request()
         except BlockingIOError:  # another process sharing the listener took it first
@@ -281,9 +297,13 @@ class SignalledServing(socketserver.ForkingTCPServer):
             return
         try:
             self.process_request(connection, client_address)
+        except OSError as error:  # fork() failed, before anything was started: try again
+            self.fork_failed(connection, client_address, error)
         except Exception:  # as socketserver: an error of one connection is logged, not fatal
             self.handle_error(connection, client_address)
             self.shutdown_request(connection)
+        else:
+            self.failing_in_drain_since = None
 
     def get_request(self) -> tuple[socket.socket, Address]:
         """The first connection accepted that has no handler yet, else the next from the
@@ -295,7 +315,7 @@ class SignalledServing(socketserver.ForkingTCPServer):
     def act_on_signals(self) -> None:
         """Act on the signals that arrived.  SIGCHLD: reap the handlers that ended.  The first
         SIGINT or SIGTERM: stop serving, and drain.  Any later one: stop at once."""
-        assert self.signals, "serve_until_signalled runs"
+        assert self.signals, "the server listens"
         for signum in self.signals.received():
             if signum == signal.SIGCHLD:
                 self.reap_handlers()
@@ -318,8 +338,7 @@ class SignalledServing(socketserver.ForkingTCPServer):
             self.active_children.discard(pid)  # forgotten once reaped: its pid may be reused
 
     def process_request(self, request: Request, client_address: Address) -> None:
-        """Fork a handler for the connection; if fork() fails, keep the connection and try
-        again (fork_failed).  The fork sequence, in order:
+        """Fork a handler for the connection.  The fork sequence, in order:
 
         1. Block SIGINT and SIGTERM.  Until step 4 the new process is in the server's process
            group, where a terminal's Ctrl-C reaches it too, and until step 3 it writes the
@@ -339,22 +358,9 @@ class SignalledServing(socketserver.ForkingTCPServer):
         7. Run the handler (socketserver's finish_request: RequestHandler(...)), then end
            the process with os._exit (ForkingMixIn), never returning into the loop.
 
-        A fork that fails is handled after step 2 has unblocked the signals.  Under
-        socketserver's serve_forever, which never serves ``accepted``, it goes to
-        handle_error, as socketserver's own would.
+        A fork that fails raises OSError once the signals are unblocked: the loop keeps the
+        connection (serve_connection, fork_failed); socketserver's hands it to handle_error.
         """
-        try:
-            self.fork_with_signals_blocked(request, client_address)
-        except OSError as error:  # from fork(), before anything was started
-            if not self.signals:
-                raise
-            assert isinstance(request, socket.socket), "a TCP server's request is a connection"
-            self.fork_failed(request, client_address, error)
-        else:
-            self.failing_in_drain_since = None
-
-    def fork_with_signals_blocked(self, request: Request, client_address: Address) -> None:
-        """Steps 1 and 2 of the fork sequence (process_request)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         try:
             super().process_request(request, client_address)
@@ -363,8 +369,9 @@ class SignalledServing(socketserver.ForkingTCPServer):
 
     def finish_request(self, request: Request, client_address: Address) -> None:
         """Steps 3 to 7 of the fork sequence (process_request), in the child only."""
-        if self.signals:  # serve_until_signalled's
-            self.signals.close()
+        assert self.signals, "the server listens"
+        self.signals.close()
+        self.signals = None
         self.socket.close()  # only the server accepts
         for waiting_connection, _ in self.accepted:
             waiting_connection.close()
@@ -456,6 +463,56 @@ def refuse(connection: socket.socket, client_address: Address, refusal: bytes) -
     except OSError as error:  # the client has gone, or takes nothing
         reason = f"refusal not sent: {error}"
         server_log.warning("Client failed", peer=client_address, reason=reason)
+
+
+# === Forced stops: no process outlives its parent ================================================
+
+# The failure: a process killed outright (SIGKILL; a second Ctrl-C of a cluster; a service
+# manager's stop timeout) leaves its children running.  A handler's workers run on with ppid 1,
+# and nothing enforces their CPU limit any more (the handler did); a killed server leaves its
+# handlers evaluating for nobody.  A process manager signals only the processes it started.
+#
+# Here Linux's parent death signal (prctl PR_SET_PDEATHSIG): every process the server forks,
+# and every process those fork (the hook is inherited), is sent SIGKILL when its parent dies.
+# SIGKILL, not SIGTERM: a stopped process (SIGSTOP, a debugger) keeps a SIGTERM pending until it
+# is continued, and a handler acts on SIGTERM by its default action only after step 6 of the
+# fork sequence; SIGKILL ends any process at once, and nothing is lost that a kill of its parent
+# has not lost already.
+
+# libc, loaded once, at import: dlopen(NULL) finds the interpreter's own libc, with no search
+# for a file, and every process the server forks has it already.
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PRCTL: Callable[[int, int], int] | None = getattr(LIBC, "prctl", None)  # Linux's only
+
+
+class ParentDeathSignal:
+    """The hooks os.register_at_fork runs around each fork (children_die_with_their_parent)."""
+
+    def __init__(self) -> None:
+        self.parent_pid = 0
+
+    def note_parent(self) -> None:
+        """In the parent, before the fork: who the child's parent is."""
+        self.parent_pid = os.getpid()
+
+    def in_child(self) -> None:
+        """In the child, at once: SIGKILL when the parent dies.  If it died before prctl (the
+        child then belongs to init or a subreaper already), no signal will come: die now."""
+        assert PRCTL, "Linux"
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.cache  # once per process: each call would add hooks to every fork
+def children_die_with_their_parent() -> None:
+    """From now on, every process forked from this one, and from those, is killed when its
+    parent dies: one prctl() per fork.  Linux only; elsewhere, nothing."""
+    if not PRCTL:
+        return
+    hooks = ParentDeathSignal()
+    os.register_at_fork(before=hooks.note_parent, after_in_child=hooks.in_child)
 
 
 # === Idle connections: deferred accept ===========================================================
@@ -635,53 +692,3 @@ def notify_service_manager(state: str) -> None:
             notify.sendto(state.encode(), address)
         except OSError as error:  # the manager has gone: the server goes on regardless
             server_log.warning("Service manager not told", state=state, reason=str(error))
-
-
-# === Forced stops: no process outlives its parent ================================================
-
-# The failure: a process killed outright (SIGKILL; a second Ctrl-C of a cluster; a service
-# manager's stop timeout) leaves its children running.  A handler's workers run on with ppid 1,
-# and nothing enforces their CPU limit any more (the handler did); a killed server leaves its
-# handlers evaluating for nobody.  A process manager signals only the processes it started.
-#
-# Here Linux's parent death signal (prctl PR_SET_PDEATHSIG): every process the server forks,
-# and every process those fork (the hook is inherited), is sent SIGKILL when its parent dies.
-# SIGKILL, not SIGTERM: a stopped process (SIGSTOP, a debugger) keeps a SIGTERM pending until it
-# is continued, and a handler acts on SIGTERM by its default action only after step 6 of the
-# fork sequence; SIGKILL ends any process at once, and nothing is lost that a kill of its parent
-# has not lost already.
-
-# libc, loaded once, at import: dlopen(NULL) finds the interpreter's own libc, with no search
-# for a file, and every process the server forks has it already.
-LIBC = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-PRCTL: Callable[[int, int], int] | None = getattr(LIBC, "prctl", None)  # Linux's only
-
-
-class ParentDeathSignal:
-    """The hooks os.register_at_fork runs around each fork (children_die_with_their_parent)."""
-
-    def __init__(self) -> None:
-        self.parent_pid = 0
-
-    def note_parent(self) -> None:
-        """In the parent, before the fork: who the child's parent is."""
-        self.parent_pid = os.getpid()
-
-    def in_child(self) -> None:
-        """In the child, at once: SIGKILL when the parent dies.  If it died before prctl (the
-        child then belongs to init or a subreaper already), no signal will come: die now."""
-        assert PRCTL, "Linux"
-        PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.parent_pid:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-@functools.cache  # once per process: each call would add hooks to every fork
-def children_die_with_their_parent() -> None:
-    """From now on, every process forked from this one, and from those, is killed when its
-    parent dies: one prctl() per fork.  Linux only; elsewhere, nothing."""
-    if not PRCTL:
-        return
-    hooks = ParentDeathSignal()
-    os.register_at_fork(before=hooks.note_parent, after_in_child=hooks.in_child)
