@@ -477,7 +477,8 @@ def refuse(connection: socket.socket, client_address: Address, refusal: bytes) -
 # SIGKILL, not SIGTERM: a stopped process (SIGSTOP, a debugger) keeps a SIGTERM pending until it
 # is continued, and a handler acts on SIGTERM by its default action only after step 6 of the
 # fork sequence; SIGKILL ends any process at once, and nothing is lost that a kill of its parent
-# has not lost already.
+# has not lost already.  The kernel sends it when the thread that forked ends: here always a
+# process's main thread (the server's loop, a handler's), which ends only with its process.
 
 # libc, loaded once, at import: dlopen(NULL) finds the interpreter's own libc, with no search
 # for a file, and every process the server forks has it already.
