@@ -650,17 +650,16 @@ def close_inherited_listeners(keep: int) -> list[int]:
 
 
 def is_listening_socket(fd: int) -> bool:
-    """Whether fd is open on a socket that listens (of any family)."""
+    """Whether fd is open on a socket that listens, of any family."""
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             return False
+        # A copy of the descriptor, its family given rather than found out (any will do for
+        # a SOL_SOCKET option): the probe closes only its copy.
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as probe:
+            return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
     except OSError:  # not open: /proc/self/fd's own descriptor, closed once listed
         return False
-    probe = socket.socket(fileno=fd)
-    try:
-        return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    finally:
-        probe.detach()  # fd stays open: the probe only looked
 
 
 def handed_by_service_manager() -> bool:
