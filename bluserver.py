@@ -337,11 +337,12 @@ class ArmouredServer(
 
     The order matters where two classes override one hook, each calling the next:
 
-    - SignalledServing first: its process_request wraps the fork in the signal mask, and its
-      finish_request takes the child's first steps (its own process group, its own signals)
-      before anything else runs in the child.
-    - DeferredAccept before HandedListener: HandedListener.server_activate does not call on
-      for a handed socket (it listens already), and deferred accept is set on it too.
+    - SignalledServing first: its process_request must wrap any other class's (a fork only
+      inside the signal mask), and its finish_request take the child's first steps (its
+      own process group, its own signals) before any other runs in the child.  No other
+      class overrides either today.
+    - DeferredAccept before HandedListener: HandedListener.server_activate does not call
+      super() for a handed socket (it listens already), and deferred accept is set on it too.
     - HandedListener before BluServer: its server_bind takes the handed socket instead of
       TCPServer's bind.
     """
