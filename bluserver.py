@@ -56,33 +56,39 @@ class GuardedRequestHandler(
 
 class ArmouredServer(
     serving.SignalledServing,
-    serving.ForkRetry,
     serving.DeferredAccept,
     serving.HandedListener,
     lesson.BluServer,
 ):
     """The server main() runs: the lesson's BluServer, with the armour of the server process
-    composed over it.  Each class of serving.py opens with the failure it handles: signals (a
-    drain, then a stop), a fork that fails, a connection that sends nothing, a listening
-    socket handed over by a process manager.
+    composed over it.  Each class of serving.py opens with the failures it handles: signals
+    (a drain, then a stop) and a fork that fails, a connection that sends nothing, a
+    listening socket handed over by a process manager.
 
-    The order matters where two classes override the same hook, outermost first:
-    SignalledServing.process_request blocks signals around ForkRetry's, so that a fork which
-    fails is retried outside the mask; HandedListener.server_bind and server_activate sit
-    innermost, next to TCPServer's, so that the others listen on the socket it took.
+    The order matters where two classes override one hook, each calling the next:
+
+    - SignalledServing first: its process_request must wrap any other class's (a fork only
+      inside the signal mask), and its finish_request take the child's first steps (its
+      own process group, its own signals) before any other runs in the child.  No other
+      class overrides either today.
+    - DeferredAccept before HandedListener: HandedListener.server_activate does not call
+      super() for a handed socket (it listens already), and deferred accept is set on it too.
+    - HandedListener before BluServer: its server_bind takes the handed socket instead of
+      TCPServer's bind.
 
     Of socketserver, it uses
 
     - as they are: TCPServer's bind, listen and close; ForkingMixIn's fork and its child's end
-      (shutdown_request, os._exit); handle_error;
-    - extended, calling socketserver's own: server_bind (HandedListener: a socket handed
-      over), server_activate (HandedListener, DeferredAccept, SignalledServing),
-      verify_request (DeferredAccept), process_request (SignalledServing: the fork sequence;
-      ForkRetry: a fork that fails), finish_request (SignalledServing: the child's steps);
-    - replaced: serve_forever and the steps of one connection (SignalledServing's, whose
-      docstring says why), get_request (the connections already accepted first),
-      service_actions (acting on signals) and collect_children (never waiting); so
-      handle_request, handle_timeout and shutdown are unused.
+      (shutdown_request, os._exit), collect_children, service_actions; handle_error;
+      serve_forever, shutdown and handle_request, for a program that embeds the server;
+    - extended: server_bind (HandedListener), server_activate (HandedListener, DeferredAccept,
+      SignalledServing), server_close (SignalledServing: signals no longer recorded),
+      verify_request (DeferredAccept), process_request and finish_request (SignalledServing:
+      the fork sequence);
+    - replaced: get_request (the connections already accepted first);
+    - added: main() serves with SignalledServing.serve_until_signalled (its docstring says why
+      it is not serve_forever), which takes socketserver's steps per connection and reaps
+      handlers without waiting (reap_handlers).
     """
 
     handler_class = GuardedRequestHandler
@@ -245,9 +251,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     log_to_stdout(level, as_json=options.log_format == "json")
     server = open_server(options)
     lesson.announce(server)
-    # ArmouredServer's (serving.SignalledServing): until the first SIGINT or SIGTERM.
-    server.serve_forever()
-    server.drain()  # then serve what is waiting and in flight
+    # Until the first SIGINT or SIGTERM, then the drain (serving.SignalledServing).
+    server.serve_until_signalled()
     server_log.warning("Server stopped")
 
 

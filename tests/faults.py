@@ -1,6 +1,7 @@
 """Faults the tests install in a server process (through tests/launch.py), to drive it into
 states that real work reaches only by chance or by time: a worker that waits for the test,
-hangs, dies, cannot be started, or a handler that has not yet run.
+hangs, dies, cannot be started, a handler that has not yet run, a connection lost as the
+server accepts it, or a listening socket inherited from a process manager.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import errno
 import os
 import resource
 import signal
+import socket
 import time
 from multiprocessing import connection, popen_fork
 
 import fastpath
+from client import reset_on_close
 
 
 def scripted_lines(_: str) -> None:
@@ -143,3 +146,34 @@ def failing_worker_forks(times: str) -> None:
         failing_forks(times)
 
     lesson.RequestHandler.setup = setup_then_fail_forks  # type: ignore[method-assign]
+
+
+def aborted_accept(number: str) -> None:
+    """The server's accept() number `number` (counting from 1) takes its connection, resets it,
+    and fails as accept() does for a connection aborted before the server took it
+    (ECONNABORTED; Linux passes a new connection's network errors, EPROTO and others, the
+    same way): its client sees a reset."""
+    accept = socket.socket.accept
+    accepted = [0]
+
+    def aborting_accept(listener: socket.socket) -> tuple[socket.socket, object]:
+        connection, address = accept(listener)
+        accepted[0] += 1
+        if accepted[0] != int(number):
+            return connection, address
+        reset_on_close(connection)
+        connection.close()
+        raise ConnectionAbortedError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
+
+    socket.socket.accept = aborting_accept  # type: ignore[method-assign,assignment]
+
+
+def inherited_listener(path: str) -> None:
+    """A listening socket on 127.0.0.1 open in the server from its start, as a process manager
+    leaves one (circus hands each process every socket it holds); its port is written to
+    path.  Its descriptor belongs to no Python object: only the server may close it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.detach()
+    with open(path, "w") as port_file:
+        port_file.write(str(port))

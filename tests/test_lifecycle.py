@@ -1,10 +1,12 @@
 """Lifecycle: how the server starts, stops and restarts without losing a request.
 
 Starting: on an IPv4 or IPv6 address, or on a listening socket handed to it (systemd's
-socket activation, or --fd), and telling its service manager when it serves (sd_notify).
-Stopping: the backlog is served, two signals are two, a connection still silent is not
-waited for.  Under pressure: a fork of a handler that fails is retried, and refused once a
-drain has failed to fork for a while; a connection that sends nothing holds no handler.
+socket activation, or --fd, closing every other listening socket it inherited), and telling
+its service manager when it serves (sd_notify).  Stopping: the backlog is served, two
+signals are two, a connection still silent is not waited for, and a process killed outright
+takes its children with it.  Under pressure: a fork of a handler that fails is retried, and
+refused once a drain has failed to fork for a while; a connection that sends nothing holds
+no handler; a connection lost at any step of being accepted is logged, never fatal.
 Every test runs real servers (conftest.start_server) on a loopback address, logging one JSON
 object per line, and waits for logged events or for /proc to show a state.
 """
@@ -22,13 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from client import recv_frame, send_frame
+from client import recv_frame, reset_on_close, send_frame
 from tests.harness import (
     EVENT_TIMEOUT_S,
     LOG,
     SCRIPTED,
     StartServer,
     connect,
+    process_table,
     run_client,
     run_python,
     session_processes,
@@ -64,6 +67,22 @@ def connections(port: int, count: int) -> Iterator[list[socket.socket]]:
     """count connections to 127.0.0.1:port, closed at the end."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(connect(port)) for _ in range(count)]
+
+
+def reset(sock: socket.socket) -> None:
+    """Close sock with a reset (RST), as a client that has gone does."""
+    reset_on_close(sock)
+    sock.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie has ended)."""
+    return any(row.pid == pid and row.state != "Z" for row in process_table())
+
+
+def children(pid: int) -> list[int]:
+    """The live children of process pid."""
+    return [row.pid for row in process_table() if row.ppid == pid and row.state != "Z"]
 
 
 @pytest.fixture
@@ -121,6 +140,32 @@ def test_second_signal_after_the_first_is_delivered_ends_every_handler_and_worke
     assert server_events[-2:] == [("Shutting down", "SIGTERM"), ("Stopped at once", "SIGTERM")]
 
 
+def test_workers_of_a_handler_killed_outright_are_killed_with_it(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, **SCRIPTED)
+    with server.connect() as sock:
+        send_frame(sock, [b"sleep 600\n"])  # a slow line: its worker sleeps
+        worker = server.wait_for_event("Worker started")["worker_pid"]
+        (handler,) = server.handlers()
+        os.kill(handler, signal.SIGKILL)
+        wait_until(lambda: not alive(worker), "the worker to die with its handler")
+    assert server.request(b"1 + 1\n") == b"2\n"
+
+
+def test_handler_and_workers_of_a_server_killed_outright_are_killed_with_it(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, **SCRIPTED)
+    with server.connect() as sock:
+        send_frame(sock, [b"sleep 600\n"])
+        server.wait_for_event("Worker started")
+        server.process.kill()
+        wait_until(
+            lambda: not session_processes(server.pid), "the handler and worker to die with it"
+        )
+
+
 def test_connection_still_silent_when_the_drain_begins_is_reset_when_it_sends(
     start_server: StartServer,
 ) -> None:
@@ -145,6 +190,51 @@ def test_connection_still_silent_when_a_drain_begins_on_a_handed_socket_is_serve
         send_frame(silent, [b"1 + 1\n"])  # no server runs: it waits in the socket's backlog
         start_server(*LOG, listener=listener)
         assert recv_frame(silent) == b"2\n"
+
+
+def test_connection_lost_as_the_drain_takes_the_backlog_is_logged_and_the_rest_served(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The second accept is the drain's first: that connection is lost as it is taken.
+    faults = ["scripted_lines", "aborted_accept:2"]
+    server = start_server(*LOG, "--max-children", "1", faults=faults)
+    gate = tmp_path / "gate"
+    with connections(server.port, 4) as (in_flight, lost, *waiting):
+        send_frame(in_flight, [f"gate {gate}\n".encode()])
+        server.wait_for_event("Worker started")
+        for number, sock in enumerate((lost, *waiting)):
+            send_frame(sock, [f"{number} + 1\n".encode()])
+        wait_until(lambda: accept_queue_length(server.port) == 3, "three requests in the backlog")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait_for_event("Shutting down")["connections_waiting"] == 2
+        gate.touch()
+        assert [recv_frame(sock) for sock in (in_flight, *waiting)] == [
+            b"released\n",
+            b"2\n",
+            b"3\n",
+        ]
+        with pytest.raises(ConnectionError):
+            recv_frame(lost)
+    assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
+    aborted = f"[Errno {errno.ECONNABORTED}] {os.strerror(errno.ECONNABORTED)}"
+    assert server.events("Connection not accepted")[0]["reason"] == aborted
+
+
+def test_connection_reset_before_its_refusal_at_a_drain_is_logged_and_the_drain_ends(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, faults=["failing_forks:1000000"])  # none will be forked
+    with server.connect() as sock:
+        send_frame(sock, [b"1 + 1\n"])
+        server.wait_for_event("Handler not started")
+        reset(sock)
+    server.process.send_signal(signal.SIGTERM)
+    assert wait_for_exit(server.process, EVENT_TIMEOUT_S) == 0
+    assert server.events("Connections refused")[0]["connections"] == 1
+    assert server.events("Client failed", pname="server")[0]["reason"].startswith(
+        ("gone before its refusal", "refusal not sent")
+    )
+    assert "Traceback" not in server.stderr()
 
 
 def test_drain_that_cannot_fork_a_handler_refuses_the_connections_waiting_and_ends(
@@ -196,6 +286,25 @@ def test_fd_that_is_no_listening_socket_is_one_line_and_exit_1(fd: str, complain
     result = run_python("bluserver.py", "--fd", fd)  # its stdin (fd 0) is a pipe
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"bluserver: --fd {fd}: {complaint}\n"
+
+
+def test_server_on_a_handed_fd_closes_every_other_listening_socket_it_inherited(
+    start_server: StartServer, listener: socket.socket, tmp_path: Path
+) -> None:
+    # As circus starts each process: its own socket at --fd, every other one inherited too.
+    port_file = tmp_path / "port"
+    unset = ["env", "-u", "LISTEN_PID", "-u", "LISTEN_FDS"]
+    server = start_server(
+        *LOG,
+        "--fd",
+        "3",
+        listener=listener,
+        faults=[f"inherited_listener:{port_file}"],
+        command=[*unset, sys.executable, "tests/launch.py"],
+    )
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on it any more
+        connect(int(port_file.read_text()))
+    assert server.request(b"1 + 1\n") == b"2\n"
 
 
 def test_server_serves_the_listening_socket_it_is_handed(
@@ -272,6 +381,40 @@ def test_connection_that_sends_nothing_holds_no_handler(start_server: StartServe
         send_frame(sock, [b"1 + 1\n"])
         assert recv_frame(sock) == b"2\n"
         server.wait_until_idle()  # while the silent connection is open: no handler holds it
+
+
+def test_connection_reset_in_the_backlog_past_deferred_accept_is_logged_and_the_server_serves_on(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # At max_children, a connection silent past --client-timeout leaves deferred accept for
+    # the backlog, where it is reset: the server takes it once a handler is free to start.
+    server = start_server(*LOG, "--max-children", "1", "--client-timeout", "1", **SCRIPTED)
+    gate = tmp_path / "gate"
+    with server.connect() as in_flight:
+        send_frame(in_flight, [f"gate {gate}\n".encode()])
+        server.wait_for_event("Worker started")
+        silent = server.connect()
+        wait_until(lambda: accept_queue_length(server.port) == 1, "it to leave deferred accept")
+        reset(silent)
+        gate.touch()
+        assert recv_frame(in_flight) == b"released\n"
+    failed = server.wait_for_event("Client failed", pname="server")
+    reset_by_peer = f"[Errno {errno.ECONNRESET}] {os.strerror(errno.ECONNRESET)}"
+    assert failed["reason"] == f"gone before it was served: {reset_by_peer}"
+    assert server.request(b"1 + 1\n") == b"2\n"
+
+
+def test_connection_lost_as_the_server_accepts_it_is_logged_and_the_next_served(
+    start_server: StartServer,
+) -> None:
+    server = start_server(*LOG, faults=["aborted_accept:1"])
+    with server.connect() as lost:
+        send_frame(lost, [b"1 + 1\n"])
+        with pytest.raises(ConnectionError):
+            recv_frame(lost)
+    assert server.request(b"2 + 2\n") == b"4\n"
+    aborted = f"[Errno {errno.ECONNABORTED}] {os.strerror(errno.ECONNABORTED)}"
+    assert server.events("Connection not accepted")[0]["reason"] == aborted
 
 
 def test_connection_silent_for_the_client_timeout_is_closed_without_a_handler(
