@@ -14,8 +14,8 @@ lesson's::
     ArmouredServer         the lesson's BluServer, with serving.py's classes: signals and
                            the drain, forks that fail, idle connections, handed sockets
       GuardedRequestHandler  the lesson's RequestHandler, with guard.py (the client),
-                             supervise.py (the workers) and events.py (-vv)
-        SupervisedSlice      supervise.py's subclass of the lesson's Slice, whose workers
+                             supervise.py (the workers) and RejectedLinesLog (-vv)
+        ServedSlice          the lesson's Slice, supervised (supervise.py), whose workers
                              answer with fastpath.py (the grammar's answers, faster)
 
 Then the command line: the lesson's options and the limits, each with its unit.
@@ -28,30 +28,85 @@ import errno
 import logging
 import math
 import multiprocessing
+
+# What Process.start() imports on its first call: imported here, once, in the server, rather
+# than from disk by every handler it forks.
+import multiprocessing.popen_fork
+import tempfile
 from collections.abc import Sequence
 from typing import Callable
 
+import fastpath
 import guard
 import lesson
 import serving
 import supervise
-from events import RejectedLinesLog, log_to_stdout, server_log
+from client import ERROR_PREFIX
+from events import log_to_stdout, server_log
 from lesson import whole_number
 
 # === The server people run: the lesson, with its armour composed over it =================
+
+
+class ServedSlice(supervise.SupervisedSlice):
+    """The lesson's Slice, supervised (supervise.py), its workers answering with the fast path:
+    the grammar's answers, without pyparsing for a valid line (fastpath.py)."""
+
+    evaluate_line = staticmethod(fastpath.evaluate_line)
+
+
+EXCERPT_CHARS = 80  # how much of a rejected line -vv logs
+
+
+class RejectedLinesLog(lesson.RequestHandler):
+    """A mixin of the lesson's RequestHandler, for -vv: once the reply is sent, one DEBUG event
+    per error line, with at most EXCERPT_CHARS of its line.  A line may be 256 MiB long, and
+    its log entry is still one short line."""
+
+    def send_reply(self, slices: list[lesson.Slice]) -> int:
+        length = super().send_reply(slices)
+        if slices and self.event_log.isEnabledFor(logging.DEBUG):
+            self.log_rejected_lines(slices)
+        return length
+
+    def log_rejected_lines(self, slices: list[lesson.Slice]) -> None:
+        """The results hold one line for each line of the request, in order, slice after
+        slice: the nth result line answers the nth line of the payload."""
+        payload = slices[0].payload  # every slice's: the whole request
+        line_start = 0
+        for slice_ in slices:
+            slice_.results.seek(0)
+            for result in slice_.results:
+                if result.startswith(ERROR_PREFIX):
+                    excerpt = line_excerpt(payload, line_start)
+                    reason = result[len(ERROR_PREFIX) : -1].decode()
+                    self.event_log.debug("Line rejected", line=excerpt, reason=reason)
+                line_start = payload.find(b"\n", line_start) + 1
+
+
+def line_excerpt(payload: bytearray, line_start: int) -> str:
+    """The repr of the line at line_start, cut at EXCERPT_CHARS: built from a copy of that
+    many bytes, never of the whole line, which may be 256 MiB."""
+    head = bytes(payload[line_start : line_start + EXCERPT_CHARS])
+    newline = head.find(b"\n")
+    if newline >= 0:  # the whole line is here: its '\n' or '\r\n' is no part of it
+        head = head[:newline].removesuffix(b"\r")
+    return repr(head.decode("utf-8", "surrogateescape"))[:EXCERPT_CHARS]
 
 
 class GuardedRequestHandler(
     RejectedLinesLog, guard.ClientGuard, supervise.WorkerSupervision, lesson.RequestHandler
 ):
     """The lesson's RequestHandler, guarded toward its client (guard.py), supervising its
-    workers (supervise.py), and logging rejected lines at -vv (events.py).
+    workers (supervise.py), and logging rejected lines at -vv (RejectedLinesLog).
 
-    The order matters where two classes override the same hook, outermost first:
-    RejectedLinesLog.send_reply logs after the reply is sent, whichever way it was sent;
-    ClientGuard.handle wraps the whole of the lesson's handle, so that a Refusal raised by
-    WorkerSupervision (and by itself: announced) becomes one error line.
+    No two of these mixins override the same method, so their order among themselves changes
+    nothing; each comes before lesson.RequestHandler, which their super() calls reach.
+    ClientGuard.handle wraps the lesson's handle, so that a Refusal raised anywhere in it
+    (guard.py's announced; supervise.py's slices and CPU limit) becomes one error line.
     """
+
+    slice_class = ServedSlice
 
 
 class ArmouredServer(
@@ -95,6 +150,10 @@ class ArmouredServer(
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.max_children = options.max_children  # --max-children, where the lesson keeps 40
+        # tempfile looks for a usable temporary directory, writing a file there, the first
+        # time it is asked: asked once here, so that no handler (each a fresh fork) repeats it
+        # for its first results file.
+        tempfile.gettempdir()
         super().__init__(options)
 
 

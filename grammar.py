@@ -183,11 +183,13 @@ pp.ParserElement.set_default_whitespace_chars(" \t")
 
 group_depth = GroupDepth()
 
-# The tokens.
-number = pp.Regex(r"[0-9]+(?:\.[0-9]+)?").set_parse_action(_number)
+# The tokens, two of them as regular expressions that fastpath.py builds on too.
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"  # digit+ ['.' digit+]
 # A run of signs is one token, which may be empty: an optional element would cost an exception
 # for every operand without one.
-signs = pp.Regex(r"(?:[ \t]*[+-])*")
+SIGNS = r"(?:[ \t]*[+-])*"
+number = pp.Regex(NUMBER).set_parse_action(_number)
+signs = pp.Regex(SIGNS)
 sum_operator = pp.one_of("+ -")
 product_operator = pp.one_of("* // / %")
 power_operator = pp.Literal("**")
@@ -300,7 +302,9 @@ def format_number(value: Number) -> str:
 def evaluate_line(line: str) -> str:
     """The result text for one line (without newline): its value, "" for a blank line, or
     "error: <reason>"; never raises.  The three steps of the language: parse the line into a
-    tree (parse_line), evaluate the tree (evaluate), format the value (format_number).
+    tree (parse_line), evaluate the tree (evaluate), format the value (format_number); answer
+    takes the last step, or turns the fault into its error line, as it does for the fast
+    path's values (fastpath.py).
 
     line is text as worker.py decodes it, from UTF-8 with errors="surrogateescape": a byte
     that is not UTF-8 arrives as a lone surrogate U+DC80-U+DCFF, and a line holding one is

@@ -27,10 +27,10 @@ import contextlib
 import selectors
 import socket
 import time
-from typing import TYPE_CHECKING
 
 from client import CHUNK_BYTES, error_line, send_frame
 from endings import CLIENT_FAILURES, ClientWatch, Refusal
+from lesson import RequestHandler
 
 LINGER_S = 2.0  # how long a handler reads what a client still sends, so it can read the reply
 
@@ -95,17 +95,10 @@ class ReplyPace(Pace):
             self.client_watch.discard_stray_bytes()
 
 
-if TYPE_CHECKING:
-    # The mixin's declared base, for the type checker only: what it extends.
-    from lesson import RequestHandler as HandlerBase
-else:
-    HandlerBase = object
-
-
-class ClientGuard(HandlerBase):
-    """A RequestHandler mixin: the pace of each transfer, the limit on what a request may
-    announce, one error line for a refusal, one warning for a client that fails, and the
-    lingering close after the reply."""
+class ClientGuard(RequestHandler):
+    """A mixin of the lesson's RequestHandler, extending it through its hooks: the pace of
+    each transfer, the limit on what a request may announce, one error line for a refusal,
+    one warning for a client that fails, and the lingering close after the reply."""
 
     def handle(self) -> None:
         """The lesson's handle; a refusal, raised anywhere in it, answered with one error

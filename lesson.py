@@ -35,10 +35,6 @@ import argparse
 import functools
 import logging
 import multiprocessing
-
-# What FORK.Process.start() imports on its first call: imported here, once, in the server,
-# rather than from disk by every handler it forks.
-import multiprocessing.popen_fork
 import resource
 import socket
 import socketserver
@@ -102,7 +98,7 @@ class Slice:
     """
 
     # What the worker answers each line with: the language's definition.  A class attribute,
-    # so that a subclass can plug in an optimisation (bluserver.py plugs in fastpath.py's).
+    # so that a subclass can plug in an optimisation (bluserver.ServedSlice: fastpath.py's).
     evaluate_line: LineEvaluator = staticmethod(grammar.evaluate_line)
 
     def __init__(self, payload: bytearray, bounds: tuple[int, int], event_log: EventLog) -> None:
@@ -297,10 +293,6 @@ class BluServer(socketserver.ForkingTCPServer):
         self.options = options  # what the handlers read theirs from
         # TCPServer makes an IPv4 socket unless told otherwise: the address says which.
         self.address_family = address_family(options.address)
-        # tempfile looks for a usable temporary directory, writing a file there, the first
-        # time it is asked: asked once here, so that no handler (each a fresh fork) repeats it
-        # for its first results file.
-        tempfile.gettempdir()
         super().__init__((options.address, options.port), self.handler_class)
 
 
@@ -365,7 +357,7 @@ def command_line(description: str, epilog: str | None = None) -> argparse.Argume
         "--verbose",
         action="count",
         default=0,
-        help="log events to stdout; -vv also each rejected line",
+        help="log events to stdout (-vv in bluserver.py: each rejected line too)",
     )
     return parser
 

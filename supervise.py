@@ -41,9 +41,7 @@ import socket
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING
 
-import fastpath
 import lesson
 from client import count_lines, error_line
 from endings import ClientWatch, Refusal
@@ -116,10 +114,7 @@ class ReplyBudget:
 class SupervisedSlice(lesson.Slice):
     """The lesson's Slice, its worker supervised: started however the system resists,
     replaced when it dies or is stuck, and its results kept within the reply's budget (shared
-    with the request's other slices) and on disk.  Its workers answer with the fast path."""
-
-    # The optimisation the server people run plugs in: the grammar's answers, faster.
-    evaluate_line = staticmethod(fastpath.evaluate_line)
+    with the request's other slices) and on disk."""
 
     def __init__(
         self,
@@ -137,7 +132,7 @@ class SupervisedSlice(lesson.Slice):
         self.answered = 0  # lines answered by the current attempt
         self.attempts = 0
         self.heard_at = 0.0  # when the worker last sent something, or started
-        self.worked_ticks = -1  # the CPU time it had used then (cpu_ticks)
+        self.worked_ticks = -1  # the CPU time it had used at its start or the last check
 
     def start_worker(self, name: str) -> None:
         """Start a worker on the lines not yet answered; once out of attempts, fail them.
@@ -161,7 +156,7 @@ class SupervisedSlice(lesson.Slice):
                 time.sleep(wait_s)  # a pause for the system, not a wait for a condition
         self.answered = 0
         self.heard_at = time.monotonic()
-        self.worked_ticks = self.worker_cpu_ticks()
+        self.worked_ticks = 0  # a process forked has used no CPU time yet (fork(2))
 
     def try_to_start_worker(self, name: str) -> None:
         """The lesson's start_worker, leaving nothing open when fork() fails: multiprocessing
@@ -231,9 +226,11 @@ class SupervisedSlice(lesson.Slice):
 
     def is_stuck(self, worker_timeout_s: float) -> bool:
         """True if the worker has sent nothing for worker_timeout_s seconds and has used no CPU
-        time since its last message: stopped (SIGSTOP, a debugger), swapped out or blocked, not
-        merely slow because it shares the CPU with many others (gunicorn's heartbeat idea:
-        stuck is not making progress, not being slow)."""
+        time since it started or was last checked: stopped (SIGSTOP, a debugger), swapped out
+        or blocked, not merely slow because it shares the CPU with many others (gunicorn's
+        heartbeat idea: stuck is not making progress, not being slow).  The CPU time is read
+        only here, at a check, never per message: a worker stopped after working is found
+        at the second check, within twice worker_timeout_s."""
         if time.monotonic() - self.heard_at < worker_timeout_s:
             return False
         ticks = self.worker_cpu_ticks()
@@ -372,24 +369,24 @@ class CpuLimit:
         return max(0.0, self.check_at - time.monotonic())
 
 
-if TYPE_CHECKING:
-    # The mixin's declared base, for the type checker only: what it extends.
-    from lesson import RequestHandler as HandlerBase
-else:
-    HandlerBase = object
+class WorkerSupervision(lesson.RequestHandler):
+    """A mixin of the lesson's RequestHandler, extending it through its hooks: each request's
+    slices are SupervisedSlices (slice_class) that share a ReplyBudget and a CpuLimit, and the
+    wait for the workers' messages also watches for stuck workers, the CPU limit and the
+    client (endings.ClientWatch)."""
 
-
-class WorkerSupervision(HandlerBase):
-    """A RequestHandler mixin: each request's slices are SupervisedSlices that share a
-    ReplyBudget and a CpuLimit, and the wait for the workers' messages also watches for stuck
-    workers, the CPU limit and the client (endings.ClientWatch)."""
+    slice_class: type[SupervisedSlice] = SupervisedSlice
+    # This request's slices, as supervised ones (the lesson's hooks pass them as Slices).
+    supervised: list[SupervisedSlice]
+    cpu_limit: CpuLimit  # this request's, made with its slices (new_slices)
+    client_watch: ClientWatch  # while the workers run (collect_results)
 
     def new_slices(self, payload: bytearray, ranges: list[tuple[int, int]]) -> list[lesson.Slice]:
         """Replaces the lesson's: a SupervisedSlice for each range, sharing one ReplyBudget;
         and the request's CpuLimit."""
         budget = ReplyBudget(self.options.max_reply_bytes)
         self.supervised = [
-            SupervisedSlice(payload, bounds, self.event_log, budget) for bounds in ranges
+            self.slice_class(payload, bounds, self.event_log, budget) for bounds in ranges
         ]
         floor_s = self.options.cpu_floor_s
         per_mib_s = self.options.cpu_per_mib_s

@@ -276,7 +276,9 @@ def test_the_lesson_runs_as_a_program_logs_its_events_and_ends_on_ctrl_c_with_ex
         with socket.create_connection(("127.0.0.1", int(port[1]))) as sock:
             send_frame(sock, [b"1 + 2\n(2"])
             assert recv_frame(sock) == b"3\nerror: missing ')' at column 3\n"
-        lesson_run.send_signal(signal.SIGINT)  # as Ctrl-C on a terminal, to the server alone
+        lesson_run.send_signal(
+            signal.SIGINT
+        )  # to the server alone (a terminal's reaches them all)
         status = wait_for_exit(lesson_run, SUBPROCESS_TIMEOUT_S)
         # Read through the pipes' own buffers, which hold what followed the banner.
         log = lesson_run.stdout.read()

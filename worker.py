@@ -69,8 +69,10 @@ def evaluate_slice(
                 results_chars = 0
         send_results(sender, results)
         sender.send_bytes(END_OF_SLICE)
-    except BrokenPipeError:
-        return  # the handler is gone (killed, or it gave up on us): nobody waits for these
+    except (BrokenPipeError, KeyboardInterrupt):
+        # The handler is gone (killed, or it gave up on us), or a terminal's Ctrl-C reached the
+        # lesson's whole process group: either way nobody waits for these.
+        return
 
 
 def send_results(sender: Connection, results: list[str]) -> None:

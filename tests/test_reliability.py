@@ -436,7 +436,7 @@ def test_client_resetting_after_half_closing_still_cancels_the_work(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     # After the client's FIN the socket is always readable, so the handler no longer waits on
-    # it; guard.ClientWatch.check looks for a reset at each turn of the handler's loop, at
+    # it; endings.ClientWatch.check looks for a reset at each turn of the handler's loop, at
     # least every CHECK_INTERVAL_S.  The reset ends the handler and its worker, although the
     # gate never opens and --worker-timeout (a minute by default) is far off.
     server = start_server(*LOG, "-n", "1", **SCRIPTED)
@@ -928,7 +928,7 @@ def test_a_worker_lost_between_the_two_messages_of_a_long_result_line_leaves_no_
     start_server: StartServer, tmp_path: Path
 ) -> None:
     # The first message holds 4,092 bytes of the line's 4,301: the retry must not append the
-    # whole line after them (supervise.SliceSupervision.drop_partial_line drops the part).
+    # whole line after them (supervise.SupervisedSlice.drop_partial_line drops the part).
     marker = tmp_path / "died"
     command = launcher(tmp_path, DYING_MID_LINE.format(root=str(ROOT), marker=str(marker)))
     server = start_server(*LOG, "-n", "1", command=command)

@@ -21,10 +21,9 @@ The archive holds, at its root::
     pyparsing/                    copied from the pyparsing this interpreter imports
     pyparsing-LICENSE             pyparsing's MIT licence, which must go with its copies
 
-Worker processes work from inside the archive with every multiprocessing start
-method: fork children inherit the imported modules, and spawn children get the
-archive on their ``sys.path`` and import ``worker`` (and through it ``grammar`` and
-pyparsing) from the zip with zipimport.
+Worker processes work from inside the archive whatever the default multiprocessing
+start method: they are always forked (lesson.FORK), and inherit the modules the server
+imported from the zip.
 """
 
 from __future__ import annotations
