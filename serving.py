@@ -2,8 +2,8 @@
 
 lesson.BluServer is the lesson: socketserver's ForkingTCPServer with a handler class, the
 way socketserver means it to be used, serving with socketserver's own serve_forever.  Each
-class here is a ForkingTCPServer too, and overrides socketserver's hooks to handle the
-failures of a server process its docstring opens with.  bluserver.ArmouredServer composes
+class here extends BluServer, overriding socketserver's hooks to handle the failures of a
+server process its docstring opens with.  bluserver.ArmouredServer composes
 them over BluServer, the way socketserver composes ``ForkingTCPServer`` from ``ForkingMixIn``
 and ``TCPServer``::
 
@@ -45,13 +45,13 @@ import os
 import selectors
 import signal
 import socket
-import socketserver
 import stat
 import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Callable, NoReturn, Union
 
+import lesson
 from client import CHUNK_BYTES, error_line, send_frame
 from events import server_log
 
@@ -110,7 +110,7 @@ class SignalPipe:
         os.close(self.writer)
 
 
-class SignalledServing(socketserver.ForkingTCPServer):
+class SignalledServing(lesson.BluServer):
     """The failures: SIGINT (a terminal's Ctrl-C) raises KeyboardInterrupt wherever the server
     happens to be, and SIGTERM's default action ends it at once; either way the connections in
     the listen backlog are reset, and a Ctrl-C also reaches every handler and worker on the
@@ -146,10 +146,7 @@ class SignalledServing(socketserver.ForkingTCPServer):
     fork_retry_s = 0.1
     drain_fork_failures_s = 3.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Any: a mixin passes its arguments on unchanged to the class it is composed over
-        # (BluServer takes options, socketserver's classes an address and a handler class).
-        #
+    def __init__(self, options: argparse.Namespace) -> None:
         # ForkingMixIn's set of the handlers' pids is None until its first fork: a set from
         # the start, for stop_now.
         self.active_children: set[int] = set()
@@ -162,7 +159,7 @@ class SignalledServing(socketserver.ForkingTCPServer):
         self.failing_in_drain_since: float | None = None  # forks have failed since, draining
         self.shutdown_signal: signal.Signals | None = None  # the first SIGINT or SIGTERM
         self.signals: SignalPipe | None = None  # set once the server listens, until closed
-        super().__init__(*args, **kwargs)
+        super().__init__(options)
 
     def server_activate(self) -> None:
         """Listen, then record signals: from now on a SIGTERM drains (connections may already
@@ -519,7 +516,7 @@ def children_die_with_their_parent() -> None:
 # === Idle connections: deferred accept ===========================================================
 
 
-class DeferredAccept(socketserver.ForkingTCPServer):
+class DeferredAccept(lesson.BluServer):
     """The failure: a client that connects and sends nothing would hold a handler — a process,
     one of max_children — for its whole --client-timeout; max_children such connections hold
     the server, and every other client waits.
@@ -530,7 +527,6 @@ class DeferredAccept(socketserver.ForkingTCPServer):
     comes out of that wait having sent nothing, or reset while it waited in the backlog.
     """
 
-    options: argparse.Namespace  # lesson.BluServer's
     defers_accept = hasattr(socket, "TCP_DEFER_ACCEPT")  # Linux's
 
     def server_activate(self) -> None:
@@ -570,7 +566,7 @@ class HandedSocketError(Exception):
     """A socket handed over (--fd, or by the service manager) is not one the server can use."""
 
 
-class HandedListener(socketserver.ForkingTCPServer):
+class HandedListener(lesson.BluServer):
     """The failures: a server that binds its own port leaves a gap at every restart.  Until the
     new process listens, connections are refused; the old one's backlog is reset when it
     closes; and while it still holds the port, the new one cannot bind it.  And a process
@@ -586,7 +582,6 @@ class HandedListener(socketserver.ForkingTCPServer):
     process inherited (close_inherited_listeners); server_activate leaves it as it is.
     """
 
-    options: argparse.Namespace  # lesson.BluServer's
     listener_handed = False
 
     def server_bind(self) -> None:
