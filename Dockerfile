@@ -28,7 +28,11 @@ RUN --mount=type=bind,source=build/wheels,target=/tmp/wheels \
 # server's own, and a volume, so that spooling stays off the container's copy-on-write layer
 # and still works with `run --read-only`.
 ENV TMPDIR=/var/spool/bluserver
-RUN useradd --system --no-create-home --shell /usr/sbin/nologin bluserver \
+# Its user's and group's numbers are fixed: deploy/kubernetes.yaml names them (runAsUser), as
+# the kubelet checks runAsNonRoot on a number only.
+RUN groupadd --gid 10001 bluserver \
+    && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin \
+        bluserver \
     && install -d -o bluserver -g bluserver -m 0700 "$TMPDIR"
 VOLUME /var/spool/bluserver
 WORKDIR /app
