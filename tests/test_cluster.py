@@ -437,7 +437,10 @@ def test_make_cluster_refuses_a_certificate_without_its_key_at_once_in_one_line(
     certificate: Path, tmp_path: Path
 ) -> None:
     certificate_only = certificate.with_suffix(".crt")
-    result = run_cluster_script("-p", str(free_port(3)), "--cert", str(certificate_only))
+    port = str(free_port(3))
+    result = run_cluster_script(
+        "-p", port, "--cert", str(certificate_only), "--run-dir", str(tmp_path)
+    )
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("cluster: HAProxy refuses ")

@@ -90,12 +90,13 @@ def image() -> Iterator[str]:
 
 
 class Pod:
-    """The manifest's Deployment, run by podman kube play: its image replaced by image, one
+    """The manifest run by podman kube play: its Deployment's image replaced by image, one
     replica, and its port published on 127.0.0.1 only, at a free port (podman 4 publishes a
     containerPort on the host's every address, at its own number, where a kubelet does not)."""
 
     def __init__(self, image: str, work_dir: Path) -> None:
-        deployment = kind("Deployment")
+        manifest = documents()  # podman plays the Deployment, and ignores the other kinds
+        deployment = next(document for document in manifest if document["kind"] == "Deployment")
         deployment["metadata"]["name"] = f"bluserver-test-{os.getpid()}"
         deployment["spec"]["replicas"] = 1
         spec = container_spec_of(deployment)
@@ -103,7 +104,7 @@ class Pod:
         spec["ports"][0].update(hostIP="127.0.0.1", hostPort=free_port())
         self.spec = spec
         self.manifest = work_dir / "deployment.yaml"
-        self.manifest.write_text(yaml.safe_dump(deployment))
+        self.manifest.write_text(yaml.safe_dump_all(manifest))
         played = podman("kube", "play", str(self.manifest), timeout_s=BUILD_TIMEOUT_S)
         pod_id = played.split("Pod:\n")[1].split()[0]
         # The pod's containers: its infra container (which holds its network), and ours.

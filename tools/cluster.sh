@@ -21,14 +21,25 @@
 # SIGHUP to circusd (its pid file: RUN_DIR/circusd.pid) is circus's own rolling restart.
 set -u
 
+COMMAND_TIMEOUT_S=5    # for circusd to answer one command
+TICK_S=0.2             # how often the stop takes its next step
+GRACEFUL_TIMEOUT_S=300 # deploy/circus.ini's graceful_timeout
+
 bin=$1
 shift
+# circus's own graceful_timeout kills silently: this shell's deadline must come first for the
+# exit status to say that something was killed.
+stop_timeout=${STOP_TIMEOUT_S:-$GRACEFUL_TIMEOUT_S}
+case $stop_timeout in
+'' | *[!0-9]* | 0*) stop_timeout=$((GRACEFUL_TIMEOUT_S + 1)) ;;
+esac
+if [ "$stop_timeout" -gt "$GRACEFUL_TIMEOUT_S" ]; then
+    echo "cluster: STOP_TIMEOUT_S=$STOP_TIMEOUT_S: whole seconds, 1-$GRACEFUL_TIMEOUT_S" >&2
+    exit 1
+fi
 config=$("$bin/python" -m tools.circus_cluster "$@") || exit 1
 run_dir=$(dirname "$config")
 control="ipc://$run_dir/control.sock"
-stop_timeout=${STOP_TIMEOUT_S:-300}
-COMMAND_TIMEOUT_S=5
-TICK_S=0.2 # how often the stop takes its next step
 
 say() {
     echo "cluster: $*" >&2 2>/dev/null || true # a closed terminal must not stop the stop

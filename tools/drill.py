@@ -172,7 +172,10 @@ class Cluster:
         self.run_dir = run_dir
         self.names = [f"blu{number}" for number in range(1, instances + 1)]
         venv_bin = Path(sys.executable).parent
-        command = ["sh", "tools/cluster.sh", str(venv_bin), "-p", str(self.port)]
+        # SIGINT acted on: a shell cannot trap a signal ignored when it started, as it is in
+        # whatever a non-interactive shell starts in the background (a test run, this drill).
+        command = ["env", "--default-signal=INT", "sh", "tools/cluster.sh", str(venv_bin)]
+        command += ["-p", str(self.port)]
         command += ["-i", str(instances), "-n", "1", "--run-dir", str(run_dir)]
         if scripted:
             command += ["--server", "tests/launch.py"]
@@ -199,13 +202,18 @@ class Cluster:
                 start_new_session=True,
             )
         self.sessions = {self.process.pid}  # the shell's; circusd and each process it started
-        wait_until(
-            lambda: answers_empty_request(self.port, tls=certificate is not None),
-            "the cluster to answer",
-        )
-        self.circusd = int((run_dir / "circusd.pid").read_text())
-        self.sessions.add(self.circusd)
-        self.pids()  # the sessions of its processes, for processes()
+        self.circusd = 0
+        try:
+            wait_until(
+                lambda: answers_empty_request(self.port, tls=certificate is not None),
+                "the cluster to answer",
+            )
+            self.circusd = int((run_dir / "circusd.pid").read_text())
+            self.sessions.add(self.circusd)
+            self.pids()  # the sessions of its processes, for processes()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def log(self) -> str:
         return (self.run_dir / "cluster.log").read_text()
@@ -250,9 +258,13 @@ class Cluster:
         return [pid for session in self.sessions for pid in session_processes(session)]
 
     def cleanup(self) -> None:
-        """Kill whatever is left (after a failure)."""
-        for pid in self.processes():
+        """Kill whatever is left (after a failure): circusd first, so that it starts nothing
+        more; its processes die with it, and anything still left is killed here."""
+        if self.circusd:
             with suppress(ProcessLookupError):  # it exited meanwhile
+                os.kill(self.circusd, signal.SIGKILL)
+        for pid in self.processes():
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.process.wait()
 
@@ -517,7 +529,8 @@ def print_drains(seconds: float) -> int:
             print(
                 f"drill: {setup}: a {seconds:g} s request: reply {outcome.reply} after "
                 f"{outcome.seconds:.1f} s; HAProxy: the instance {down}; new requests "
-                f"meanwhile {answered[outcome.others_served]}"
+                f"meanwhile {answered[outcome.others_served]}; exit status "
+                f"{outcome.exit_status}"
             )
             cut += outcome.reply != "whole"
     return 1 if cut else 0
