@@ -70,7 +70,7 @@ stop() {
 kill_everything() {
     say "$1: killing circusd, and with it every process of the cluster"
     killed=1
-    kill -KILL "$circusd" 2>/dev/null
+    [ -z "$circusd" ] || kill -KILL "$circusd" 2>/dev/null
 }
 
 # The stop, one step a tick: each command is asked again until circusd accepts it.
@@ -94,6 +94,8 @@ running() {
     read -r _ _ state _ 2>/dev/null <"/proc/$1/stat" && [ "$state" != Z ]
 }
 
+# Set before circusd starts: a signal that killed this shell then would leave circusd running.
+circusd=""
 trap stop INT TERM HUP
 
 say "circusd $config; each process's log in $run_dir/*.log"
@@ -111,5 +113,7 @@ if [ "$killed" -eq 1 ]; then
 fi
 if [ "$stops" -eq 0 ]; then
     say "circusd exited by itself (status $status)"
+elif [ "$status" -eq 0 ]; then
+    say "stopped: every process drained and exited"
 fi
 exit "$status"
