@@ -82,7 +82,7 @@ def served(server: ServerProcess) -> list[int]:
 class Instances:
     """HAProxy (a tools.drill.Balancer) and the instances behind it."""
 
-    def __init__(self, balancer: Instances, instances: list[ServerProcess]) -> None:
+    def __init__(self, balancer: Balancer, instances: list[ServerProcess]) -> None:
         self.port = balancer.port
         self.instances = instances
 
