@@ -429,7 +429,7 @@ def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
 def test_make_cluster_refuses_a_bad_port_at_once_in_one_line(option: str, complaint: str) -> None:
     # Issue 31.11: circusd would start HAProxy again every second, for ever.
     result = run_cluster_script("-p", option)
-    assert (result.returncode != 0, result.stderr) == (True, complaint + "\n")
+    assert (result.returncode, result.stderr) == (1, complaint + "\n")
 
 
 @needs_haproxy

@@ -164,7 +164,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Says what is wrong in one line (make cluster's PORT=-x), not after a usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"cluster: {message}\n")
+        self.exit(1, f"cluster: {message}\n")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
