@@ -40,17 +40,19 @@ lesson: $(VENV)/.runtime ## run the lesson alone (lesson.py) on PORT with WORKER
 run: $(VENV)/.runtime ## start the server on PORT (1982) with WORKERS (2) workers per request
 	$(BIN)/python bluserver.py -p $(PORT) -n $(WORKERS) -v
 
-cluster: $(VENV)/.cluster ## HAProxy on PORT (TLS with CERT=tls/bluserver.pem) before INSTANCES (3) servers, under circus
-	$(BIN)/python -m tools.circus_cluster -p $(PORT) -i $(INSTANCES) -n $(WORKERS) $(if $(CERT),--cert $(CERT))
+cluster: $(VENV)/.cluster ## HAProxy on PORT (TLS with CERT=tls/bluserver.pem) before INSTANCES (3) servers, under circusd
+	sh tools/cluster.sh $(BIN) -p $(PORT) -i $(INSTANCES) -n $(WORKERS) $(if $(CERT),--cert $(CERT))
 
+# umask 077: the key, and the .pem that holds it, are the owner's alone from the moment they
+# exist (an older .pem is removed first: a file written over keeps its mode); the certificate alone is public (chmod 644), for clients to trust.
 cert: ## write a self-signed certificate for localhost and 127.0.0.1: tls/bluserver.pem (with its key), .crt
-	mkdir -p $(TLS_DIR)
-	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=localhost \
-		-addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-		-keyout $(TLS_DIR)/bluserver.key -out $(TLS_DIR)/bluserver.crt 2>/dev/null
-	cat $(TLS_DIR)/bluserver.crt $(TLS_DIR)/bluserver.key > $(TLS_DIR)/bluserver.pem
+	umask 077 && mkdir -p $(TLS_DIR) && rm -f $(TLS_DIR)/bluserver.* \
+		&& openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=localhost \
+			-addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+			-keyout $(TLS_DIR)/bluserver.key -out $(TLS_DIR)/bluserver.crt 2>/dev/null \
+		&& cat $(TLS_DIR)/bluserver.crt $(TLS_DIR)/bluserver.key > $(TLS_DIR)/bluserver.pem
 	rm $(TLS_DIR)/bluserver.key
-	chmod 600 $(TLS_DIR)/bluserver.pem
+	chmod 644 $(TLS_DIR)/bluserver.crt
 
 test: $(VENV)/.dev ## run the test suite
 	$(BIN)/python -m pytest

@@ -1,12 +1,13 @@
-"""Several instances behind HAProxy (deploy/haproxy.cfg), make cluster under circus
-(deploy/circus.ini, tools/circus_cluster.py), TLS, and the systemd units.
+"""Several instances behind HAProxy (deploy/haproxy.cfg), make cluster under stock circusd
+(deploy/circus.ini, written by tools/circus_cluster.py, run by tools/cluster.sh), TLS, make
+cert, and the systemd units.
 
 The balancer tests run a real HAProxy on 127.0.0.1 with deploy/haproxy.cfg, its ports
 rewritten by tools.circus_cluster.haproxy_config, in front of real servers (tests.harness.
 ServerProcess, run with -v and JSON logs, which show which instance served which request), or
 run make cluster itself (tools/drill.py's Cluster) under steady load, or with a request in
-flight while an instance drains. They are skipped where haproxy is not installed; .ci/run
-installs it.
+flight while an instance drains, or is stopped by force. They are skipped where haproxy is not
+installed; .ci/run installs it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tests.harness import (
     ServerProcess,
     StartServers,
     connect,
+    process_table,
     request,
     run_client,
     wait_for_exit,
@@ -53,6 +55,7 @@ from tools.drill import (
     DrainOutcome,
     Release,
     drill,
+    free_port,
     running_cluster,
 )
 
@@ -79,7 +82,7 @@ def served(server: ServerProcess) -> list[int]:
 class Instances:
     """HAProxy (a tools.drill.Balancer) and the instances behind it."""
 
-    def __init__(self, balancer: Instances, instances: list[ServerProcess]) -> None:
+    def __init__(self, balancer: Balancer, instances: list[ServerProcess]) -> None:
         self.port = balancer.port
         self.instances = instances
 
@@ -142,7 +145,7 @@ def test_circus_config_gets_a_socket_and_a_watcher_per_instance() -> None:
     assert sockets == {"socket:front": "5000", "socket:blu1": "5001", "socket:blu2": "5002"}
     commands = [config[name]["cmd"] for name in config if name.startswith("watcher:blu")]
     assert commands == [
-        f"setpriv --pdeathsig TERM py blu.py --fd $(circus.sockets.blu{number}) -n 1"
+        f"setpriv --pdeathsig KILL py blu.py --fd $(circus.sockets.blu{number}) -n 1"
         for number in (1, 2)
     ]
     assert config["watcher:blu2"]["stdout_stream.filename"] == "/r/blu2.log"
@@ -295,53 +298,110 @@ def test_a_hung_instance_is_marked_down_sent_nothing_new_and_keeps_its_request(
 
 
 @needs_haproxy
-def test_ctrl_c_stops_make_cluster_leaving_no_process(tmp_path: Path) -> None:
+def test_ctrl_c_stops_make_cluster_leaving_no_process() -> None:
     with running_cluster(2) as cluster:
-        assert len(cluster.processes()) >= 3  # HAProxy and two servers
-        os.killpg(cluster.process.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+        assert len(cluster.processes()) >= 5  # the shell, circusd, HAProxy and two servers
+        cluster.interrupt()
         assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 0, cluster.log()
         wait_until(lambda: not cluster.processes(), "every process to exit")
 
 
 @needs_haproxy
-def test_a_second_ctrl_c_kills_an_instance_that_does_not_drain() -> None:
+def test_ctrl_c_stops_haproxy_before_it_stops_the_instances() -> None:
     with running_cluster(2) as cluster:
-        stopped = cluster.pids()["blu1"][0]
-        os.kill(stopped, signal.SIGSTOP)  # it cannot act on SIGTERM: the drain never ends
-        os.killpg(cluster.process.pid, signal.SIGINT)
-        wait_until(lambda: "blu2 stopped" in cluster.log(), "the other instance to stop")
-        os.killpg(cluster.process.pid, signal.SIGINT)
-        assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 1
+        cluster.interrupt()
+        assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 0, cluster.log()
+        stops = re.findall(r"\] (\w+) stopped$", cluster.log(), re.MULTILINE)
+        assert stops[0] == "haproxy" and sorted(stops[1:]) == ["blu1", "blu2"], cluster.log()
+
+
+def in_flight_gated(cluster: Cluster, tmp_path: Path) -> tuple[socket.socket, Path]:
+    """A request sent through the cluster that its instance's worker evaluates until the test
+    creates the file returned; the connection, once the worker waits."""
+    (line, _), gate = gated(tmp_path)
+    in_flight = socket.create_connection(("127.0.0.1", cluster.port))
+    payload = line.encode() + b"\n"
+    in_flight.sendall(HEADER.pack(len(payload)) + payload)
+    wait_until(lambda: Path(f"{gate}.waiting").exists(), "the request to be evaluated")
+    return in_flight, gate
+
+
+@needs_haproxy
+@pytest.mark.parametrize("instance", ["draining", "stopped (SIGSTOP)"])
+def test_a_second_ctrl_c_kills_every_process_handlers_and_workers_too(
+    instance: str, tmp_path: Path
+) -> None:
+    # Issue 31.3: circus signals only its own children; the request's handler and worker must
+    # die with their instance, not run on with ppid 1.
+    with running_cluster(2, scripted=True) as cluster:
+        in_flight, _ = in_flight_gated(cluster, tmp_path)  # never released: the drain never ends
+        busy = next(pid for pids in cluster.pids().values() for pid in pids if children(pid))
+        if instance != "draining":
+            os.kill(busy, signal.SIGSTOP)  # it cannot even act on SIGTERM
+        cluster.interrupt()  # HAProxy's soft stop waits for the request, which waits for ever
+        wait_until(lambda: "stopping:" in cluster.log(), "the stop to begin")
+        cluster.interrupt()
+        assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 1, cluster.log()
         wait_until(lambda: not cluster.processes(), "every process to exit")
+        with in_flight, pytest.raises(ConnectionError):
+            recv_frame(in_flight)
+
+
+def children(pid: int) -> list[int]:
+    return [row.pid for row in process_table() if row.ppid == pid]
+
+
+@needs_haproxy
+def test_a_stop_that_outlasts_its_timeout_kills_everything_and_exits_1(tmp_path: Path) -> None:
+    # Issue 31.6: a drain that never ends (here a request never released; there, one idle
+    # client holding HAProxy's soft stop) is killed after STOP_TIMEOUT_S, and the exit status
+    # says so (circus's own graceful timeout kills silently, and circusd exits 0).
+    with running_cluster(1, scripted=True, stop_timeout_s=2) as cluster:
+        in_flight, _ = in_flight_gated(cluster, tmp_path)
+        cluster.interrupt()
+        assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 1, cluster.log()
+        assert "still stopping after 2 s: killing circusd" in cluster.log()
+        wait_until(lambda: not cluster.processes(), "every process to exit")
+        in_flight.close()
 
 
 @needs_haproxy
 def test_ctrl_c_during_a_rolling_restart_stops_make_cluster(tmp_path: Path) -> None:
-    request, gate = gated(tmp_path)
     with running_cluster(2, scripted=True) as cluster:
-        in_flight = socket.create_connection(("127.0.0.1", cluster.port))
-        payload = request[0].encode() + b"\n"
-        in_flight.sendall(HEADER.pack(len(payload)) + payload)
-        wait_until(lambda: Path(f"{gate}.waiting").exists(), "the request to be evaluated")
-        cluster.process.send_signal(signal.SIGHUP)  # blu1's old process drains: the roll waits
-        wait_until(lambda: "rolling restart:" in cluster.log(), "the rolling restart")
-        cluster.process.send_signal(signal.SIGINT)
+        in_flight, gate = in_flight_gated(cluster, tmp_path)
+        cluster.restart()  # the busy instance's old process drains: the restart waits for it
+        wait_until(lambda: "Got signal SIG_HUP" in cluster.log(), "the rolling restart")
+        cluster.interrupt()  # circusd refuses to stop while it restarts: the cluster insists
         gate.touch()
         with in_flight:
-            assert recv_frame(in_flight) == request[1]
+            assert recv_frame(in_flight) == b"released\n"
         assert wait_for_exit(cluster.process, EXIT_TIMEOUT_S) == 0, cluster.log()
         wait_until(lambda: not cluster.processes(), "every process to exit")
 
 
 @needs_haproxy
-def test_sigkill_of_make_cluster_stops_haproxy_and_the_instances(tmp_path: Path) -> None:
-    with running_cluster(2) as cluster:
-        cluster.pids()  # the sessions of HAProxy and the instances, to look for them after
-        cluster.process.kill()
-        cluster.process.wait()
-        wait_until(lambda: not cluster.processes(), "every process to exit (parent death signal)")
-        again = Cluster(2, tmp_path)  # its ports are free again
-        again.cleanup()
+def test_sigkill_of_circusd_stops_every_process_and_every_port(tmp_path: Path) -> None:
+    # Issue 31.7: with circusd gone, nothing may go on accepting connections on its ports.
+    with running_cluster(2, scripted=True) as cluster:
+        in_flight, _ = in_flight_gated(cluster, tmp_path)
+        os.kill(cluster.circusd, signal.SIGKILL)
+        wait_until(lambda: not cluster.processes(), "every process to exit (parent death signals)")
+        in_flight.close()
+        for port in range(cluster.port, cluster.port + 3):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port)).close()
+
+
+def run_cluster_script(*options: str) -> subprocess.CompletedProcess[str]:
+    """tools/cluster.sh with options, as make cluster runs it; expected to fail at once."""
+    return subprocess.run(
+        ["sh", "tools/cluster.sh", str(Path(sys.executable).parent), *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT_S,
+        check=False,
+    )
 
 
 def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
@@ -355,6 +415,36 @@ def test_make_cluster_without_haproxy_says_how_to_install_it() -> None:
     )
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == "cluster: haproxy is not installed (sudo apt-get install haproxy)\n"
+
+
+@needs_haproxy
+@pytest.mark.parametrize(
+    ("option", "complaint"),
+    [
+        ("-5", "cluster: PORT=-5: its ports, -5--2, must lie in 1-65535"),
+        ("65534", "cluster: PORT=65534: its ports, 65534-65537, must lie in 1-65535"),
+        ("x", "cluster: argument -p/--port: invalid int value: 'x'"),
+    ],
+)
+def test_make_cluster_refuses_a_bad_port_at_once_in_one_line(option: str, complaint: str) -> None:
+    # Issue 31.11: circusd would start HAProxy again every second, for ever.
+    result = run_cluster_script("-p", option)
+    assert (result.returncode, result.stderr) == (1, complaint + "\n")
+
+
+@needs_haproxy
+def test_make_cluster_refuses_a_certificate_without_its_key_at_once_in_one_line(
+    certificate: Path, tmp_path: Path
+) -> None:
+    certificate_only = certificate.with_suffix(".crt")
+    port = str(free_port(3))
+    result = run_cluster_script(
+        "-p", port, "--cert", str(certificate_only), "--run-dir", str(tmp_path)
+    )
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("cluster: HAProxy refuses ")
+    assert "No Private Key found" in result.stderr
 
 
 @needs_haproxy
@@ -385,6 +475,32 @@ def certificate(tmp_path: Path) -> Path:
         capture_output=True,
     )
     return tmp_path / "bluserver.pem"
+
+
+@pytest.mark.skipif(
+    not (shutil.which("make") and shutil.which("openssl")),
+    reason="make cert needs make and openssl",
+)
+def test_make_cert_writes_its_files_for_the_owner_alone_from_the_start(tmp_path: Path) -> None:
+    # Issue 31.9: the key was written 0644, then chmod 600: readable by anyone meanwhile. The
+    # files are created under the umask openssl runs with: this openssl records it.
+    umask_seen = tmp_path / "umask"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    openssl = fake_bin / "openssl"
+    openssl.write_text(f'#!/bin/sh\numask > {umask_seen}\nexec {shutil.which("openssl")} "$@"\n')
+    openssl.chmod(0o755)
+    tls_dir = tmp_path / "tls"
+    subprocess.run(
+        ["make", "--no-print-directory", "-s", "cert", f"TLS_DIR={tls_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"},
+        check=True,
+        capture_output=True,
+    )
+    assert umask_seen.read_text().strip() == "0077"
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in tls_dir.iterdir()}
+    assert modes == {"bluserver.pem": "0o600", "bluserver.crt": "0o644"}
 
 
 @needs_haproxy

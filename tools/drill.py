@@ -1,17 +1,17 @@
 """Restart drills: what a rolling restart, the loss of an instance, or a drain costs the clients.
 
 ``python -m tools.drill {roll,kill} [-i INSTANCES] [-c CLIENTS]`` starts ``make cluster``
-(tools/circus_cluster.py: circus running HAProxy in front of INSTANCES instances, ``-n 1``)
+(tools/cluster.sh: stock circusd running HAProxy in front of INSTANCES instances, ``-n 1``)
 on free ports, and keeps CLIENTS clients sending requests of 10 lines through HAProxy, each
 replaced by the next as soon as its reply has come and been verified (tools.load's
 clients).  Once WARMUP_ROUNDS requests per client have been served, it acts:
 
-- roll: SIGHUP to circus, until it reports "rolling restart done";
+- roll: SIGHUP to circusd, until it reports HAProxy (its last watcher) reloaded;
 - kill: SIGKILL to the server process of the first instance, until circus has started another.
 
-It goes on for as many requests again, stops the clients, stops the cluster with SIGINT
-and prints the requests served and failed, in all and while the drill lasted.  Exits 1 if
-a request failed.
+It goes on for as many requests again, stops the clients, stops the cluster as Ctrl-C does,
+and prints the requests served and failed, in all and while the drill lasted.  Exits 1 if a
+request failed.
 
 ``python -m tools.drill drain [-s SECONDS]`` sends a request that evaluates for SECONDS
 (tests/faults.py's ``sleep``) through HAProxy with deploy/haproxy.cfg, and drains the
@@ -30,6 +30,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,9 +40,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from circus.client import CircusClient
-
-from client import HEADER, recv_frame
+from client import HEADER, recv_exactly, recv_frame
 from tests.harness import (
     EXIT_TIMEOUT_S,
     LOG,
@@ -53,14 +52,39 @@ from tests.harness import (
     wait_for_exit,
     wait_until,
 )
-from tools.circus_cluster import HAPROXY_TEMPLATE, HOST, answers_empty_request, haproxy_config
+from tools.circus_cluster import HAPROXY_TEMPLATE, HOST, haproxy_config
 from tools.load import LoadClient, request_lines, step
 
 LINES = 10  # per request
 WARMUP_ROUNDS = 3  # requests per client before the drill, and again after
 DRILL_TIMEOUT_S = 60.0  # for the drill's event (restart done, instance back), and each phase
-CIRCUS_TIMEOUT_S = 5.0  # for circus to answer a command
+CIRCUS_TIMEOUT_S = 5.0  # for circusd to answer a command
+PROBE_TIMEOUT_S = 0.5  # for answers_empty_request
+# For a request sent during a drain: an instance being replaced takes its new process's start,
+# ~0.3 s on an idle machine, to answer (circus stops the old process as it starts the new one).
+AT_ONCE_S = 3.0
 DRAIN_SECONDS = 20.0  # how long the drained request evaluates (python -m tools.drill drain)
+
+
+def answers_empty_request(
+    port: int, tls: bool = False, timeout_s: float = PROBE_TIMEOUT_S
+) -> bool:
+    """Whether 127.0.0.1:port answers an empty request with an empty reply within timeout_s, as
+    HAProxy checks an instance (with tls, inside TLS, the certificate unchecked: it asks only
+    whether it answers).
+    """
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout_s) as plain:
+            sock = plain
+            if tls:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = context.wrap_socket(plain)
+            sock.sendall(HEADER.pack(0))
+            return recv_exactly(sock, HEADER.size) == HEADER.pack(0)
+    except OSError:  # ssl.SSLError among them
+        return False
 
 
 def free_port(ports_after: int = 0) -> int:
@@ -130,9 +154,10 @@ class SteadyLoad:
 
 
 class Cluster:
-    """`make cluster` (python -m tools.circus_cluster) on free ports, in a session of its own,
+    """`make cluster` (tools/cluster.sh, stock circusd) on free ports, in a session of its own,
     its configurations and logs in run_dir.  scripted: the instances run tests/launch.py with
-    tests/faults.py's scripted_lines (a line "sleep SECONDS" evaluates that long)."""
+    tests/faults.py's scripted_lines (a line "sleep SECONDS" evaluates that long).
+    stop_timeout_s: how long a stop may drain before the cluster kills what is left."""
 
     def __init__(
         self,
@@ -141,36 +166,54 @@ class Cluster:
         *,
         scripted: bool = False,
         certificate: Path | None = None,
+        stop_timeout_s: float | None = None,
     ) -> None:
         self.port = free_port(ports_after=instances)
         self.run_dir = run_dir
         self.names = [f"blu{number}" for number in range(1, instances + 1)]
-        command = [sys.executable, "-m", "tools.circus_cluster", "-p", str(self.port)]
+        venv_bin = Path(sys.executable).parent
+        # SIGINT acted on: a shell cannot trap a signal ignored when it started, as it is in
+        # whatever a non-interactive shell starts in the background (a test run, this drill).
+        command = ["env", "--default-signal=INT", "sh", "tools/cluster.sh", str(venv_bin)]
+        command += ["-p", str(self.port)]
         command += ["-i", str(instances), "-n", "1", "--run-dir", str(run_dir)]
         if scripted:
             command += ["--server", "tests/launch.py"]
         if certificate:
             command += ["--cert", str(certificate)]
-        environment = {**os.environ, "START_METHOD": "", "FAULTS": "scripted_lines"}
+        environment = {**os.environ}
+        if scripted:
+            environment.update(START_METHOD="", FAULTS="scripted_lines")
+        if stop_timeout_s is not None:
+            environment["STOP_TIMEOUT_S"] = f"{stop_timeout_s:g}"
+        self.circusctl = [
+            str(venv_bin / "circusctl"),
+            "--endpoint",
+            f"ipc://{run_dir}/control.sock",
+        ]
         with (run_dir / "cluster.log").open("wb") as log:
             self.process = subprocess.Popen(
                 command,
                 cwd=ROOT,
-                env=environment if scripted else None,
+                env=environment,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
             )
-        self.sessions = {self.process.pid}  # circus's, and each process it started has its own
-        self.circus = CircusClient(
-            endpoint=f"ipc://{run_dir}/control.sock", timeout=CIRCUS_TIMEOUT_S
-        )
-        wait_until(
-            lambda: answers_empty_request(self.port, tls=certificate is not None),
-            "the cluster to answer",
-        )
-        self.pids()  # the sessions of its processes, for processes()
+        self.sessions = {self.process.pid}  # the shell's; circusd and each process it started
+        self.circusd = 0
+        try:
+            wait_until(
+                lambda: answers_empty_request(self.port, tls=certificate is not None),
+                "the cluster to answer",
+            )
+            self.circusd = int((run_dir / "circusd.pid").read_text())
+            self.sessions.add(self.circusd)
+            self.pids()  # the sessions of its processes, for processes()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def log(self) -> str:
         return (self.run_dir / "cluster.log").read_text()
@@ -178,35 +221,52 @@ class Cluster:
     def haproxy_log(self) -> str:
         return (self.run_dir / "haproxy.log").read_text()
 
+    def interrupt(self) -> None:
+        """What Ctrl-C in its terminal does: SIGINT to its process group (circusd has its own)."""
+        os.killpg(self.process.pid, signal.SIGINT)
+
+    def restart(self) -> None:
+        """A rolling restart: SIGHUP to circusd."""
+        os.kill(self.circusd, signal.SIGHUP)
+
     def pids(self) -> dict[str, list[int]]:
-        """Each watcher's processes (instances and haproxy), as circus lists them."""
+        """Each watcher's processes (instances and haproxy), as circusctl lists them."""
         listed = {}
         for name in [*self.names, "haproxy"]:
-            answer = self.circus.call({"command": "list", "properties": {"name": name}})
-            listed[name] = sorted(answer["pids"])
+            answer = subprocess.run(
+                [*self.circusctl, "--timeout", f"{CIRCUS_TIMEOUT_S:g}", "list", name],
+                capture_output=True,
+                text=True,
+                timeout=EXIT_TIMEOUT_S,
+                check=True,
+            )
+            listed[name] = sorted(int(pid) for pid in answer.stdout.strip().split(",") if pid)
             self.sessions.update(listed[name])
         return listed
 
     def stop(self) -> int:
-        """SIGINT (a Ctrl-C), then wait for every process of the cluster to exit."""
-        self.process.send_signal(signal.SIGINT)
+        """Ctrl-C, then wait for every process of the cluster to exit; the cluster's status."""
+        self.interrupt()
         status = self.process.wait(EXIT_TIMEOUT_S)
         wait_until(lambda: not self.processes(), "the cluster's processes")
         return status
 
     def processes(self) -> list[int]:
-        """The live processes of the sessions of circus and of the processes it started (each
-        in a session of its own), as far as pids() has seen them: their handlers and workers
-        too."""
+        """The live processes of the sessions of the shell, circusd and the processes circusd
+        started (each in a session of its own), as far as pids() has seen them: their handlers
+        and workers too, even once their parent has died."""
         return [pid for session in self.sessions for pid in session_processes(session)]
 
     def cleanup(self) -> None:
-        """Kill whatever is left (after a failure)."""
-        for pid in self.processes():
+        """Kill whatever is left (after a failure): circusd first, so that it starts nothing
+        more; its processes die with it, and anything still left is killed here."""
+        if self.circusd:
             with suppress(ProcessLookupError):  # it exited meanwhile
+                os.kill(self.circusd, signal.SIGKILL)
+        for pid in self.processes():
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.process.wait()
-        self.circus.stop()
 
 
 @contextmanager
@@ -249,8 +309,8 @@ def drill_on(cluster: Cluster, action: str, clients: int) -> Outcome:
     old_pids = cluster.pids()
     started = time.monotonic()
     if action == "roll":
-        cluster.process.send_signal(signal.SIGHUP)
-        load.run_until(lambda: "rolling restart done" in cluster.log(), "rolling restart")
+        cluster.restart()
+        load.run_until(lambda: "haproxy reloaded" in cluster.log(), "rolling restart")
     else:
         victim = old_pids["blu1"][0]
         handlers = [row.pid for row in process_table() if row.ppid == victim]
@@ -344,8 +404,8 @@ def evaluating(instances: list[ServerProcess]) -> ServerProcess:
 
 
 def new_requests_answered(port: int) -> bool:
-    """Whether a few requests sent now through port are all answered at once."""
-    return all(answers_empty_request(port) for _ in range(4))
+    """Whether a few requests sent now through port are all answered at once (AT_ONCE_S)."""
+    return all(answers_empty_request(port, timeout_s=AT_ONCE_S) for _ in range(4))
 
 
 def start_on(listener: socket.socket | None = None) -> ServerProcess:
@@ -404,10 +464,9 @@ def drain_restart(request: tuple[str, bytes], release: Release, work_dir: Path) 
         return outcome
 
 
-def drain_cluster(
-    request: tuple[str, bytes], release: Release, signum: signal.Signals
-) -> DrainOutcome:
-    """make cluster with a long request in flight: SIGHUP (rolling restart) or SIGINT (Ctrl-C)."""
+def drain_cluster(request: tuple[str, bytes], release: Release, restart: bool) -> DrainOutcome:
+    """make cluster with a long request in flight: a rolling restart (SIGHUP to circusd), or
+    Ctrl-C."""
     with running_cluster(2, scripted=True) as cluster:
         long_request = LongRequest(cluster.port, *request)
         instances = [pid for name in cluster.names for pid in cluster.pids()[name]]
@@ -415,21 +474,24 @@ def drain_cluster(
             lambda: any(row.ppid in instances for row in process_table()),
             "an instance to evaluate the request",
         )
-        cluster.process.send_signal(signum)
-        others_served = new_requests_answered(cluster.port) if signum == signal.SIGHUP else None
+        if restart:
+            cluster.restart()
+        else:
+            cluster.interrupt()
+        others_served = new_requests_answered(cluster.port) if restart else None
         release(cluster.haproxy_log)
         verdict, elapsed = long_request.reply()
-        status = cluster.process.wait(EXIT_TIMEOUT_S) if signum == signal.SIGINT else None
+        status = None if restart else cluster.process.wait(EXIT_TIMEOUT_S)
         marked_down = " is DOWN" in cluster.haproxy_log()
         return DrainOutcome(verdict, elapsed, marked_down, others_served, status)
 
 
 def drain_roll(request: tuple[str, bytes], release: Release, _: Path) -> DrainOutcome:
-    return drain_cluster(request, release, signal.SIGHUP)
+    return drain_cluster(request, release, restart=True)
 
 
 def drain_stop(request: tuple[str, bytes], release: Release, _: Path) -> DrainOutcome:
-    return drain_cluster(request, release, signal.SIGINT)
+    return drain_cluster(request, release, restart=False)
 
 
 DRAINS = {
@@ -467,7 +529,8 @@ def print_drains(seconds: float) -> int:
             print(
                 f"drill: {setup}: a {seconds:g} s request: reply {outcome.reply} after "
                 f"{outcome.seconds:.1f} s; HAProxy: the instance {down}; new requests "
-                f"meanwhile {answered[outcome.others_served]}"
+                f"meanwhile {answered[outcome.others_served]}; exit status "
+                f"{outcome.exit_status}"
             )
             cut += outcome.reply != "whole"
     return 1 if cut else 0
