@@ -1,22 +1,30 @@
 """Benchmark bluserver: evaluation speed, end-to-end speed, latency and memory, in one table.
 
-Run ``make bench`` (``python -m tools.bench [--repeats N] [--quick]``).  It prints one table
-of times and ratios, each ratio marked against its target.  Servers are started the one way
-the tests start them (``tests.harness.ServerProcess``) on 127.0.0.1 and an ephemeral port.
+Run ``make bench`` (``python -m tools.bench [small] [--repeats N] [--quick]``).  It prints one
+table of times and ratios, each ratio marked against its target; ``small`` measures only the
+floor and the small-request rows (0, 4 and 8's -n 1), to compare two versions quickly.
+Servers are started the one way the tests start them (``tests.harness.ServerProcess``) on
+127.0.0.1 and an ephemeral port.
 
 Two deterministic workloads.  The flat one is seed-like: 300,000 lines of 2-10 integers
 1-99 joined by ``+ - * /`` with single spaces, plus the seed's hostile lines.  The full
 one is 100,000 lines of the whole language, mostly outside the flat form: unary signs,
 parentheses, decimals, ``// % **``.
 
+0. floor        what the design's two forks per request cost here (fork_floor_times): a
+                process that has imported the server's modules forks a child, which forks a
+                grandchild that writes one byte up a pipe; both exit and are reaped.  The
+                p50 of 200, in a fresh interpreter (the bench's heap would make forks
+                dearer); the small-request figures are given as ratios to it (FLOOR_NOTE);
 1. yardstick    a plain one-process evaluator of the flat form written here (one regular
                 expression, ``re.split``, ``int``, a left-to-right fold): the speed to beat;
 2. evaluator    ``grammar.evaluate_line`` on every line, in this process;
 3. end to end   one request through a real server, ``-n 1`` and ``-n 2``; each reply must
                 equal the evaluator's result;
-4. one line     round trips of a one-line request to a ``-n 2`` server: median and p99, and
-                the median with the interpreter's default start method forced to fork,
-                forkserver and spawn;
+4. one line     round trips of a one-line request (``1 + 2``, 300 in a row) to a ``-n 2``
+                server, by a plain socket here (one_line_round_trip): p50, its ratio to the
+                floor, and p99; and the median with the interpreter's default start method
+                forced to fork, forkserver and spawn;
 5. 100 MB       the flat input repeated to ~100 MB as one request to the ``-n 2`` server: its
                 time, and the peak RSS of the largest server process and of the whole
                 server (every process in its session), sampled from /proc;
@@ -30,11 +38,12 @@ parentheses, decimals, ``// % **``.
                 and invalid; and 1 MiB of the costliest invalid lines as one request to a
                 ``-n 1`` server, refused by its CPU limit (and the next request served);
 8. small        20 concurrent clients sending 10-line requests (tools/load.py's clients,
-                every reply verified): requests/s at ``-n 1`` and ``-n 2``; and one
-                20,000-line flat request at ``-n 1`` and ``-n 2``.
+                every reply verified): requests/s at ``-n 1`` and ``-n 2``, and the first
+                times the floor; and one 20,000-line flat request at ``-n 1`` and ``-n 2``.
 
-Times 1, 2, 3, 5, 6 and 8 are medians of --repeats runs taken in turn, so that a noisy
-neighbour slows them alike; the peak RSS comes from one more 100 MB request of its own,
+Times 0, 1, 2, 3, 4's p50, 5, 6 and 8 are medians of --repeats runs taken in turn, so that
+a noisy neighbour slows them alike (and a ratio to the floor divides by a floor measured
+among the same neighbours); the peak RSS comes from one more 100 MB request of its own,
 since sampling costs CPU.  load.py reuses ``seed_like_lines`` and ``to_payload`` from here.
 """
 
@@ -689,11 +698,11 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
     large = f"{LARGE_REQUEST_LINES:,}-line request"
     return [
         ["measurement", "value", "target", "verdict"],
+        floor_row(r),
         ["1. yardstick, one process", f"{r['yardstick']:.3f} s", "", ""],
         ["2. project evaluator, one process", f"{r['evaluator']:.3f} s", "", ""],
         ["3. end to end, -n 1", f"{r['one_worker']:.3f} s", "", ""],
         ["3. end to end, -n 2", f"{r['two_workers']:.3f} s", "", ""],
-        floor_row(r),
         *round_trip_rows(r, plan),
         *(
             [
