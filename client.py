@@ -42,6 +42,7 @@ from typing import IO, Callable, NamedTuple
 
 HEADER = struct.Struct(">Q")  # the length prefix of a request and of a reply
 CHUNK_BYTES = 1024 * 1024  # upper bound on one recv() or send() call
+JOINED_PART_BYTES = 64 * 1024  # send_frame sends a first part up to this size with the header
 ERROR_PREFIX = b"error: "  # starts an error line, and a refusal
 
 BeforeWait = Callable[[int], None]  # called with the bytes moved so far, before each wait
@@ -88,8 +89,16 @@ def send_frame(
     if length is None:
         parts = list(parts)
         length = sum(map(len, parts))
+    pending = iter(parts)
+    first = next(pending, b"")
+    # A small first part goes with the header, in one send: a small frame is then one TCP
+    # segment, which its reader takes at one wake-up.  A large one is not copied to join it.
+    if len(first) <= JOINED_PART_BYTES:
+        opening = [HEADER.pack(length) + first]
+    else:
+        opening = [HEADER.pack(length), first]
     sent = 0
-    for part in itertools.chain([HEADER.pack(length)], parts):
+    for part in itertools.chain(opening, pending):
         unsent = memoryview(part)
         while unsent:
             if before_wait:

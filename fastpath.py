@@ -2,7 +2,8 @@
 
 grammar.py defines the language, and the lesson (lesson.py) answers every line with it:
 pyparsing parses the line into a tree, plain Python evaluates the tree.  That costs hundreds
-of microseconds a line, most of it pyparsing's; the server people run (bluserver.py) gives its
+of microseconds a line, most of it pyparsing's (`make bench`, row "7. non-flat line, the
+lesson's evaluator"); the server people run (bluserver.py) gives its
 workers ``evaluate_line`` below instead, which answers a valid line without pyparsing, in
 two steps, and hands every other line to the grammar::
 

@@ -81,9 +81,10 @@ class ReplyPace(Pace):
             events = selectors.EVENT_WRITE
             if self.client_watch.sockets():
                 events |= selectors.EVENT_READ
-            # A selector, not select.select(): a handler's descriptors may be past 1023 (a
-            # drain takes the whole backlog at once), which select() cannot watch.
-            with selectors.DefaultSelector() as selector:
+            # poll(), not select(): a handler's descriptors may be past 1023 (a drain takes the
+            # whole backlog at once), which select() cannot watch; nor epoll, the default
+            # selector, which costs two more system calls a wait, to make and to close it.
+            with selectors.PollSelector() as selector:
                 selector.register(self.connection, events)
                 ready = selector.select(wait_s)
             if not ready:

@@ -62,15 +62,19 @@ from client import (
 )
 from events import EventLog, log_to_stdout, logger, server_log
 
-# Forked whatever the default start method (3.14: forkserver): ~1 ms, where spawn costs ~100 ms,
-# and a forked worker shares the request's memory with its handler instead of being sent it.
+# Forked whatever the default start method (3.14: forkserver): a fork costs a millisecond or
+# two, where a spawned worker starts a new interpreter (`make bench`, rows "0. floor" and "4.
+# 1-line round trip, start method ..."), and a forked worker shares the request's memory with
+# its handler instead of being sent it.
 FORK = multiprocessing.get_context("fork")
 
-# A worker costs ~3 ms of CPU to fork, start and join (2-line requests, -n 2 against -n 1), and
-# the flat form, the cheapest per byte, is evaluated at ~120 ns a byte (450 for the full
-# language): below ~25 KB a slice takes less time than its worker's fork, and a second worker
-# costs more than it saves even on idle cores.  Rounded up to 32 KiB.  (The figures are
-# `make bench`'s rows "small requests" and "evaluator"; OPERATIONS.md, "Performance".)
+# A worker costs a few ms of CPU to fork, start and join (`make bench`, row "0. floor"), and
+# the fast path evaluates the flat form, the cheapest per byte, at ~120 ns a byte (450 for the
+# full language; rows "2. project evaluator" and "6. full language, evaluator"): below ~25 KB
+# a slice takes less time than its worker's fork, and a second worker costs more than it
+# saves even on idle cores.  Rounded up to 32 KiB.  Tuned for the server people run; the
+# lesson's pyparsing is slower per line (row "7. non-flat line, the lesson's evaluator"), and
+# slices alike.
 MIN_SLICE_BYTES = 32 * 1024
 
 LineEvaluator = Callable[[str], str]
@@ -160,9 +164,11 @@ class Slice:
         self.results.close()
 
     def result_chunks(self) -> Iterator[bytes]:
-        """Every result stored, from the start, CHUNK_BYTES at a time."""
+        """Every result stored, from the start, CHUNK_BYTES at a time (all at once if fewer:
+        a read allocates the size it asks for)."""
         self.results.seek(0)
-        return iter(functools.partial(self.results.read, CHUNK_BYTES), b"")
+        chunk_bytes = min(CHUNK_BYTES, self.results_size)
+        return iter(functools.partial(self.results.read, chunk_bytes), b"")
 
 
 class RequestHandler(socketserver.BaseRequestHandler):

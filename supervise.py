@@ -336,7 +336,8 @@ class CpuLimit:
     """The CPU time a request's workers may use: --cpu-floor, plus --cpu-per-mib for each MiB
     of the request.  An ordinary line costs well under a microsecond of CPU per byte, and a
     costly one (nested groups, an invalid line pyparsing must explain) up to a hundred times
-    more: the default lets every ordinary request through, with a wide margin, and bounds
+    more (`make bench`, rows "6. full language, evaluator" and "7. 10,000-byte line"): the
+    default lets every ordinary request through, with a wide margin, and bounds
     what the rest can take."""
 
     def __init__(self, request_bytes: int, workers: int, floor_s: float, per_mib_s: float) -> None:

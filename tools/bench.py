@@ -1,40 +1,52 @@
 """Benchmark bluserver: evaluation speed, end-to-end speed, latency and memory, in one table.
 
-Run ``make bench`` (``python -m tools.bench [--repeats N] [--quick]``).  It prints one table
-of times and ratios, each ratio marked against its target.  Servers are started the one way
-the tests start them (``tests.harness.ServerProcess``) on 127.0.0.1 and an ephemeral port.
+Run ``make bench`` (``python -m tools.bench [small] [--repeats N] [--quick]``).  It prints one
+table of times and ratios, each ratio marked against its target; ``small`` measures only the
+floor and the small-request rows (0, 4 and 8's -n 1), to compare two versions quickly.
+Servers are started the one way the tests start them (``tests.harness.ServerProcess``) on
+127.0.0.1 and an ephemeral port.
 
 Two deterministic workloads.  The flat one is seed-like: 300,000 lines of 2-10 integers
 1-99 joined by ``+ - * /`` with single spaces, plus the seed's hostile lines.  The full
 one is 100,000 lines of the whole language, mostly outside the flat form: unary signs,
 parentheses, decimals, ``// % **``.
 
+0. floor        what the design's two forks per request cost here (fork_floor_times): a
+                process that has imported the server's modules forks a child, which forks a
+                grandchild that writes one byte up a pipe; both exit and are reaped.  The
+                p50 of 200, in a fresh interpreter (the bench's heap would make forks
+                dearer); the small-request figures are given as ratios to it (FLOOR_NOTE);
 1. yardstick    a plain one-process evaluator of the flat form written here (one regular
                 expression, ``re.split``, ``int``, a left-to-right fold): the speed to beat;
-2. evaluator    ``grammar.evaluate_line`` on every line, in this process;
+2. evaluator    ``fastpath.evaluate_line`` (what the server's workers run) on every line,
+                in this process;
 3. end to end   one request through a real server, ``-n 1`` and ``-n 2``; each reply must
                 equal the evaluator's result;
-4. one line     round trips of a one-line request to a ``-n 2`` server: median and p99, and
-                the median with the interpreter's default start method forced to fork,
-                forkserver and spawn;
+4. one line     round trips of a one-line request (``1 + 2``, 300 in a row) to a ``-n 2``
+                server, by a plain socket here (one_line_round_trip): p50, its ratio to the
+                floor, and p99; and the median with the interpreter's default start method
+                forced to fork, forkserver and spawn;
 5. 100 MB       the flat input repeated to ~100 MB as one request to the ``-n 2`` server: its
                 time, and the peak RSS of the largest server process and of the whole
                 server (every process in its session), sampled from /proc;
 6. full         the full workload: evaluator and simpleeval (what users pick instead) in
                 µs per line, and end to end at ``-n 1`` and ``-n 2``;
 7. non-flat     6,000 lines of the full workload outside the flat form, each timed with
-                ``grammar.evaluate_line`` and with simpleeval in turn (best of 3): the median
-                µs of each and the median of the per-line ratios; 2,000 of them with a typo
-                each (``1 +``, ``(2``, ``2 ** ``, ``1 $ 2``), which the pyparsing grammar
-                answers: their median µs and lines per second; 10,000-byte lines, valid
+                ``fastpath.evaluate_line`` and with simpleeval in turn (best of 3): the median
+                µs of each and the median of the per-line ratios; the first 500 of them with
+                the lesson's evaluator, ``grammar.evaluate_line`` (pyparsing, every line);
+                2,000 of them with a typo each (``1 +``, ``(2``, ``2 ** ``, ``1 $ 2``),
+                which the pyparsing grammar answers: their median µs and lines per second;
+                10,000-byte lines, valid
                 and invalid; and 1 MiB of the costliest invalid lines as one request to a
                 ``-n 1`` server, refused by its CPU limit (and the next request served);
 8. small        20 concurrent clients sending 10-line requests (tools/load.py's clients,
-                every reply verified): requests/s at ``-n 1`` and ``-n 2``; and one
-                20,000-line flat request at ``-n 1`` and ``-n 2``.
+                every reply verified): requests/s at ``-n 1`` and ``-n 2``, and the first
+                times the floor; and one 20,000-line flat request at ``-n 1`` and ``-n 2``.
 
-Times 1, 2, 3, 5, 6 and 8 are medians of --repeats runs taken in turn, so that a noisy
-neighbour slows them alike; the peak RSS comes from one more 100 MB request of its own,
+Times 0, 1, 2, 3, 4's p50, 5, 6 and 8 are medians of --repeats runs taken in turn, so that
+a noisy neighbour slows them alike (and a ratio to the floor divides by a floor measured
+among the same neighbours); the peak RSS comes from one more 100 MB request of its own,
 since sampling costs CPU.  load.py reuses ``seed_like_lines`` and ``to_payload`` from here.
 """
 
@@ -48,7 +60,9 @@ import os
 import platform
 import random
 import re
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,8 +73,9 @@ from typing import TypeVar, Union
 from simpleeval import SimpleEval
 
 import client
+import fastpath
 import grammar
-from tests.harness import ServerProcess
+from tests.harness import ROOT, ServerProcess
 
 Number = Union[int, float]
 Result = TypeVar("Result")
@@ -85,10 +100,37 @@ LONG_LINES = {  # 10,000 bytes at most, outside the flat form
 COSTLY_REQUEST_BYTES = 2**20
 COSTLY_REQUEST_TARGET_S = 10.0
 INVALID_LINE_REPEATS = 3  # each invalid line's time is its best of this many
+LESSON_LINES = (
+    500  # non-flat lines also timed with the lesson's evaluator (pyparsing: ~100x slower)
+)
 SMALL_REQUEST_LINES = 10
 SMALL_REQUEST_CLIENTS = 20  # connected at once
 LARGE_REQUEST_LINES = 20_000
 START_METHODS = ("fork", "forkserver", "spawn")
+# The small-request targets (issue 33), as ratios to the floor: see FLOOR_NOTE.
+TRIP_TO_FLOOR_TARGET = 1.5
+TRIP_TO_FLOOR_STRETCH = 1.0  # the exits are off the reply's path
+SMALL_TIMES_FLOOR_TARGET = 0.8
+SMALL_TIMES_FLOOR_STRETCH = 1.2
+FLOOR_NOTE = """\
+floor: a process that has imported the server's modules forks a child, which forks a
+  grandchild that writes one byte up a pipe; both exit and are reaped (the p50 of {forks},
+  in a fresh interpreter).  A request costs at least that: a handler and a worker forked.
+1-line round trip / floor = round trip p50 / floor: 1 is a request that costs no more than
+  its two forks.
+{lines}-line req/s at -n 1 x floor = requests per second x the floor in seconds: 1 is a
+  request finished per floor; two cores doing nothing but the two forks would reach about 2."""
+ONE_LINE_REQUEST = b"1 + 2\n"
+ONE_LINE_REPLY = b"3\n"
+FLOOR_FORKS = 200  # the floor is the median of this many
+# The floor's process: the server's modules imported (bluserver first: what a server holds
+# when it forks), then this module for the loop; it prints the median in seconds.
+FLOOR_PROGRAM = """
+import bluserver
+import statistics
+import tools.bench
+print(statistics.median(tools.bench.fork_floor_times({count})))
+"""
 REQUEST_TIMEOUT_S = 300.0
 RSS_SAMPLE_INTERVAL_S = 0.02
 MB = 1_000_000
@@ -100,7 +142,7 @@ class Plan:
 
     lines: int
     full_lines: int
-    simpleeval_lines: int  # non-flat lines timed with grammar.py and with simpleeval
+    simpleeval_lines: int  # non-flat lines timed with fastpath.py and with simpleeval
     invalid_lines: int  # non-flat lines with a typo, timed one by one
     repeats: int
     round_trips: int
@@ -250,7 +292,7 @@ def check_yardstick(payload: bytes, expected: bytes) -> None:
 def evaluate_in_process(payload: bytes) -> bytes:
     """What the workers of a request compute together, computed here in one process."""
     lines = payload.decode("utf-8").split("\n")[:-1]  # the payload ends with a newline
-    return "".join(grammar.evaluate_line(line) + "\n" for line in lines).encode("utf-8")
+    return "".join(fastpath.evaluate_line(line) + "\n" for line in lines).encode("utf-8")
 
 
 def simpleeval_in_process(payload: bytes) -> bytes:
@@ -380,10 +422,68 @@ def interleaved_medians(contestants: Sequence[Callable[[], float]], repeats: int
 
 
 def round_trips(server: ServerProcess, count: int) -> list[float]:
-    """Seconds of each of count one-line requests."""
-    return [
-        timed_request("one-line request", server, b"1 + 2 * 3\n", b"7\n") for _ in range(count)
-    ]
+    """Seconds of each of count one-line requests (ONE_LINE_REQUEST), in a row."""
+    return [one_line_round_trip(server.port) for _ in range(count)]
+
+
+def one_line_round_trip(port: int) -> float:
+    """Seconds from connecting to having the whole reply to ONE_LINE_REQUEST, checked after the
+    clock stops.  The client is as light as the protocol allows, so that the time is the
+    server's: a plain socket, the request in one send (HEADER and the line), the reply read
+    with client.recv_frame; not client.round_trip, whose progress line and keepalive cost
+    system calls of their own.  Raises RuntimeError for a wrong reply."""
+    request = client.HEADER.pack(len(ONE_LINE_REQUEST)) + ONE_LINE_REQUEST
+    started = time.perf_counter()
+    with socket.create_connection((HOST, port), REQUEST_TIMEOUT_S) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request)
+        reply = client.recv_frame(sock)
+        seconds = time.perf_counter() - started
+    if reply != ONE_LINE_REPLY:
+        raise RuntimeError(f"one-line request: got {bytes(reply)!r}, not {ONE_LINE_REPLY!r}")
+    return seconds
+
+
+def fork_floor_s(count: int) -> float:
+    """The floor, in seconds (FLOOR_PROGRAM): measured in a fresh interpreter that has imported
+    the server's modules and nothing of this process, whose heap is far larger than a
+    server's (the workloads) and would make each fork dearer."""
+    done = subprocess.run(
+        [sys.executable, "-c", FLOOR_PROGRAM.format(count=count)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=REQUEST_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the floor's measurement failed: {done.stderr.strip()}")
+    return float(done.stdout)
+
+
+def fork_floor_times(count: int) -> list[float]:
+    """Seconds of each of count turns of the floor: this process forks a child, which forks a
+    grandchild that writes one byte up a pipe; the child reaps the grandchild and exits; this
+    process has the byte and has reaped the child.  Two forks, as a request's handler and
+    worker, with their exits (which a reply need not wait for).  Run by FLOOR_PROGRAM."""
+    times = []
+    for _ in range(count):
+        reader, writer = os.pipe()
+        started = time.perf_counter()
+        child = os.fork()
+        if child == 0:
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.write(writer, b"x")
+                os._exit(0)
+            os.waitpid(grandchild, 0)
+            os._exit(0)
+        os.read(reader, 1)
+        os.waitpid(child, 0)
+        times.append(time.perf_counter() - started)
+        os.close(reader)
+        os.close(writer)
+    return times
 
 
 def small_requests_seconds(
@@ -427,6 +527,7 @@ def run_benchmark(plan: Plan) -> dict[str, float]:
     copies = max(1, round(plan.big_request_bytes / len(flat)))
     big, big_expected = flat * copies, flat_expected * copies
     results = {"flat_bytes": len(flat), "big_bytes": len(big), "full_lines": len(full_lines)}
+    trips: list[float] = []
     with running_server(1) as one_worker, running_server(2) as two_workers:
         results["big_peak_process"], results["big_peak_session"] = measure_peak_rss(
             two_workers, big, big_expected
@@ -451,9 +552,7 @@ def run_benchmark(plan: Plan) -> dict[str, float]:
             "large_two_workers": lambda: timed_request(
                 "20,000 lines, -n 2", two_workers, large, large_expected
             ),
-            "small_one_worker": lambda: small_requests_seconds(
-                one_worker, small, plan.small_requests
-            ),
+            **small_request_contestants(plan, one_worker, two_workers, small, trips),
             "small_two_workers": lambda: small_requests_seconds(
                 two_workers, small, plan.small_requests
             ),
@@ -461,9 +560,7 @@ def run_benchmark(plan: Plan) -> dict[str, float]:
         results.update(
             zip(contestants, interleaved_medians(list(contestants.values()), plan.repeats))
         )
-        trips = round_trips(two_workers, plan.round_trips)
-    results["trip_median"] = statistics.median(trips)
-    results["trip_p99"] = statistics.quantiles(trips, n=100, method="inclusive")[98]
+    results["trip_p99"] = p99(trips)
     for method in START_METHODS:
         with running_server(2, start_method=method) as server:
             results[f"trip_{method}"] = statistics.median(round_trips(server, plan.round_trips))
@@ -471,10 +568,53 @@ def run_benchmark(plan: Plan) -> dict[str, float]:
     return results
 
 
+def run_small_requests(plan: Plan) -> dict[str, float]:
+    """``python -m tools.bench small``: the floor and the small-request figures alone, in
+    seconds (the floor, the 1-line round trip's p50 and p99, the small requests' time)."""
+    small = [small_request_lines(number) for number in range(SMALL_REQUEST_CLIENTS)]
+    trips: list[float] = []
+    with running_server(1) as one_worker, running_server(2) as two_workers:
+        contestants = small_request_contestants(plan, one_worker, two_workers, small, trips)
+        results = dict(
+            zip(contestants, interleaved_medians(list(contestants.values()), plan.repeats))
+        )
+    results["trip_p99"] = p99(trips)
+    return results
+
+
+def small_request_contestants(
+    plan: Plan,
+    one_worker: ServerProcess,
+    two_workers: ServerProcess,
+    small: Sequence[tuple[list[str], list[str]]],
+    trips: list[float],
+) -> dict[str, Callable[[], float]]:
+    """What a small request costs, each a contestant of interleaved_medians, so that the
+    figures and the floor they are divided by meet the same neighbours: the floor; the p50
+    of plan.round_trips 1-line round trips at -n 2 (each trip also goes to trips, for the
+    p99); the seconds of plan.small_requests 10-line requests from SMALL_REQUEST_CLIENTS
+    clients at -n 1."""
+
+    def trip_p50() -> float:
+        run = round_trips(two_workers, plan.round_trips)
+        trips.extend(run)
+        return statistics.median(run)
+
+    return {
+        "floor": lambda: fork_floor_s(FLOOR_FORKS),
+        "trip_p50": trip_p50,
+        "small_one_worker": lambda: small_requests_seconds(one_worker, small, plan.small_requests),
+    }
+
+
+def p99(times: Sequence[float]) -> float:
+    return statistics.quantiles(times, n=100, method="inclusive")[98]
+
+
 def small_request_lines(number: int) -> tuple[list[str], list[str]]:
     """The lines of small request number, and the results it must get back."""
     lines = seed_like_lines(SMALL_REQUEST_LINES - len(HOSTILE_LINES), SEED + number)
-    return lines, [grammar.evaluate_line(line) for line in lines]
+    return lines, [fastpath.evaluate_line(line) for line in lines]
 
 
 def non_flat_results(full_lines: Sequence[str], plan: Plan) -> dict[str, float]:
@@ -483,23 +623,26 @@ def non_flat_results(full_lines: Sequence[str], plan: Plan) -> dict[str, float]:
     not_flat = [
         line
         for line in full_lines
-        if grammar.flat_tokens(line) is None and len(line) < NON_FLAT_MAX_CHARS
+        if fastpath.flat_tokens(line) is None and len(line) < NON_FLAT_MAX_CHARS
     ]
     evaluator = SimpleEval()
     ours, theirs = per_line_times(
         not_flat[: plan.simpleeval_lines],
-        [grammar.evaluate_line, lambda line: simpleeval_line(evaluator, line)],
+        [fastpath.evaluate_line, lambda line: simpleeval_line(evaluator, line)],
     )
+    (lesson_times,) = per_line_times(not_flat[:LESSON_LINES], [grammar.evaluate_line])
     rng = random.Random(SEED)
     invalid = [with_typo(rng, line) for line in not_flat[: plan.invalid_lines]]
     invalid_times = [
-        min(timed(grammar.evaluate_line, line)[0] for _ in range(INVALID_LINE_REPEATS))
+        min(timed(fastpath.evaluate_line, line)[0] for _ in range(INVALID_LINE_REPEATS))
         for line in invalid
     ]
     results = {
         "non_flat_lines": len(ours),
         "non_flat_us": statistics.median(ours) * 1e6,
         "simpleeval_us": statistics.median(theirs) * 1e6,
+        "lesson_lines": len(lesson_times),
+        "lesson_us": statistics.median(lesson_times) * 1e6,
         "to_simpleeval": median_ratio(ours, theirs),
         "invalid_lines": len(invalid),
         "invalid_us": statistics.median(invalid_times) * 1e6,
@@ -507,7 +650,7 @@ def non_flat_results(full_lines: Sequence[str], plan: Plan) -> dict[str, float]:
     }
     for kind, line in LONG_LINES.items():
         results[f"long_line {kind}"] = statistics.median(
-            timed(grammar.evaluate_line, line)[0] for _ in range(5)
+            timed(fastpath.evaluate_line, line)[0] for _ in range(5)
         )
     results["costly_request"] = costly_request_seconds()
     return results
@@ -565,24 +708,19 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
     large = f"{LARGE_REQUEST_LINES:,}-line request"
     return [
         ["measurement", "value", "target", "verdict"],
+        floor_row(r),
         ["1. yardstick, one process", f"{r['yardstick']:.3f} s", "", ""],
         ["2. project evaluator, one process", f"{r['evaluator']:.3f} s", "", ""],
         ["3. end to end, -n 1", f"{r['one_worker']:.3f} s", "", ""],
         ["3. end to end, -n 2", f"{r['two_workers']:.3f} s", "", ""],
-        target_row(
-            f"4. 1-line round trip, -n 2, median of {trips}",
-            r["trip_median"] * 1000,
-            6,
-            unit=" ms",
-        ),
-        [f"4. 1-line round trip, -n 2, p99 of {trips}", f"{r['trip_p99'] * 1000:.2f} ms", "", ""],
+        *round_trip_rows(r, plan),
         *(
-            target_row(
-                f"4. 1-line round trip, start method {method}",
-                r[f"trip_{method}"] * 1000,
-                6,
-                unit=" ms",
-            )
+            [
+                f"4. 1-line round trip, start method {method}, median of {trips}",
+                f"{r[f'trip_{method}'] * 1000:.2f} ms",
+                "",
+                "",
+            ]
             for method in START_METHODS
         ),
         [f"5. {big} request, -n 2", f"{r['big']:.3f} s", "", ""],
@@ -625,6 +763,13 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
             "",
         ],
         [
+            f"7. non-flat line, the lesson's evaluator (pyparsing), µs, median of "
+            f"{r['lesson_lines']:.0f}",
+            f"{r['lesson_us']:.1f}",
+            "",
+            "",
+        ],
+        [
             f"7. invalid line (a typo), evaluator, µs, median of {invalid}",
             f"{r['invalid_us']:.1f}",
             "",
@@ -642,10 +787,19 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
             COSTLY_REQUEST_TARGET_S,
             unit=" s",
         ),
-        [f"8. {small}, {SMALL_REQUEST_CLIENTS} clients, -n 1, req/s", f"{small_one:.0f}", "", ""],
+        small_requests_row(r, plan),
         [f"8. {small}, {SMALL_REQUEST_CLIENTS} clients, -n 2, req/s", f"{small_two:.0f}", "", ""],
         [f"8. {large}, -n 1", f"{r['large_one_worker']:.3f} s", "", ""],
         [f"8. {large}, -n 2", f"{r['large_two_workers']:.3f} s", "", ""],
+        *small_request_targets(r, plan),
+        *(
+            target_row(
+                f"1-line round trip / floor, start method {method}",
+                r[f"trip_{method}"] / r["floor"],
+                TRIP_TO_FLOOR_TARGET,
+            )
+            for method in START_METHODS
+        ),
         target_row("e2e -n 2 / yardstick", r["two_workers"] / r["yardstick"], 0.65, stretch=0.5),
         target_row("(-n 1) / (-n 2)", r["one_worker"] / r["two_workers"], 1.6, at_least=True),
         target_row("project evaluator / yardstick", r["evaluator"] / r["yardstick"], 1.0),
@@ -670,6 +824,61 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
     ]
 
 
+def small_table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
+    """The table of ``python -m tools.bench small``: the full table's rows of the same names."""
+    return [
+        ["measurement", "value", "target", "verdict"],
+        floor_row(r),
+        *round_trip_rows(r, plan),
+        small_requests_row(r, plan),
+        *small_request_targets(r, plan),
+    ]
+
+
+def floor_row(r: dict[str, float]) -> list[str]:
+    return [f"0. floor: two forks, p50 of {FLOOR_FORKS}", f"{r['floor'] * 1000:.2f} ms", "", ""]
+
+
+def round_trip_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
+    trips = plan.round_trips
+    return [
+        [f"4. 1-line round trip, -n 2, p50 of {trips}", f"{r['trip_p50'] * 1000:.2f} ms", "", ""],
+        [
+            f"4. 1-line round trip, -n 2, p99 of {trips} x {plan.repeats}",
+            f"{r['trip_p99'] * 1000:.2f} ms",
+            "",
+            "",
+        ],
+    ]
+
+
+def small_requests_row(r: dict[str, float], plan: Plan) -> list[str]:
+    small = f"{plan.small_requests:,} {SMALL_REQUEST_LINES}-line requests"
+    per_s = plan.small_requests / r["small_one_worker"]
+    return [f"8. {small}, {SMALL_REQUEST_CLIENTS} clients, -n 1, req/s", f"{per_s:.0f}", "", ""]
+
+
+def small_request_targets(r: dict[str, float], plan: Plan) -> list[list[str]]:
+    """The small-request figures as ratios to the floor, which mean the same on any machine
+    (FLOOR_NOTE says how to read them)."""
+    per_s = plan.small_requests / r["small_one_worker"]
+    return [
+        target_row(
+            "1-line round trip / floor",
+            r["trip_p50"] / r["floor"],
+            TRIP_TO_FLOOR_TARGET,
+            stretch=TRIP_TO_FLOOR_STRETCH,
+        ),
+        target_row(
+            f"{SMALL_REQUEST_LINES}-line req/s at -n 1 x floor",
+            per_s * r["floor"],
+            SMALL_TIMES_FLOOR_TARGET,
+            at_least=True,
+            stretch=SMALL_TIMES_FLOOR_STRETCH,
+        ),
+    ]
+
+
 def print_table(rows: list[list[str]]) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     aligned = [str.ljust, str.rjust, str.ljust, str.ljust]
@@ -687,6 +896,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tools.bench",
         description="Measure bluserver's evaluation and end-to-end speed, latency and memory.",
+    )
+    parser.add_argument(
+        "rows",
+        nargs="?",
+        choices=("all", "small"),
+        default="all",
+        help="all: every row (default); small: the floor and the small-request rows alone, "
+        "to compare them quickly",
     )
     parser.add_argument(
         "--repeats",
@@ -717,24 +934,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(" ".join(["command: python -m tools.bench", *sys.argv[1:]]))
     python = f"{platform.python_version()} ({platform.python_implementation()})"
     print(f"python {python}, {os.cpu_count()} CPUs")
-    print(
-        f"input: {plan.lines:,} flat and {plan.full_lines:,} full-language lines; "
-        f"{plan.repeats} runs per timing"
-    )
-    print(
-        f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2), "
-        f"-n 2 under {', '.join(START_METHODS)}"
-    )
+    if args.rows == "all":
+        print(
+            f"input: {plan.lines:,} flat and {plan.full_lines:,} full-language lines; "
+            f"{plan.repeats} runs per timing"
+        )
+        print(
+            f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2), "
+            f"-n 2 under {', '.join(START_METHODS)}"
+        )
+    else:
+        print(f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2)")
+        print(f"{plan.repeats} runs per timing")
     try:
-        results = run_benchmark(plan)
+        results = run_benchmark(plan) if args.rows == "all" else run_small_requests(plan)
     except (
         RuntimeError,
         OSError,
+        subprocess.TimeoutExpired,  # the floor's process
         AssertionError,
     ) as error:  # AssertionError: a server did not start or stop cleanly
         print(f"bench: {error}", file=sys.stderr)
         return 1
-    print_table(table_rows(results, plan))
+    rows = table_rows(results, plan) if args.rows == "all" else small_table_rows(results, plan)
+    print_table(rows)
+    print(FLOOR_NOTE.format(forks=FLOOR_FORKS, lines=SMALL_REQUEST_LINES))
     return 0
 
 

@@ -19,7 +19,7 @@ The clients are non-blocking sockets in this one process, driven by a selector: 
 concurrency limit connect at once, send their requests and read their replies as the
 server allows, and each one done makes room for the next.  Each client sends seed-like
 lines (bench.seed_like_lines: flat expressions plus the seed's hostile lines, which must
-come back as error lines), and its reply is checked against grammar.evaluate_line
+come back as error lines), and its reply is checked against fastpath.evaluate_line
 computed here, before the clock starts.
 
 Exits 1 if any line mismatches or anything fails, else 0.
@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from client import CHUNK_BYTES, HEADER
-from grammar import evaluate_line
+from fastpath import evaluate_line
 from tests.harness import ServerProcess
 from tools.bench import HOST, HOSTILE_LINES, SEED, seed_like_lines, to_payload
 
