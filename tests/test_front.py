@@ -53,7 +53,6 @@ PROBE_TIMEOUT_S = 0.5  # for one look whether HAProxy answers yet
 NEVER_S = 600  # an instance's --client-timeout that no test reaches: only HAProxy may close
 CLIENT_S = 3  # timeout client in shortened()
 HEADER_WAIT_S = 2  # inspect-delay in shortened()
-SLOTS = 15  # an instance's maxconn in deploy/haproxy.cfg
 STATIC_RSA_SUITES = ("AES128-SHA", "AES256-SHA", "AES128-GCM-SHA256")  # no forward secrecy
 
 
@@ -62,6 +61,16 @@ def configured(pattern: str) -> int:
     match = re.search(pattern, TEMPLATE.read_text(), re.MULTILINE)
     assert match, f"{TEMPLATE} has no line matching {pattern!r}"
     return int(match.group(1))
+
+
+def slots() -> int:
+    """An instance's slots: the connections HAProxy sends it at once (maxconn)."""
+    return configured(r"^\s*default-server .*\bmaxconn (\d+)")
+
+
+def with_slots(template: str, count: int) -> str:
+    """template with count slots per instance."""
+    return re.sub(r"^(\s*default-server .*\bmaxconn )\d+", rf"\g<1>{count}", template, flags=re.M)
 
 
 def shortened() -> str:
@@ -102,8 +111,9 @@ def still_open(sock: socket.socket) -> bool:
 
 
 class Front:
-    """HAProxy running deploy/haproxy.cfg (or template) on a free port in front of the
-    instances on ports, with TLS if certificate (a PEM of certificate and key) is given."""
+    """HAProxy running template (deploy/haproxy.cfg, rendered) on a free port in front of the
+    instances, with TLS if certificate (a PEM of certificate and key) is given; its output
+    goes to haproxy.log in work_dir."""
 
     def __init__(
         self,
@@ -121,8 +131,7 @@ class Front:
         pem = str(certificate) if certificate else None
         ports = [instance.port for instance in instances]
         config_path.write_text(haproxy_config(template, f"{HOST}:{self.port}", ports, pem))
-        self.log = work_dir / "haproxy.log"
-        with self.log.open("wb") as log:
+        with (work_dir / "haproxy.log").open("wb") as log:
             self.process = subprocess.Popen(
                 ["haproxy", "-db", "-f", str(config_path)],
                 stdin=subprocess.DEVNULL,
@@ -258,7 +267,7 @@ def test_a_client_the_instance_drops_frees_its_slot_at_once(start_front: StartFr
     (--client-timeout); HAProxy then closes its side too, and its slot is free for the next
     request, however long the client keeps its connection."""
     front = start_front(1, "--client-timeout", "1")
-    stalled = open_connections(front, SLOTS, HEADER.pack(1))  # the 1 byte never comes
+    stalled = open_connections(front, slots(), HEADER.pack(1))  # the 1 byte never comes
     try:
         assert front.request(b"1+1\n") == b"2\n"
     finally:
@@ -268,8 +277,10 @@ def test_a_client_the_instance_drops_frees_its_slot_at_once(start_front: StartFr
 def test_a_client_holding_its_connection_after_its_reply_is_closed_and_frees_its_slot(
     start_front: StartFront,
 ) -> None:
+    """After its reply the instance closes; a client that keeps its side open is closed by
+    HAProxy after timeout client, which frees its slot for the next request."""
     front = start_front(1, "--client-timeout", str(NEVER_S), template=shortened())
-    holding = open_connections(front, SLOTS, HEADER.pack(0))
+    holding = open_connections(front, slots(), HEADER.pack(0))
     try:
         assert all(recv_frame(sock) == b"" for sock in holding)  # replied; never closed
         assert front.request(b"1+1\n") == b"2\n"
@@ -286,7 +297,7 @@ def test_requests_silent_longer_than_any_front_timeout_are_answered_even_half_cl
     the queue cheaply), and a larger one that waits as long in the queue behind them, are
     answered whole, whether or not their client half-closed after sending, as the protocol
     allows."""
-    template = re.sub(r"\bmaxconn 15\b", "maxconn 2", shortened())
+    template = with_slots(shortened(), 2)
     front = start_front(1, "--client-timeout", str(NEVER_S), template=template, **SCRIPTED)
     sleeping = f"sleep {max(CLIENT_S, HEADER_WAIT_S) + 2}\n".encode()
     numbers = range(16_384)  # 80 KiB: more than HAProxy's buffer, which it holds while queued
