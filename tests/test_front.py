@@ -53,6 +53,7 @@ SILENT_CONNECTIONS = 45  # the issue's attack: every slot of 3 instances (maxcon
 PROBE_TIMEOUT_S = 0.5  # for one look whether HAProxy answers yet
 NEVER_S = 600  # an instance's --client-timeout that no test reaches: only HAProxy may close
 CLIENT_S = 3  # timeout client in shortened()
+STALL_S = 3  # an instance's --client-timeout, for clients it must drop
 HEADER_WAIT_S = 2  # inspect-delay in shortened()
 STATIC_RSA_SUITES = ("AES128-SHA", "AES256-SHA", "AES128-GCM-SHA256")  # no forward secrecy
 
@@ -286,9 +287,10 @@ def test_a_client_the_instance_drops_frees_its_slot_at_once(start_front: StartFr
     """A client that sends a request's header, then stalls, is dropped by the instance
     (--client-timeout); HAProxy then closes its side too, and its slot is free for the next
     request, however long the client keeps its connection."""
-    front = start_front(1, "--client-timeout", "1")
+    front = start_front(1, "--client-timeout", str(STALL_S))
     stalled = open_connections(front, slots(), HEADER.pack(1))  # the 1 byte never comes
     try:
+        wait_until(lambda: len(front.instances[0].handlers()) == slots(), "every slot taken")
         assert front.request(b"1+1\n") == b"2\n"
     finally:
         close_all(stalled)
