@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -351,22 +352,34 @@ def test_health_check_fails_on_a_server_that_answers_nothing_and_holds_no_reques
     assert (result.returncode, result.stdout.strip()) == (1, "unhealthy")
 
 
+def stop_answering_the_request_in_flight(
+    in_flight: socket.socket, name: str, grace_s: int, logs: Callable[[], str]
+) -> tuple[int, str]:
+    """`podman stop -t grace_s` the container called name while in_flight holds a request
+    begun (held_request); once its server drains, send the rest, and check that the reply
+    comes whole.  Returns podman stop's exit status and what it wrote to stderr."""
+    stopping = subprocess.Popen(
+        [PODMAN or "podman", "stop", "-t", str(grace_s), name],
+        env=PODMAN_ENVIRONMENT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: "Shutting down" in logs(), "the server to drain")
+    in_flight.sendall(REQUEST[1:])
+    assert recv_frame(in_flight) == REPLY
+    _, errors = stopping.communicate(timeout=STOP_TIMEOUT_S)
+    return stopping.returncode, errors
+
+
 def test_podman_stop_answers_a_request_in_flight_then_exits_0(container: Container) -> None:
     with held_request(container.port) as in_flight:
         wait_until(container.holds_requests, "a handler for the request")
-        stopping = subprocess.Popen(
-            [PODMAN or "podman", "stop", "-t", str(STOP_TIMEOUT_S), container.name],
-            env=PODMAN_ENVIRONMENT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        status, errors = stop_answering_the_request_in_flight(
+            in_flight, container.name, STOP_TIMEOUT_S, container.logs
         )
-        wait_until(lambda: "Shutting down" in container.logs(), "the server to drain")
-        in_flight.sendall(REQUEST[1:])
-        assert recv_frame(in_flight) == REPLY
-        _, errors = stopping.communicate(timeout=STOP_TIMEOUT_S)
     state = container.state()
-    assert (stopping.returncode, state["Status"], state["ExitCode"]) == (0, "exited", 0), errors
+    assert (status, state["Status"], state["ExitCode"]) == (0, "exited", 0), errors
 
 
 def test_container_serves_with_a_read_only_root(image: dict[str, Any]) -> None:

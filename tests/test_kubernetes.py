@@ -30,8 +30,6 @@ from client import HEADER, recv_frame
 from tests.harness import ROOT, wait_until
 from tests.test_container import (
     BUILD_TIMEOUT_S,
-    PODMAN,
-    PODMAN_ENVIRONMENT,
     REPLY,
     REQUEST,
     SERVER_PORT,
@@ -39,6 +37,7 @@ from tests.test_container import (
     build_image,
     podman,
     podman_result,
+    stop_answering_the_request_in_flight,
 )
 from tools.drill import free_port
 
@@ -184,16 +183,8 @@ def test_stopping_the_pod_as_the_kubelet_does_answers_a_request_in_flight(pod: P
     with socket.create_connection((pod.address, SERVER_PORT), timeout=STOP_TIMEOUT_S) as sock:
         sock.sendall(HEADER.pack(len(REQUEST)) + REQUEST[:1])  # a handler holds it
         assert pod.exec(pod.spec["lifecycle"]["preStop"]["exec"]["command"]).returncode == 0
-        stopping = subprocess.Popen(
-            [PODMAN or "podman", "stop", "--time", str(grace_s), pod.container],
-            env=PODMAN_ENVIRONMENT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        status, errors = stop_answering_the_request_in_flight(
+            sock, pod.container, grace_s, pod.logs
         )
-        wait_until(lambda: "Shutting down" in pod.logs(), "the server to drain")
-        sock.sendall(REQUEST[1:])
-        assert recv_frame(sock) == REPLY
-        _, errors = stopping.communicate(timeout=STOP_TIMEOUT_S)
     state = pod.state()
-    assert (stopping.returncode, state["Status"], state["ExitCode"]) == (0, "exited", 0), errors
+    assert (status, state["Status"], state["ExitCode"]) == (0, "exited", 0), errors
