@@ -66,6 +66,7 @@ SD_LISTEN_FDS_START = 3  # systemd's protocol, sd_listen_fds(3): handed sockets 
 TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 # accept() errors that are the server's, not one connection's: the backlog cannot be taken.
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+SIGNALS_PER_READ = 4096  # signals are rare: a read takes every one but in a flood
 
 
 # === Signals: a drain, then a stop ===============================================================
@@ -83,7 +84,7 @@ class SignalPipe:
 
     def __init__(self, signums: Sequence[signal.Signals]) -> None:
         self.reader, self.writer = os.pipe()
-        os.set_blocking(self.reader, False)  # received() reads until it is empty
+        os.set_blocking(self.reader, False)  # a read never waits for a signal
         os.set_blocking(self.writer, False)  # C's signal handler writes: it must never block
         self.previous_wakeup_fd = signal.set_wakeup_fd(self.writer)
         self.previous_handlers = {signum: signal.signal(signum, self.noted) for signum in signums}
@@ -93,19 +94,25 @@ class SignalPipe:
         """Nothing to do: without a signal handler no byte is written; the byte is the record."""
 
     def received(self) -> list[signal.Signals]:
-        """The signals that arrived since the last call, in order."""
-        data = bytearray()
-        with contextlib.suppress(BlockingIOError):  # nothing more to read
-            while True:
-                data += os.read(self.reader, 4096)
-        return [signal.Signals(signum) for signum in data]
+        """The signals that arrived since the last call, in order, once the pipe is readable;
+        at most SIGNALS_PER_READ (the rest keep the pipe readable, for the next call)."""
+        return [signal.Signals(signum) for signum in os.read(self.reader, SIGNALS_PER_READ)]
 
     def close(self) -> None:
-        """Stop recording signals: the handlers and wakeup fd found are back (in a forked
-        handler: its signals are its own)."""
+        """Stop recording signals: the handlers and wakeup fd found are back."""
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self.previous_wakeup_fd)
+        self.close_pipe()
+
+    def leave(self) -> None:
+        """In a process forked from the server: write no more signals to the server's pipe,
+        and close this process's copy of it.  Its signal handlers are left to the caller, who
+        sets the child's own (the fork sequence, step 6)."""
+        signal.set_wakeup_fd(-1)
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
         os.close(self.reader)
         os.close(self.writer)
 
@@ -159,6 +166,12 @@ class SignalledServing(lesson.BluServer):
         self.failing_in_drain_since: float | None = None  # forks have failed since, draining
         self.shutdown_signal: signal.Signals | None = None  # the first SIGINT or SIGTERM
         self.signals: SignalPipe | None = None  # set once the server listens, until closed
+        # What the loop waits on, one selector for the server's life: the signal pipe, and
+        # the listener while a connection from it may be served (watch_listener).  poll(),
+        # not select(): a socket handed over may be past descriptor 1023; nor epoll, the
+        # default selector, whose descriptor, and its watch list, every handler would share.
+        self.selector = selectors.PollSelector()
+        self.listener_watched = False
         super().__init__(options)
 
     def server_activate(self) -> None:
@@ -170,10 +183,12 @@ class SignalledServing(lesson.BluServer):
         super().server_activate()
         self.socket.setblocking(False)
         self.signals = SignalPipe([*SHUTDOWN_SIGNALS, signal.SIGCHLD])
+        self.selector.register(self.signals.reader, selectors.EVENT_READ)
 
     def server_close(self) -> None:
         """Stop recording signals, then socketserver's own: close the listener and, under
         block_on_close, wait for every handler (a Ctrl-C can end that wait)."""
+        self.selector.close()
         if self.signals:
             self.signals.close()
             self.signals = None
@@ -225,6 +240,7 @@ class SignalledServing(lesson.BluServer):
         backlog (README, "Signals", says why they are not waited for)."""
         self.shutdown_signal = signum
         self.take_backlog()
+        self.watch_listener(False)
         # TCPServer.server_close's one step, not server_close itself: with block_on_close
         # (ForkingMixIn's), that waits for every handler, deaf to a second signal.
         self.socket.close()
@@ -237,32 +253,37 @@ class SignalledServing(lesson.BluServer):
         )
 
     def serve_one_turn(self) -> None:
-        """Wait for a signal or a connection, act on the signals, then hand the connection
-        that is due (if one is) to a handler."""
-        listener_ready = self.wait_for_signal_or_connection()
-        self.act_on_signals()
-        if self.connection_due(listener_ready=listener_ready):
+        """Wait for a signal or a connection, act on the signals that arrived, then hand the
+        connection that is due (if one is) to a handler."""
+        assert self.signals, "the server listens"
+        ready = self.wait_for_signal_or_connection()
+        if self.signals.reader in ready:
+            self.act_on_signals()
+        if self.connection_due(listener_ready=self.socket in ready):
             self.serve_connection()
 
-    def wait_for_signal_or_connection(self) -> bool:
-        """Wait in select() until a signal arrives, or a connection is to be served while a
+    def wait_for_signal_or_connection(self) -> list[object]:
+        """Wait in poll() until a signal arrives, or a connection is to be served while a
         handler is free to start: the first of ``accepted`` once its try is due, else one in
         the listener's backlog.  While max_children handlers run, only a signal ends the wait
-        (SIGCHLD: one has ended).  Returns whether the listener has a connection waiting."""
-        assert self.signals, "the server listens"
-        readers: list[int | socket.socket] = [self.signals.reader]
+        (SIGCHLD: one has ended).  Returns what is ready: the signal pipe, the listener."""
         timeout_s = None  # until a signal
         if self.handler_free_to_start() and self.accepted:
             timeout_s = max(0.0, self.next_try_at - time.monotonic())
-        elif self.handler_free_to_start() and not self.shutdown_signal:
-            readers.append(self.socket)
-        # poll(), not select(): a socket handed over may be past descriptor 1023; nor epoll,
-        # the default selector, which costs two more system calls a turn, to make and close.
-        with selectors.PollSelector() as selector:
-            for reader in readers:
-                selector.register(reader, selectors.EVENT_READ)
-            ready = [key.fileobj for key, _ in selector.select(timeout_s)]
-        return self.socket in ready
+        free_to_take = self.handler_free_to_start() and not self.accepted
+        self.watch_listener(free_to_take and not self.shutdown_signal)
+        return [key.fileobj for key, _ in self.selector.select(timeout_s)]
+
+    def watch_listener(self, watched: bool) -> None:
+        """Have the loop's selector watch the listener, or stop: only when that changes (at
+        max_children, at a failed fork, at the drain), not at every turn."""
+        if watched == self.listener_watched:
+            return
+        if watched:
+            self.selector.register(self.socket, selectors.EVENT_READ)
+        else:
+            self.selector.unregister(self.socket)
+        self.listener_watched = watched
 
     def handler_free_to_start(self) -> bool:
         """Fewer than max_children handlers run."""
@@ -311,8 +332,9 @@ class SignalledServing(lesson.BluServer):
         return self.socket.accept()
 
     def act_on_signals(self) -> None:
-        """Act on the signals that arrived.  SIGCHLD: reap the handlers that ended.  The first
-        SIGINT or SIGTERM: stop serving, and drain.  Any later one: stop at once."""
+        """Act on the signals that arrived (the signal pipe is readable).  SIGCHLD: reap the
+        handlers that ended.  The first SIGINT or SIGTERM: stop serving, and drain.  Any later
+        one: stop at once."""
         assert self.signals, "the server listens"
         for signum in self.signals.received():
             if signum == signal.SIGCHLD:
@@ -368,7 +390,7 @@ class SignalledServing(lesson.BluServer):
     def finish_request(self, request: Request, client_address: Address) -> None:
         """Steps 3 to 7 of the fork sequence (process_request), in the child only."""
         assert self.signals, "the server listens"
-        self.signals.close()
+        self.signals.leave()
         self.signals = None
         self.socket.close()  # only the server accepts
         for waiting_connection, _ in self.accepted:
