@@ -24,17 +24,9 @@ Then the command line: the lesson's options and the limits, each with its unit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import math
-import multiprocessing
-
-# What Process.start() imports on its first call: imported here, once, in the server, rather
-# than from disk by every handler it forks.
-import multiprocessing.popen_fork
-import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Callable
 
@@ -152,12 +144,6 @@ class ArmouredServer(
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.max_children = options.max_children  # --max-children, where the lesson keeps 40
-        # tempfile looks for a usable temporary directory, writing a file there, the first
-        # time it is asked: asked once here, so that no handler (each a fresh fork) repeats it
-        # for its first results file.  If none is usable now, each handler asks again, and
-        # refuses its request if there is still none (supervise.ReplyNotStored).
-        with contextlib.suppress(OSError):
-            tempfile.gettempdir()
         super().__init__(options)
 
 
@@ -309,11 +295,7 @@ def add_limits(group: argparse._ArgumentGroup) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv)
-    multiprocessing.current_process().name = "server"
-    # The server reads no input.  Without a sys.stdin, multiprocessing's bootstrap gives a
-    # worker none either, where it would open a text file on /dev/null for it in every
-    # worker; a worker's descriptor 0 is /dev/null all the same (close_inherited_files).
-    sys.stdin = None
+    lesson.become_server()
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)]
     log_to_stdout(level, as_json=options.log_format == "json")
     server = open_server(options)

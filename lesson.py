@@ -32,12 +32,18 @@ socketserver's hooks and the ones below, and the fast path (fastpath.py) plugged
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import multiprocessing
+
+# What Process.start() imports on its first call: imported here, once, in the server, rather
+# than from disk by every handler it forks.
+import multiprocessing.popen_fork
 import resource
 import socket
 import socketserver
+import sys
 import tempfile
 import time
 import uuid
@@ -299,6 +305,12 @@ class BluServer(socketserver.ForkingTCPServer):
         self.options = options  # what the handlers read theirs from
         # TCPServer makes an IPv4 socket unless told otherwise: the address says which.
         self.address_family = address_family(options.address)
+        # tempfile looks for a usable temporary directory, writing a file there, the first
+        # time it is asked: asked once here, so that no handler (each a fresh fork) repeats it
+        # for its first results file.  If none is usable now, each handler asks again
+        # (bluserver.py's refuses its request if there is still none).
+        with contextlib.suppress(OSError):
+            tempfile.gettempdir()
         super().__init__((options.address, options.port), self.handler_class)
 
 
@@ -368,6 +380,15 @@ def command_line(description: str, epilog: str | None = None) -> argparse.Argume
     return parser
 
 
+def become_server() -> None:
+    """What a process does before it serves, once, rather than each process it forks."""
+    multiprocessing.current_process().name = "server"
+    # The server reads no input.  Without a sys.stdin, multiprocessing's bootstrap gives a
+    # worker none either, where it would open a text file on /dev/null for it in every
+    # worker; a worker's descriptor 0 is /dev/null all the same (close_inherited_files).
+    sys.stdin = None
+
+
 def announce(server: BluServer) -> None:
     """The banner on stdout, which says where the server listens (the port, if -p 0 let the
     kernel pick it), and the log's first event."""
@@ -382,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Serve the lesson until Ctrl-C (exit 0)."""
     parser = command_line(description="The lesson alone: bluserver without its armour.")
     options = parser.parse_args(argv)
-    multiprocessing.current_process().name = "server"
+    become_server()
     log_to_stdout(logging.INFO if options.verbose else logging.WARNING)
     with BluServer(options) as server:
         announce(server)
