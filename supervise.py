@@ -67,8 +67,8 @@ class ReplyTooLarge(Refusal):
 
 
 class ReplyNotStored(Refusal):
-    """A results file could not be created or written: the disk is full, or a file size limit
-    was hit."""
+    """A results file could not be created or written (results past what a slice holds in
+    memory): no usable temporary directory, the disk is full, or a file size limit was hit."""
 
     def __init__(self, error: OSError) -> None:
         super().__init__(f"server could not store the reply ({error.strerror or error})")
@@ -123,10 +123,7 @@ class SupervisedSlice(lesson.Slice):
         event_log: EventLog,
         budget: ReplyBudget,
     ) -> None:
-        try:
-            super().__init__(payload, bounds, event_log)
-        except OSError as error:  # no results file: no usable temporary directory
-            raise ReplyNotStored(error) from None
+        super().__init__(payload, bounds, event_log)
         self.budget = budget  # the request's, shared by its slices
         self.whole_lines_size = 0  # the results' bytes up to the end of their last line
         self.answered = 0  # lines answered by the current attempt
