@@ -46,7 +46,6 @@ import socketserver
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 
 # multiprocessing.Pipe, from the module that defines it: the context's Pipe imports it anew
@@ -69,7 +68,7 @@ from client import (
     recv_exactly,
     send_frame,
 )
-from events import EventLog, log_to_stdout, logger, server_log
+from events import EventLog, RequestLog, log_to_stdout, logger, server_log
 
 # Forked whatever the default start method (3.14: forkserver): a fork costs a millisecond or
 # two, where a spawned worker starts a new interpreter (`make bench`, rows "0. floor" and "4.
@@ -200,7 +199,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         multiprocessing.current_process().name = "handler"
         self.options = self.server.options
-        self.event_log = EventLog(logger, {"uuid": uuid.uuid4().hex})
+        self.event_log = RequestLog(logger)
         # As socketserver.StreamRequestHandler does, the connection is named "connection":
         # socketserver calls it "request", and here a request is the message that comes over it.
         self.connection = self.request
