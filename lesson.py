@@ -17,8 +17,8 @@ grammar (grammar.py).  One request, through the three kinds of process::
         worker.evaluate_slice      worker.evaluate_slice      worker processes: results up
                        │ send_bytes         │ send_bytes        the Pipe, then END_OF_SLICE
                        ▼                    ▼
-                  collect_results: wait(), Slice.receive        recv_bytes, into a nameless
-                       └─────────┬──────────┘                   temporary file per slice
+                  collect_results: wait(), Slice.receive        recv_bytes, into memory, then
+                       └─────────┬──────────┘                   a nameless file, per slice
                                  ▼
     client ◀──[length, results]── send_reply                   read back in order
 
