@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import socket
+import tempfile
 import time
 from multiprocessing import connection, popen_fork
 
@@ -81,6 +82,12 @@ def file_size_limit(size: str) -> None:
     write past it fails with EFBIG, as on a full disk.  The server's logs go to the test's files:
     keep them short."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), int(size)))
+
+
+def missing_temporary_directory(path: str) -> None:
+    """tempfile's directory is path, which does not exist (removed while the server runs): a
+    results file cannot be created there."""
+    tempfile.tempdir = path
 
 
 def dying_before_end_of_slice(_: str) -> None:

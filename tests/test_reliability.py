@@ -25,6 +25,7 @@ import pytest
 
 import bluserver
 import guard
+import lesson
 import supervise
 import worker
 from client import HEADER, recv_exactly, recv_frame, send_frame
@@ -219,6 +220,21 @@ def test_reply_far_larger_than_the_request_is_stored_in_nameless_files_not_held_
         while received < size:
             received += len(sock.recv(1024 * 1024))
     assert peak_kib < 40 * 1024, f"the handler's peak RSS was {peak_kib} KiB for a 40 MB reply"
+
+
+def test_a_small_reply_is_held_in_memory_and_only_a_larger_one_needs_a_results_file(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # A slice's results stay in memory up to lesson.RESULTS_IN_MEMORY_BYTES; past that they go
+    # to a nameless file, which cannot be created here.  One slice (-n 1), so that one slice's
+    # results cross the line.
+    server = start_server(*LOG, "-n", "1", faults=[f"missing_temporary_directory:{tmp_path}/gone"])
+    assert server.request(b"6 * 7\n") == b"42\n"
+    lines = lesson.RESULTS_IN_MEMORY_BYTES // len(b"42\n") + 1
+    reply = server.request(b"6 * 7\n" * lines)
+    assert reply == b"error: server could not store the reply (No such file or directory)\n"
+    assert server.request(b"6 * 7\n") == b"42\n"
+    assert "Traceback" not in server.stderr()
 
 
 def test_a_results_file_that_cannot_be_written_is_one_refusal_and_the_server_keeps_serving(
