@@ -86,7 +86,7 @@ FORK = multiprocessing.get_context("fork")
 MIN_SLICE_BYTES = 32 * 1024
 
 # A few messages' worth: the results of a small request stay in memory, and cost no file,
-# which a fresh process takes 0.3 ms to create, write and read back; each handler holds at
+# which a fresh process takes 0.4 ms to create, write and read back; each handler holds at
 # most this much per slice before its results go to disk.
 RESULTS_IN_MEMORY_BYTES = 16 * 1024
 
