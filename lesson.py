@@ -316,8 +316,8 @@ class BluServer(socketserver.ForkingTCPServer):
         self.address_family = address_family(options.address)
         # tempfile looks for a usable temporary directory, writing a file there, the first
         # time it is asked: asked once here, so that no handler (each a fresh fork) repeats it
-        # for its first results file.  If none is usable now, each handler asks again
-        # (bluserver.py's refuses its request if there is still none).
+        # for its first results file.  If none is usable now, a handler asks again when its
+        # results outgrow memory (bluserver.py's refuses the request if there is still none).
         with contextlib.suppress(OSError):
             tempfile.gettempdir()
         super().__init__((options.address, options.port), self.handler_class)
@@ -390,7 +390,8 @@ def command_line(description: str, epilog: str | None = None) -> argparse.Argume
 
 
 def become_server() -> None:
-    """What a process does before it serves, once, rather than each process it forks."""
+    """Make this process the server: its name in the log, and what every process it forks
+    would otherwise do for itself."""
     multiprocessing.current_process().name = "server"
     # The server reads no input.  Without a sys.stdin, multiprocessing's bootstrap gives a
     # worker none either, where it would open a text file on /dev/null for it in every
