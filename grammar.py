@@ -79,6 +79,12 @@ def line_too_long(size_bytes: int) -> str:
 #
 # Its parse actions turn the tokens of each rule into a node of the tree below: a number is an
 # int or a float, and a rule that matched a single operand stands for that operand.
+#
+# Each takes the three arguments pyparsing passes, (string, location, tokens), though most use
+# the tokens alone: pyparsing learns the arity of one that takes fewer by calling it and
+# catching the TypeError, whose traceback reads pyparsing's source from disk, once per
+# process.  Every worker is a fresh process: with fewer arguments, each would pay ~0.7 ms for
+# it at its first line that reaches pyparsing.
 
 
 @dataclass(frozen=True)
@@ -122,12 +128,12 @@ def negates(signs: str) -> bool:
     return signs.count("-") % 2 == 1
 
 
-def _number(tokens: pp.ParseResults) -> Number:
+def _number(string: str, location: int, tokens: pp.ParseResults) -> Number:
     """Parse action of number.  A literal too long fails the parse where it stands."""
     return number_value(tokens[0])
 
 
-def _chain(tokens: pp.ParseResults) -> Node:
+def _chain(string: str, location: int, tokens: pp.ParseResults) -> Node:
     """Parse action of expr and term: [operand, operator, operand, ...]."""
     if len(tokens) == 1:
         only: Node = tokens[0]
@@ -136,13 +142,13 @@ def _chain(tokens: pp.ParseResults) -> Node:
     return Chain(tokens[0], pairs)
 
 
-def _factor(tokens: pp.ParseResults) -> Node:
+def _factor(string: str, location: int, tokens: pp.ParseResults) -> Node:
     """Parse action of factor: [signs, power]."""
     signs, operand = tokens
     return Negation(operand) if negates(signs) else operand
 
 
-def _power(tokens: pp.ParseResults) -> Node:
+def _power(string: str, location: int, tokens: pp.ParseResults) -> Node:
     """Parse action of power: [atom, '**', signs, atom, '**', signs, atom, ...]."""
     if len(tokens) == 1:
         only: Node = tokens[0]
@@ -161,14 +167,14 @@ class GroupDepth:
     def __init__(self) -> None:
         self.open_groups = 0
 
-    def enter(self) -> None:
+    def enter(self, string: str, location: int, tokens: pp.ParseResults) -> None:
         """Parse action of '(': the group past MAX_NESTING ends the parse, before pyparsing
         recurses into it."""
         self.open_groups += 1
         if self.open_groups > MAX_NESTING:
             raise EvaluationError(TOO_DEEPLY_NESTED)
 
-    def leave(self) -> None:
+    def leave(self, string: str, location: int, tokens: pp.ParseResults) -> None:
         """Parse action of ')'."""
         self.open_groups -= 1
 
@@ -211,6 +217,10 @@ factor <<= (signs + power).set_parse_action(_factor)
 power <<= (atom + (power_operator - signs - atom)[...]).set_parse_action(_power)
 atom <<= number | opening - expr - closing
 line.parse_with_tabs()  # report columns in the line as sent, not with tabs expanded
+# pyparsing finishes building a grammar at its first parse: it merges nested sequences and
+# names every element for its error messages.  Done here, at import, in the server: a worker,
+# a fresh fork, would otherwise repeat it, ~1.5 ms, at its first line that reaches pyparsing.
+line.streamline()
 
 
 def parse_line(text: str) -> Node:

@@ -39,6 +39,7 @@ import fastpath
 import grammar
 from grammar import evaluate_line
 from test_bluserver import ORIGINAL_EXAMPLES
+from tests.harness import run_python
 
 DIVISION_BY_ZERO = "error: division by zero"
 TOO_MANY_DIGITS = "error: number too large (over 4300 digits)"
@@ -800,3 +801,34 @@ def test_any_text_gives_one_line_of_utf8_result(line: str) -> None:
     result = evaluate_line(line)
     assert is_one_line(result), repr(result)
     assert not LONE_SURROGATE.search(result), repr(result)
+
+
+# --- What a worker inherits: a grammar that pyparsing has finished with. ------------------
+
+# Lines that run every parse action, and fail in each way pyparsing reports.
+EVERY_PARSE_ACTION = ["-(1 + 2) * 3 ** 2 // 4 % 5", "(2", "1 +", "import sys"]
+
+FRESH_PROCESS_PROGRAM = """
+import traceback
+import grammar
+
+assert grammar.line.streamlined, "pyparsing would finish the grammar at the first parse"
+
+def arity_trial(*args, **kwargs):
+    raise AssertionError("pyparsing tried a parse action's arity, reading its source")
+
+traceback.extract_tb = arity_trial
+for line in {lines!r}:
+    print(grammar.evaluate_line(line))
+"""
+
+
+def test_pyparsing_does_its_one_time_work_at_import_not_at_a_workers_first_line() -> None:
+    # Every worker is a fresh fork of the server, which imported grammar.py and parsed
+    # nothing: pyparsing's work at a first parse (streamlining the grammar, and learning each
+    # parse action's arity by trial, a traceback that reads its source from disk) would be
+    # repeated in each, for ~2 ms.  A fresh interpreter is a process that has parsed nothing.
+    program = FRESH_PROCESS_PROGRAM.format(lines=EVERY_PARSE_ACTION)
+    done = run_python("-c", program)
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [evaluate_line(line) for line in EVERY_PARSE_ACTION]
