@@ -24,8 +24,9 @@ parentheses, decimals, ``// % **``.
                 equal the evaluator's result;
 4. one line     round trips of a one-line request (``1 + 2``, 300 in a row) to a ``-n 2``
                 server, by a plain socket here (one_line_round_trip): p50, its ratio to the
-                floor, and p99; and the median with the interpreter's default start method
-                forced to fork, forkserver and spawn;
+                floor, and p99; the p50 of the lesson with the fast path (LESSON_PROGRAM:
+                bluserver without its armour); and the median with the interpreter's
+                default start method forced to fork, forkserver and spawn;
 5. 100 MB       the flat input repeated to ~100 MB as one request to the ``-n 2`` server: its
                 time, and the peak RSS of the largest server process and of the whole
                 server (every process in its session), sampled from /proc;
@@ -42,7 +43,8 @@ parentheses, decimals, ``// % **``.
                 ``-n 1`` server, refused by its CPU limit (and the next request served);
 8. small        20 concurrent clients sending 10-line requests (tools/load.py's clients,
                 every reply verified): requests/s at ``-n 1`` and ``-n 2``, and the first
-                times the floor; and one 20,000-line flat request at ``-n 1`` and ``-n 2``.
+                times the floor; the same at ``-n 1`` to the lesson with the fast path; and
+                one 20,000-line flat request at ``-n 1`` and ``-n 2``.
 
 Times 0, 1, 2, 3, 4's p50, 5, 6 and 8 are medians of --repeats runs taken in turn, so that
 a noisy neighbour slows them alike (and a ratio to the floor divides by a floor measured
@@ -119,7 +121,11 @@ floor: a process that has imported the server's modules forks a child, which for
 1-line round trip / floor = round trip p50 / floor: 1 is a request that costs no more than
   its two forks.
 {lines}-line req/s at -n 1 x floor = requests per second x the floor in seconds: 1 is a
-  request finished per floor; two cores doing nothing but the two forks would reach about 2."""
+  request finished per floor; two cores doing nothing but the two forks would reach about 2.
+the lesson with the fast path = bluserver without its armour: lesson.py, its workers
+  answering with fastpath.py as bluserver's do.  Its figures are what the design itself
+  costs here; bluserver's excess over them is the armour's.  A small request is one worker
+  whatever -n says."""
 ONE_LINE_REQUEST = b"1 + 2\n"
 ONE_LINE_REPLY = b"3\n"
 FLOOR_FORKS = 200  # the floor is the median of this many
@@ -131,6 +137,16 @@ import statistics
 import tools.bench
 print(statistics.median(tools.bench.fork_floor_times({count})))
 """
+# The lesson's server, its workers answering with the fast path as bluserver's do
+# (bluserver.ServedSlice): bluserver without its armour, for the small-request figures.
+LESSON_PROGRAM = """
+import sys
+import fastpath
+import lesson
+lesson.Slice.evaluate_line = staticmethod(fastpath.evaluate_line)
+lesson.main(sys.argv[1:])
+"""
+LESSON_SERVER = "the lesson with the fast path at -n 1 (LESSON_PROGRAM in tools/bench.py)"
 REQUEST_TIMEOUT_S = 300.0
 RSS_SAMPLE_INTERVAL_S = 0.02
 MB = 1_000_000
@@ -331,9 +347,13 @@ def median_ratio(times: Sequence[float], others: Sequence[float]) -> float:
 
 
 @contextlib.contextmanager
-def running_server(workers: int, start_method: str | None = None) -> Iterator[ServerProcess]:
-    """``python bluserver.py -a 127.0.0.1 -p 0 -n WORKERS``, stopped (and checked) on leaving."""
-    server = ServerProcess(["-n", str(workers)], start_method=start_method)
+def running_server(
+    workers: int, start_method: str | None = None, program: str | None = None
+) -> Iterator[ServerProcess]:
+    """``python bluserver.py -a 127.0.0.1 -p 0 -n WORKERS`` (``python -c PROGRAM`` with the
+    same options, if program is given), stopped (and checked) on leaving."""
+    command = [sys.executable, "-c", program] if program else []
+    server = ServerProcess(["-n", str(workers)], start_method=start_method, command=command)
     try:
         yield server
     finally:
@@ -593,17 +613,28 @@ def small_request_contestants(
     figures and the floor they are divided by meet the same neighbours: the floor; the p50
     of plan.round_trips 1-line round trips at -n 2 (each trip also goes to trips, for the
     p99); the seconds of plan.small_requests 10-line requests from SMALL_REQUEST_CLIENTS
-    clients at -n 1."""
+    clients at -n 1; and the same two figures of the lesson with the fast path
+    (LESSON_PROGRAM), each run on a lesson server of its own."""
 
     def trip_p50() -> float:
         run = round_trips(two_workers, plan.round_trips)
         trips.extend(run)
         return statistics.median(run)
 
+    def lesson_trip_p50() -> float:
+        with running_server(1, program=LESSON_PROGRAM) as lesson:
+            return statistics.median(round_trips(lesson, plan.round_trips))
+
+    def lesson_small_requests() -> float:
+        with running_server(1, program=LESSON_PROGRAM) as lesson:
+            return small_requests_seconds(lesson, small, plan.small_requests)
+
     return {
         "floor": lambda: fork_floor_s(FLOOR_FORKS),
         "trip_p50": trip_p50,
         "small_one_worker": lambda: small_requests_seconds(one_worker, small, plan.small_requests),
+        "lesson_trip_p50": lesson_trip_p50,
+        "lesson_small_one_worker": lesson_small_requests,
     }
 
 
@@ -787,7 +818,7 @@ def table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
             COSTLY_REQUEST_TARGET_S,
             unit=" s",
         ),
-        small_requests_row(r, plan),
+        *small_requests_rows(r, plan),
         [f"8. {small}, {SMALL_REQUEST_CLIENTS} clients, -n 2, req/s", f"{small_two:.0f}", "", ""],
         [f"8. {large}, -n 1", f"{r['large_one_worker']:.3f} s", "", ""],
         [f"8. {large}, -n 2", f"{r['large_two_workers']:.3f} s", "", ""],
@@ -830,7 +861,7 @@ def small_table_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
         ["measurement", "value", "target", "verdict"],
         floor_row(r),
         *round_trip_rows(r, plan),
-        small_requests_row(r, plan),
+        *small_requests_rows(r, plan),
         *small_request_targets(r, plan),
     ]
 
@@ -849,19 +880,37 @@ def round_trip_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
             "",
             "",
         ],
+        [
+            f"4. 1-line round trip, the lesson with the fast path, -n 1, p50 of {trips}",
+            f"{r['lesson_trip_p50'] * 1000:.2f} ms",
+            "",
+            "",
+        ],
     ]
 
 
-def small_requests_row(r: dict[str, float], plan: Plan) -> list[str]:
-    small = f"{plan.small_requests:,} {SMALL_REQUEST_LINES}-line requests"
+def small_requests_rows(r: dict[str, float], plan: Plan) -> list[list[str]]:
+    small = f"8. {plan.small_requests:,} {SMALL_REQUEST_LINES}-line requests"
     per_s = plan.small_requests / r["small_one_worker"]
-    return [f"8. {small}, {SMALL_REQUEST_CLIENTS} clients, -n 1, req/s", f"{per_s:.0f}", "", ""]
+    lesson_per_s = plan.small_requests / r["lesson_small_one_worker"]
+    return [
+        [f"{small}, {SMALL_REQUEST_CLIENTS} clients, -n 1, req/s", f"{per_s:.0f}", "", ""],
+        [
+            f"{small}, {SMALL_REQUEST_CLIENTS} clients, the lesson with the fast path, -n 1, "
+            "req/s",
+            f"{lesson_per_s:.0f}",
+            "",
+            "",
+        ],
+    ]
 
 
 def small_request_targets(r: dict[str, float], plan: Plan) -> list[list[str]]:
     """The small-request figures as ratios to the floor, which mean the same on any machine
-    (FLOOR_NOTE says how to read them)."""
+    (FLOOR_NOTE says how to read them); then the lesson's, the design's own cost, with no
+    target."""
     per_s = plan.small_requests / r["small_one_worker"]
+    lesson_per_s = plan.small_requests / r["lesson_small_one_worker"]
     return [
         target_row(
             "1-line round trip / floor",
@@ -876,6 +925,18 @@ def small_request_targets(r: dict[str, float], plan: Plan) -> list[list[str]]:
             at_least=True,
             stretch=SMALL_TIMES_FLOOR_STRETCH,
         ),
+        [
+            "1-line round trip / floor, the lesson with the fast path",
+            f"{r['lesson_trip_p50'] / r['floor']:.2f}",
+            "",
+            "",
+        ],
+        [
+            f"{SMALL_REQUEST_LINES}-line req/s at -n 1 x floor, the lesson with the fast path",
+            f"{lesson_per_s * r['floor']:.2f}",
+            "",
+            "",
+        ],
     ]
 
 
@@ -941,10 +1002,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(
             f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2), "
-            f"-n 2 under {', '.join(START_METHODS)}"
+            f"-n 2 under {', '.join(START_METHODS)}; {LESSON_SERVER}"
         )
     else:
-        print(f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2)")
+        print(f"servers: python bluserver.py -a {HOST} -p 0 -n N (N = 1, 2); {LESSON_SERVER}")
         print(f"{plan.repeats} runs per timing")
     try:
         results = run_benchmark(plan) if args.rows == "all" else run_small_requests(plan)
